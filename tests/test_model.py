@@ -1,0 +1,157 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from metrics import BCEDiceLoss
+from model import EncoderBlock, EncoderBlock1, ResidualUNet3D, UNet3D, build_model
+
+
+def n_params(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def tiny(name):
+    torch.manual_seed(0)
+    return build_model(name, base_filters=4)
+
+
+def volume(name, batch=1):
+    # 32 voxels leave the residual net's bottleneck 2^3 voxels: instance norm needs more than one.
+    side = 32 if name == "residual" else 16
+    return torch.randn(batch, 1, side, side, side)
+
+
+def test_parameter_counts_match_the_spec():
+    assert n_params(ResidualUNet3D()) == 9_474_192
+    assert n_params(UNet3D()) == 19_073_665
+
+
+def test_build_model_rejects_unknown_names():
+    with pytest.raises(ValueError, match="residual"):
+        build_model("resunet")
+
+
+@pytest.mark.parametrize("name", ["residual", "unet"])
+@pytest.mark.parametrize("size", [(32, 32, 32), (17, 40, 23)])
+def test_output_is_one_logit_channel_of_the_input_size(name, size):
+    net = tiny(name).eval()
+    out = net(torch.randn(2, 1, *size))
+    assert out.shape == (2, 1, *size)
+    assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["residual", "unet"])
+def test_padding_does_not_change_what_a_multiple_sees(name):
+    # A side that is not a multiple is zero-padded at the far end: the same as padding by hand.
+    net = tiny(name).eval()
+    x = torch.randn(1, 1, 30, 32, 25)
+    padded = torch.nn.functional.pad(x, (0, 7, 0, 0, 0, 2))
+    torch.testing.assert_close(net(x), net(padded)[..., :30, :32, :25])
+
+
+@pytest.mark.parametrize("name", ["residual", "unet"])
+def test_every_parameter_gets_a_gradient(name):
+    net = tiny(name).train()
+    x = volume(name, batch=2)
+    loss = BCEDiceLoss()(net(x), (torch.rand_like(x) > 0.8).float())
+    loss.backward()
+    for pname, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+def test_encoder_block1_adds_the_first_convolution_to_the_third():
+    torch.manual_seed(0)
+    block = EncoderBlock1(1, 4, dropout=0.0).eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    _, skip = block(x)
+    with torch.no_grad():
+        r = block.conv1(x)
+        without = block.conv3(nn.functional.leaky_relu(block.conv2(nn.functional.leaky_relu(r, 0.01)), 0.01))
+    torch.testing.assert_close(skip, nn.functional.leaky_relu(without + r, 0.01))
+    assert not torch.allclose(skip, nn.functional.leaky_relu(without, 0.01))
+
+
+def test_encoder_block_residual_add_carries_the_strided_convolution():
+    # Zero the residual branch's last conv: the block must still pass the strided conv's output through.
+    torch.manual_seed(0)
+    block = EncoderBlock(2, 4, dropout=0.0).eval()
+    nn.init.zeros_(block.conv2.weight)
+    x = torch.randn(1, 2, 8, 8, 8)
+    expected = nn.functional.leaky_relu(block.norm_out(block.down(x)), 0.01)
+    torch.testing.assert_close(block(x), expected)
+    assert block(x).abs().sum() > 0
+
+
+def test_deep_supervision_heads_reach_the_output():
+    net = tiny("residual").eval()
+    x = volume("residual")
+    before = net(x)
+    nn.init.zeros_(net.head2.weight)
+    nn.init.zeros_(net.head3.weight)
+    assert not torch.allclose(before, net(x))
+
+
+@pytest.mark.parametrize("name", ["residual", "unet"])
+def test_only_dropout_and_batchnorm_differ_between_train_and_eval(name):
+    net = tiny(name)
+    x = volume(name)
+    for m in net.modules():  # switch off the two legitimate sources of difference
+        if isinstance(m, nn.Dropout3d):
+            m.p = 0.0
+        if isinstance(m, nn.BatchNorm3d):
+            m.track_running_stats, m.running_mean, m.running_var = False, None, None
+    torch.testing.assert_close(net.train()(x), net.eval()(x))
+
+
+def test_dropout_makes_training_stochastic_and_eval_deterministic():
+    net = tiny("residual")
+    x = volume("residual")
+    net.train()
+    assert not torch.allclose(net(x), net(x))
+    net.eval()
+    torch.testing.assert_close(net(x), net(x))
+
+
+@pytest.mark.parametrize("name", ["residual", "unet"])
+def test_bf16_autocast_and_channels_last_3d(name):
+    net = tiny(name).eval()
+    x = volume(name)
+    reference = net(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+    assert out.shape == reference.shape and torch.isfinite(out).all()
+    diff = (torch.sigmoid(out.float()) - torch.sigmoid(reference)).abs()
+    assert diff.mean() < 0.02 and diff.max() < 0.2  # bf16 keeps 8 bits of mantissa through ~20 layers
+    net_cl = net.to(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(net_cl(x.to(memory_format=torch.channels_last_3d)), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_compile_gives_the_eager_result():
+    net = tiny("residual").eval()
+    x = volume("residual")
+    compiled = torch.compile(net)
+    torch.testing.assert_close(compiled(x), net(x), atol=1e-4, rtol=1e-4)
+
+
+def test_bce_dice_overfits_one_volume():
+    # The loss must be able to drive a tiny network to a near-perfect fit of one 32-voxel volume.
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 32, 32, 32)
+    y = torch.zeros(1, 1, 32, 32, 32)
+    y[..., 8:14, 10:18, 12:20] = 1
+    y[..., 20:24, 20:23, 5:9] = 1
+    x = x + 2 * y  # a faint lesion signal the network can find
+    net = build_model("residual", base_filters=4, dropout=0.0)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    loss_fn = BCEDiceLoss()
+    first = loss_fn(net(x), y).item()
+    for _ in range(60):
+        opt.zero_grad()
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        opt.step()
+    net.eval()
+    pred = (net(x) > 0).float()
+    dsc = 2 * (pred * y).sum() / (pred.sum() + y.sum())
+    assert loss.item() < 0.3 * first
+    assert dsc > 0.9
