@@ -1,0 +1,358 @@
+"""data.py on tiny volumes written to a temporary folder in each layout."""
+import gzip
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import DataError, PatchSampler, Scan, find_scans, load_dataset, paste, prepare, read_image, split_scans
+
+SHAPE = (28, 32, 24)
+AFFINE = np.array([[1.0, 0, 0, -14], [0, 1, 0, -18], [0, 0, 1, -10], [0, 0, 0, 1]])
+ISBI_TAGS = ("flair", "mprage", "pd", "t2")
+
+
+def brain(seed):
+    """A skull-stripped head: positive intensities in an off-centre ellipsoid, zeros around."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.indices(SHAPE)
+    inside = ((x - 13) / 9) ** 2 + ((y - 17) / 11) ** 2 + ((z - 12) / 8) ** 2 <= 1
+    return np.where(inside, rng.uniform(50, 150, SHAPE), 0).astype(np.float32)
+
+
+def lesion(corner, size=3):
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[tuple(slice(c, c + size) for c in corner)] = 1
+    return mask
+
+
+MASK1 = lesion((10, 14, 10))
+MASK2 = lesion((11, 15, 10))
+
+
+def save_nii(path, array, affine=AFFINE):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array), affine), path)
+    return path
+
+
+@pytest.fixture
+def isbi(tmp_path):
+    """ISBI 2015 layout: 2 subjects x 2 time points, 4 channels, 2 raters; one subject gzipped."""
+    for subject, ext in (("training01", ".nii"), ("training02", ".nii.gz")):
+        for tp in (1, 2):
+            sid = f"{subject}_{tp:02d}"
+            base = tmp_path / "training" / subject
+            for i, tag in enumerate(ISBI_TAGS):
+                save_nii(base / "preprocessed" / f"{sid}_{tag}_pp{ext}", brain(10 * tp + i) * (i + 1))
+            save_nii(base / "masks" / f"{sid}_mask1{ext}", MASK1)
+            save_nii(base / "masks" / f"{sid}_mask2{ext}", MASK2)
+            save_nii(base / "orig" / f"{sid}_flair.nii.gz", brain(0))  # native space: must be ignored
+    return tmp_path
+
+
+def save_nrrd(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nrrd.write(str(path), np.asarray(array), {
+        "space": "left-posterior-superior", "space directions": np.diag([0.5, 0.5, 0.5]),
+        "space origin": [10.0, 20.0, 30.0], "encoding": "raw"})
+    return path
+
+
+@pytest.fixture
+def miccai(tmp_path):
+    """MICCAI 2008 layout: a CHB case (one rater) and a UNC case (two), in Part/Case folders."""
+    for site in ("CHB", "UNC"):
+        case = f"{site}_train_Case01"
+        folder = tmp_path / f"{site}_train_Part1" / case
+        for i, tag in enumerate(("FLAIR", "T1", "T2")):
+            save_nrrd(folder / f"{case}_{tag}.nhdr", brain(i).astype(np.int16))
+        save_nrrd(folder / f"{case}_lesion.nhdr", MASK1)
+        if site == "UNC":
+            save_nrrd(folder / f"{case}_lesion_byCHB.nhdr", MASK2)
+    return tmp_path
+
+
+def write_manifest(tmp_path, split=True):
+    rows = ["subject,timepoint,FLAIR,GADO,mask" + (",split" if split else "")]
+    for s, subject in enumerate(("pat01", "pat02", "pat03")):
+        for tp in (1, 2):
+            folder = tmp_path / "scans" / subject / f"T{tp}"
+            save_nii(folder / "flair.nii.gz", brain(s + tp))
+            save_nii(folder / "gado.nii.gz", brain(s + tp + 7))
+            save_nii(folder / "mask.nii.gz", MASK1)
+            cells = [subject, str(tp), f"scans/{subject}/T{tp}/flair.nii.gz",
+                     f"scans/{subject}/T{tp}/gado.nii.gz", f"scans/{subject}/T{tp}/mask.nii.gz"]
+            rows.append(",".join(cells + ([("train", "val", "test")[s]] if split else [])))
+    csv = tmp_path / "manifest.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return csv
+
+
+def full(scan, array):
+    return paste(array, scan.box, scan.full_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+
+def test_channel_names_and_aliases():
+    assert data.CHANNELS == {"FLAIR": "flair", "MPRAGE": "mprage", "PDW": "pd", "T2W": "t2"}
+    for name, expected in [("flair", "FLAIR"), ("Mprage", "MPRAGE"), ("pd", "PDW"), ("PDW", "PDW"),
+                           ("t2", "T2W"), ("t2w", "T2W"), ("T1", "T1"), ("dwi", None)]:
+        assert data.channel_name(name) == expected
+
+
+def test_isbi_reader_finds_every_scan_and_channel(isbi):
+    for path in (isbi, isbi / "training"):
+        layout, found = find_scans(path)
+        assert layout == "ISBI 2015"
+        assert sorted(found) == ["training01_01", "training01_02", "training02_01", "training02_02"]
+        for entry in found.values():
+            assert set(entry.files) == {"FLAIR", "MPRAGE", "PDW", "T2W", "mask1", "mask2"}
+            assert all("preprocessed" in str(p) or "masks" in str(p) for p in entry.files.values())
+    scans = load_dataset(isbi, "pd")
+    assert [(s.id, s.subject, s.timepoint) for s in scans] == [
+        ("training01_01", "training01", 1), ("training01_02", "training01", 2),
+        ("training02_01", "training02", 1), ("training02_02", "training02", 2)]
+    s = scans[3]
+    assert s.paths["image"].endswith("training02_02_pd_pp.nii.gz")
+    assert s.paths["mask1"].endswith("training02_02_mask1.nii.gz") and "mask2" not in s.paths
+    assert s.full_shape == SHAPE and np.allclose(s.affine, AFFINE)
+    assert isinstance(s.header, nib.Nifti1Header) and s.split is None
+    assert s.image.dtype == torch.float32 and s.mask.dtype == torch.uint8
+    assert s.image.shape == s.mask.shape
+    # pd is the PDW channel: the same voxels that brain(10 * tp + 2) made non-zero
+    assert np.array_equal(full(s, s.image.numpy()) != 0, brain(22) != 0)
+
+
+@pytest.mark.parametrize("label, expected", [
+    ("mask1", MASK1), ("mask2", MASK2),
+    ("union", np.maximum(MASK1, MASK2)), ("intersection", np.minimum(MASK1, MASK2))])
+def test_isbi_labels(isbi, label, expected):
+    scans = load_dataset(isbi, "FLAIR", label=label)
+    assert all(np.array_equal(full(s, s.mask.numpy()), expected) for s in scans)
+    raters = {"mask1": {"mask1"}, "mask2": {"mask2"}}.get(label, {"mask1", "mask2"})
+    assert set(scans[0].paths) == {"image"} | raters
+
+
+def test_miccai2008_reader(miccai):
+    layout, found = find_scans(miccai)
+    assert layout == "MICCAI 2008" and sorted(found) == ["CHB_train_Case01", "UNC_train_Case01"]
+    assert set(found["UNC_train_Case01"].files) == {"FLAIR", "T1", "T2W", "lesion", "lesion_byCHB"}
+    scans = load_dataset(miccai, "t2")
+    assert [s.id for s in scans] == ["CHB_train_Case01", "UNC_train_Case01"]
+    assert scans[0].paths["image"].endswith("CHB_train_Case01_T2.nhdr") and scans[0].header is None
+    assert np.array_equal(full(scans[0], scans[0].mask.numpy()), MASK1)
+    # LPS 0.5 mm, origin (10, 20, 30) mm -> RAS: x and y flip sign
+    assert np.allclose(scans[0].affine, [[-0.5, 0, 0, -10], [0, -0.5, 0, -20], [0, 0, 0.5, 30], [0, 0, 0, 1]])
+    assert load_dataset(miccai, "T1")[1].paths["image"].endswith("UNC_train_Case01_T1.nhdr")
+    (unc,) = [s for s in load_dataset(miccai / "UNC_train_Part1", "FLAIR", label="mask2")]
+    assert np.array_equal(full(unc, unc.mask.numpy()), MASK2)
+    assert unc.paths["lesion_byCHB"].endswith("UNC_train_Case01_lesion_byCHB.nhdr")
+
+
+def test_miccai2008_has_no_mprage_or_pd(miccai):
+    for channel in ("MPRAGE", "PDW", "pd"):
+        with pytest.raises(DataError, match="FLAIR, T1, T2W") as e:
+            load_dataset(miccai, channel)
+        assert str(miccai) in str(e.value) and repr(channel) in str(e.value)
+
+
+def test_miccai2008_second_rater_only_where_present(miccai):
+    with pytest.raises(DataError, match="CHB_train_Case01_lesion_byCHB.nhdr.*label='mask1'"):
+        load_dataset(miccai, "FLAIR", label="union")
+
+
+def test_manifest_reader(tmp_path):
+    csv = write_manifest(tmp_path)
+    layout, found = find_scans(csv)
+    assert layout == "manifest" and len(found) == 6
+    scans = load_dataset(csv, "flair")
+    assert [s.id for s in scans] == ["pat01_01", "pat01_02", "pat02_01", "pat02_02", "pat03_01", "pat03_02"]
+    assert scans[2].subject == "pat02" and scans[2].timepoint == 1 and scans[2].split == "val"
+    assert scans[2].paths["image"] == str(tmp_path / "scans/pat02/T1/flair.nii.gz")
+    assert np.array_equal(full(scans[2], scans[2].mask.numpy()), MASK1)
+    assert load_dataset(csv, "gado")[0].paths["image"].endswith("gado.nii.gz")  # a column we have no alias for
+    with pytest.raises(DataError, match="label must be 'mask1'"):
+        load_dataset(csv, "FLAIR", label="union")
+
+
+# ---------------------------------------------------------------------------------------------
+# Crop, paste, normalise
+
+def test_crop_and_paste_round_trip():
+    image = brain(3)
+    mask = MASK1.copy()
+    mask[1, 2, 3] = 1  # outside the brain: the crop must still keep it
+    region = np.argwhere((image != 0) | (mask != 0))
+    img_t, mask_t, box = prepare(image, mask)
+    assert box == tuple(zip(region.min(0).tolist(), (region.max(0) + 1).tolist()))
+    assert img_t.shape == mask_t.shape == tuple(b - a for a, b in box) != SHAPE
+    assert np.array_equal(paste(mask_t, box, SHAPE).numpy(), mask)
+    assert np.array_equal(paste(mask_t.numpy(), box, SHAPE), mask)
+    back = paste(img_t, box, SHAPE, fill=-7.0)
+    assert back.dtype == torch.float32 and (back[image == 0] != back[image != 0].min()).all()
+    assert np.array_equal(back.numpy() == -7.0, np.pad(np.ones(img_t.shape, bool), [(a, n - b) for (a, b), n in
+                                                                                      zip(box, SHAPE)]) == 0)
+    img_only, none, box_only = prepare(image, None)
+    assert none is None and box_only == tuple(zip(np.argwhere(image).min(0), np.argwhere(image).max(0) + 1))
+    with pytest.raises(ValueError, match="does not match box"):
+        paste(img_t[1:], box, SHAPE)
+
+
+def test_z_normalisation_inside_the_brain():
+    image = brain(4) * 1e3 + 5e4  # arbitrary scanner units, far from 0
+    image[brain(4) == 0] = 0
+    img_t, _, box = prepare(image, None)
+    crop = image[tuple(slice(a, b) for a, b in box)]
+    brain_voxels = img_t[torch.from_numpy(crop != 0)].double()
+    assert abs(brain_voxels.mean().item()) < 1e-6 and abs(brain_voxels.std().item() - 1) < 1e-6
+    assert (img_t[torch.from_numpy(crop == 0)] == data.BACKGROUND).all()
+
+
+def test_z_normalisation_against_torchio():
+    """Brain voxels equal TorchIO's ZNormalization with a non-zero mask; the background does not."""
+    tio = pytest.importorskip("torchio")
+    img_t, _, box = prepare(brain(5), None)
+    crop = torch.from_numpy(brain(5)[tuple(slice(a, b) for a, b in box)])
+    theirs = tio.ZNormalization(masking_method=lambda x: x > 0)(crop[None])[0]
+    inside = crop > 0
+    assert torch.allclose(img_t[inside], theirs[inside], atol=1e-5)
+    assert (theirs[~inside] < img_t[inside].min()).all() and (img_t[~inside] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch sampler
+
+def make_scan(image, mask, sid="s_01", subject="s", timepoint=1, split=None):
+    shape = tuple(image.shape)
+    return Scan(sid, subject, timepoint, torch.as_tensor(image, dtype=torch.float32),
+                torch.as_tensor(mask, dtype=torch.uint8), tuple((0, n) for n in shape), shape,
+                np.eye(4), None, {}, split)
+
+
+def counting_scan(shape, lesion_at, sid="s_01", offset=0):
+    """Each voxel holds offset + its flat index, so a patch tells where it was cut from."""
+    mask = np.zeros(shape, np.uint8)
+    for corner in lesion_at:
+        mask[tuple(slice(c, c + 2) for c in corner)] = 1
+    return make_scan(offset + np.arange(np.prod(shape), dtype=np.float32).reshape(shape), mask, sid)
+
+
+def assert_cut_from(scan, offset, image, label):
+    """The patch is the block of ``scan`` starting at the voxel its first value names."""
+    start = np.unravel_index(int(image[0, 0, 0, 0, 0]) - offset, scan.image.shape)
+    cut = tuple(slice(s, s + p) for s, p in zip(start, image.shape[2:]))
+    assert torch.equal(image[0, 0], scan.image[cut]) and torch.equal(label[0, 0], scan.mask[cut].float())
+
+
+@pytest.mark.parametrize("size", [12, (16, 10, 14)])
+def test_patches_have_the_asked_size_and_hold_lesion(size):
+    scans = [counting_scan((30, 26, 22), [(0, 0, 0)], "a_01"),
+             counting_scan((24, 28, 20), [(22, 3, 18), (10, 10, 10)], "b_01", offset=10**5)]
+    sampler = PatchSampler(scans, patch_size=size, patches_per_scan=7, generator=torch.Generator().manual_seed(0))
+    p = (size,) * 3 if isinstance(size, int) else size
+    patches = list(sampler)
+    assert len(sampler) == len(patches) == 14
+    sources = []
+    for image, label in patches:
+        assert image.shape == label.shape == (1, 1, *p)
+        assert image.dtype == label.dtype == torch.float32 and image.device.type == "cpu"
+        assert label.sum() > 0
+        source = int(image[0, 0, 0, 0, 0] >= 10**5)
+        assert_cut_from(scans[source], source * 10**5, image, label)
+        sources.append(source)
+    assert sorted(sources) == [0] * 7 + [1] * 7 and sources != sorted(sources)  # 7 each, shuffled
+    # both lesions of scan b are drawn as centres, each patch centred on its lesion voxel where it fits
+    starts_b = {int(im[0, 0, 0, 0, 0]) for im, _ in patches if im[0, 0, 0, 0, 0] >= 10**5}
+    assert len(starts_b) > 1
+
+
+def test_sampler_is_seeded():
+    scans = [counting_scan((30, 26, 22), [(3, 4, 5), (20, 18, 15), (12, 2, 9)])]
+    def firsts(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [int(im[0, 0, 0, 0, 0]) for im, _ in PatchSampler(scans, 8, 10, generator=g)]
+    assert firsts(1) == firsts(1) and firsts(1) != firsts(2)
+    sampler = PatchSampler(scans, 8, 10, generator=torch.Generator().manual_seed(1))
+    assert [int(im[0, 0, 0, 0, 0]) for im, _ in sampler] != [int(im[0, 0, 0, 0, 0]) for im, _ in sampler]
+
+
+def test_small_scan_is_padded_with_background():
+    scan = counting_scan((10, 12, 8), [(4, 5, 3)], offset=1)  # offset 1: no scan voxel equals BACKGROUND
+    (image, label), = PatchSampler([scan], patch_size=(16, 12, 10), patches_per_scan=1)
+    inner = image[0, 0, 3:13, :, 1:9]  # padded centred: (16-10)//2 = 3, 0, (10-8)//2 = 1
+    assert torch.equal(inner, scan.image) and label[0, 0, 3:13, :, 1:9].sum() == scan.mask.sum() == 8
+    assert (image == data.BACKGROUND).sum() == 16 * 12 * 10 - 10 * 12 * 8
+
+
+def test_scan_without_lesion_falls_back_to_uniform_centres():
+    scan = counting_scan((30, 26, 22), [])
+    patches = list(PatchSampler([scan], patch_size=8, patches_per_scan=20, generator=torch.Generator().manual_seed(0)))
+    for image, label in patches:
+        assert image.shape == (1, 1, 8, 8, 8) and label.sum() == 0
+        assert_cut_from(scan, 0, image, label)
+    assert len({int(im[0, 0, 0, 0, 0]) for im, _ in patches}) > 10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("generator_device", ["cpu", "cuda"])
+def test_sampler_on_cuda(generator_device):
+    scan = counting_scan((30, 26, 22), [(3, 4, 5), (20, 18, 15)])
+    g = torch.Generator(device=generator_device).manual_seed(0)
+    sampler = PatchSampler([scan], patch_size=12, patches_per_scan=5, device="cuda", generator=g)
+    for image, label in sampler:
+        assert image.device.type == label.device.type == "cuda" and label.sum() > 0
+        assert_cut_from(scan, 0, image.cpu(), label.cpu())
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+def isbi_like_scans():
+    """21 scans of 5 subjects with 4, 4, 5, 4, 4 time points, as the ISBI 2015 training set."""
+    tiny = np.ones((2, 2, 2), np.float32)
+    return [make_scan(tiny, tiny, f"training{s:02d}_{t:02d}", f"training{s:02d}", t)
+            for s, n in zip(range(1, 6), (4, 4, 5, 4, 4)) for t in range(1, n + 1)]
+
+
+def assert_partition(split, scans):
+    ids = [i for part in ("train", "val", "test") for i in split[part]]
+    assert sorted(ids) == sorted(s.id for s in scans)  # complete and disjoint
+
+
+def test_scan_level_split_is_the_papers_17_2_2():
+    scans = isbi_like_scans()
+    split = split_scans(scans, seed=0)
+    assert_partition(split, scans)
+    assert [len(split[k]) for k in ("train", "val", "test")] == [17, 2, 2]
+    assert split == split_scans(scans, "scan", (0.8, 0.1, 0.1), seed=0)
+    assert split != split_scans(scans, seed=1)
+
+
+def test_subject_level_split_keeps_subjects_together():
+    scans = isbi_like_scans()
+    subject = {s.id: s.subject for s in scans}
+    for seed in range(5):
+        split = split_scans(scans, mode="subject", seed=seed)
+        assert_partition(split, scans)
+        subjects = [{subject[i] for i in split[k]} for k in ("train", "val", "test")]
+        assert [len(x) for x in subjects] == [3, 1, 1]
+        assert not (subjects[0] & subjects[1] or subjects[0] & subjects[2] or subjects[1] & subjects[2])
+    assert split_scans(scans, "subject", seed=0) == split_scans(scans, "subject", seed=0)
+    assert len({tuple(split_scans(scans, "subject", seed=s)["test"]) for s in range(5)}) > 1
+
+
+def test_manifest_split_column_overrides(tmp_path):
+    scans = load_dataset(write_manifest(tmp_path), "FLAIR")
+    expected = {"train": ["pat01_01", "pat01_02"], "val": ["pat02_01", "pat02_02"], "test": ["pat03_01", "pat03_02"]}
+    assert split_scans(scans) == split_scans(scans, mode="subject", seed=3) == expected
+
+
+def test_too_few_scans_to_split():
+    with pytest.raises(DataError, match="too few"):
+        split_scans(isbi_like_scans()[:2])
