@@ -179,7 +179,7 @@ def _read_manifest(csv_path: Path) -> dict[str, Found]:
     missing = [c for c in ("subject", "timepoint", "mask") if c not in lower]
     if missing:
         raise DataError(f"{csv_path}: the header row lacks column(s) {', '.join(missing)}; expected "
-                        "'subject,timepoint,<channels...>,mask[,split]', found '{','.join(header)}'.")
+                        f"'subject,timepoint,<channels...>,mask[,split]', found '{','.join(header)}'.")
     if not rows[1:]:
         raise DataError(f"{csv_path}: empty dataset, the manifest lists no scans.")
     found: dict[str, Found] = {}
@@ -435,8 +435,9 @@ def _file(entry: Found, sid: str, key: str, what: str, layout: _Layout, path: Pa
     if key not in entry.files:
         where = layout.expected.format(id=sid, tag=layout.tags.get(key, key), path=path)
         hint = " A scan with a single rater needs label='mask1'." if key in layout.raters[1:] else ""
-        raise DataError(f"scan {sid} has no {key} {what}: expected {where} "
-                        f"(its other files: {next(iter(entry.files.values())).parent}).{hint}")
+        near = [p for k, p in entry.files.items() if (k in layout.raters) == (what == "mask")]
+        raise DataError(f"scan {sid} is missing its {what} ({key}): expected {where} "
+                        f"(near {(near or list(entry.files.values()))[0]}).{hint}")
     file = entry.files[key]
     if layout is _MANIFEST and not file.is_file():
         raise DataError(f"{file}: no such file, listed for scan {sid} in {path}; "

@@ -356,3 +356,131 @@ def test_manifest_split_column_overrides(tmp_path):
 def test_too_few_scans_to_split():
     with pytest.raises(DataError, match="too few"):
         split_scans(isbi_like_scans()[:2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one DataError naming the file and what to do
+
+PRE = "training/training01/preprocessed"
+MASKS = "training/training01/masks"
+
+
+def break_isbi(root, case):
+    """Damage one file of the ISBI fixture; return the path(s) the message must name."""
+    flair = root / PRE / "training01_02_flair_pp.nii"
+    mask = root / MASKS / "training01_02_mask1.nii"
+    if case == "missing channel":
+        flair.unlink()
+        return ["training01_02", "training01_02_flair_pp.nii", str(flair.parent)]
+    if case == "missing mask":
+        mask.unlink()
+        return ["training01_02", "training01_02_mask1.nii"]
+    if case == "shape mismatch":
+        save_nii(mask, MASK1[:-1])
+        return [str(mask), str(flair), "shape"]
+    if case == "affine mismatch":
+        save_nii(mask, MASK1, AFFINE @ np.diag([1.0, 1, 2, 1]))
+        return [str(mask), str(flair), "affine"]
+    if case in ("NaN voxels", "inf voxels"):
+        image = brain(0)
+        image[5, 5, 5] = np.nan if case == "NaN voxels" else np.inf
+        save_nii(flair, image)
+        return [str(flair), "NaN or inf"]
+    if case == "mask not binary":
+        save_nii(mask, MASK1 * 2)
+        return [str(mask), "binary"]
+    if case == "4D image":
+        save_nii(flair, np.stack([brain(0), brain(1)], -1))
+        return [str(flair), "3D"]
+    if case == "corrupt file":
+        flair.write_bytes(b"not a nifti file" * 30)
+        return [str(flair), "corrupt"]
+    if case == "truncated gzip":
+        gz = root / "training/training02/preprocessed/training02_01_flair_pp.nii.gz"
+        gz.write_bytes(gz.read_bytes()[:400])
+        return [str(gz), "corrupt"]
+    if case == "unknown channel":
+        return [str(root), "'DWI'", "FLAIR, MPRAGE, PDW, T2W"]
+    if case == "duplicate file":
+        save_nii(root / "copy" / "training01_02_flair_pp.nii.gz", brain(0))
+        return [str(flair), str(root / "copy" / "training01_02_flair_pp.nii.gz")]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing channel", "missing mask", "shape mismatch", "affine mismatch",
+                                  "NaN voxels", "inf voxels", "mask not binary", "4D image", "corrupt file",
+                                  "truncated gzip", "unknown channel", "duplicate file"])
+def test_bad_isbi_input(isbi, case):
+    named = break_isbi(isbi, case)
+    with pytest.raises(DataError) as e:
+        load_dataset(isbi, "DWI" if case == "unknown channel" else "FLAIR")
+    for text in named:
+        assert text in str(e.value)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="no such folder") as e:
+        load_dataset(tmp_path / "nowhere", "FLAIR")
+    assert str(tmp_path / "nowhere") in str(e.value)
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "training").mkdir()
+    save_nii(tmp_path / "training" / "notes.nii", brain(0))  # no recognised name
+    with pytest.raises(DataError, match="empty dataset") as e:
+        load_dataset(tmp_path, "FLAIR")
+    assert str(tmp_path) in str(e.value)
+    csv = tmp_path / "empty.csv"
+    csv.write_text("subject,timepoint,FLAIR,mask\n")
+    with pytest.raises(DataError, match="empty dataset") as e:
+        load_dataset(csv, "FLAIR")
+    assert str(csv) in str(e.value)
+
+
+def test_corrupt_nrrd(miccai):
+    raw = miccai / "CHB_train_Part1/CHB_train_Case01/CHB_train_Case01_FLAIR.raw"
+    raw.write_bytes(raw.read_bytes()[:100])
+    with pytest.raises(DataError, match="corrupt") as e:
+        load_dataset(miccai, "FLAIR")
+    assert "CHB_train_Case01_FLAIR.nhdr" in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["missing file", "missing cell", "missing column", "bad timepoint", "bad split"])
+def test_bad_manifest(tmp_path, case):
+    csv = write_manifest(tmp_path)
+    text = csv.read_text()
+    named = [str(csv)]
+    if case == "missing file":
+        (tmp_path / "scans/pat02/T1/flair.nii.gz").unlink()
+        named = [str(tmp_path / "scans/pat02/T1/flair.nii.gz"), str(csv)]
+    elif case == "missing cell":
+        csv.write_text(text.replace("scans/pat02/T1/mask.nii.gz", ""))
+        named += ["pat02_01 is missing its mask", "column 'mask'"]
+    elif case == "missing column":
+        csv.write_text(text.replace(",mask,", ",lesion,"))
+        named += ["lacks column(s) mask", "subject,timepoint,FLAIR,GADO,lesion,split"]
+    elif case == "bad timepoint":
+        csv.write_text(text.replace("pat02,1,", "pat02,T1,"))
+        named += ["'T1'"]
+    elif case == "bad split":
+        csv.write_text(text.replace(",val\n", ",validate\n"))
+        named += ["'validate'"]
+    with pytest.raises(DataError) as e:
+        load_dataset(csv, "FLAIR")
+    for text in named:
+        assert text in str(e.value)
+
+
+def test_read_image_for_prediction(tmp_path):
+    path = save_nii(tmp_path / "new_flair.nii.gz", brain(1)[..., None])  # trailing axis of 1 is dropped
+    (tmp_path / "x.mha").write_bytes(b"MHA")
+    image, affine, header = read_image(path)
+    assert image.shape == SHAPE and image.dtype == np.float32 and np.allclose(affine, AFFINE)
+    assert isinstance(header, nib.Nifti1Header)
+    for bad, message in [(tmp_path / "absent.nii", "no such file"), (tmp_path / "x.mha", "unsupported")]:
+        with pytest.raises(DataError, match=message) as e:
+            read_image(bad)
+        assert str(bad) in str(e.value)
+    with pytest.raises(DataError, match="every voxel is 0") as e:
+        prepare(np.zeros(SHAPE), None, source=str(path))
+    assert str(path) in str(e.value)
