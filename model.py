@@ -183,6 +183,13 @@ class ResidualUNet3D(nn.Module):
         return logits[(...,) + tuple(slice(0, s) for s in size)]
 
 
+def max_pool2(x):
+    """2x2x2 max pooling. Written as a reshape because F.max_pool3d's CUDA backward uses atomic adds, which
+    would make seeded GPU runs differ; the forward is identical. Sides are even (padded to a multiple of 8)."""
+    n, c, d, h, w = x.shape
+    return x.reshape(n, c, d // 2, 2, h // 2, 2, w // 2, 2).amax(dim=(3, 5, 7))
+
+
 def double_conv(cin, cmid, cout):
     """Cicek's level: two 3x3x3 convolutions, each followed by batch norm and ReLU."""
     return nn.Sequential(
@@ -223,9 +230,9 @@ class UNet3D(nn.Module):
     def forward(self, x):
         x, size = pad_to_multiple(x, self.multiple)
         skip1 = self.analysis1(x)
-        skip2 = self.analysis2(F.max_pool3d(skip1, 2))
-        skip3 = self.analysis3(F.max_pool3d(skip2, 2))
-        y = self.bottom(F.max_pool3d(skip3, 2))
+        skip2 = self.analysis2(max_pool2(skip1))
+        skip3 = self.analysis3(max_pool2(skip2))
+        y = self.bottom(max_pool2(skip3))
         y = self.synthesis3(torch.cat([self.up3(y), skip3], 1))
         y = self.synthesis2(torch.cat([self.up2(y), skip2], 1))
         y = self.synthesis1(torch.cat([self.up1(y), skip1], 1))
