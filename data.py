@@ -55,10 +55,11 @@ _ALIASES = {n.lower(): n for n in (*CHANNELS, *MICCAI2008_CHANNELS)}
 _ALIASES.update({t.lower(): n for table in (CHANNELS, MICCAI2008_CHANNELS) for n, t in table.items()})
 
 LABELS = ("mask1", "mask2", "union", "intersection")
-"""Which rater's mask becomes the label. Default ``mask1``: the paper trains on one
-ground-truth channel without naming the rater; rater 1 is what public ISBI 2015 code
-uses, and it keeps the label as one person drew it, where ``union``/``intersection``
-would be consensus masks the paper never describes. For MICCAI 2008, ``mask1`` is the
+"""Which rater's mask becomes the label. Default ``mask1``: the paper trains on "one
+ground-truth channel" without naming the rater, so we take the first rater, which keeps
+the label as one person drew it; ``union``/``intersection`` are consensus masks the
+paper never describes. The others are there to measure how much the choice matters
+(the ISBI challenge scores against both raters). For MICCAI 2008, ``mask1`` is the
 ``lesion`` file and ``mask2`` the ``lesion_byCHB`` file (UNC cases only)."""
 
 
@@ -113,7 +114,8 @@ def find_scans(path: str | os.PathLike) -> tuple[str, dict[str, Found]]:
     Returns ``(layout name, {scan id: Found})``. ISBI 2015 ids are ``trainingNN_TT``;
     MICCAI 2008 ids are the case name (one time point); manifest ids ``<subject>_<TT>``.
     """
-    return _find(Path(path).expanduser())[::2]
+    name, _, found = _find(Path(path).expanduser())
+    return name, found
 
 
 def _find(path: Path) -> tuple[str, _Layout, dict[str, Found]]:
@@ -158,7 +160,6 @@ def _add(found: dict[str, Found], sid: str, subject: str, tp: int, key: str, fil
     entry.files[key] = file
 
 
-_MANIFEST_FIXED = ("subject", "timepoint", "mask", "split")
 _SPLITS = ("train", "val", "test")
 
 
@@ -170,20 +171,25 @@ def _read_manifest(csv_path: Path) -> dict[str, Found]:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{csv_path}: cannot read the manifest ({e}).") from e
-    rows = [[c.strip() for c in r] for r in rows if any(c.strip() for c in r)]
+    rows = [(line, [c.strip() for c in r]) for line, r in enumerate(rows, start=1) if any(c.strip() for c in r)]
     if not rows:
         raise DataError(f"{csv_path}: empty manifest; expected a header row "
                         "'subject,timepoint,<channels...>,mask[,split]' and one row per scan.")
-    header = rows[0]
+    header = rows[0][1]
     lower = [h.lower() for h in header]
     missing = [c for c in ("subject", "timepoint", "mask") if c not in lower]
     if missing:
         raise DataError(f"{csv_path}: the header row lacks column(s) {', '.join(missing)}; expected "
                         f"'subject,timepoint,<channels...>,mask[,split]', found '{','.join(header)}'.")
+    channels = [h for h, low in zip(header, lower) if low not in ("subject", "timepoint", "mask", "split")]
+    keys = [_channel_key(c) for c in channels]
+    if len(set(keys)) < len(keys):
+        twice = [c for c, k in zip(channels, keys) if keys.count(k) > 1]
+        raise DataError(f"{csv_path}: columns {', '.join(twice)} name the same channel; keep one of them.")
     if not rows[1:]:
         raise DataError(f"{csv_path}: empty dataset, the manifest lists no scans.")
     found: dict[str, Found] = {}
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in rows[1:]:
         if len(row) != len(header):
             raise DataError(f"{csv_path}, line {line}: {len(row)} cells, the header has {len(header)}.")
         cells = dict(zip(lower, row))
@@ -200,10 +206,9 @@ def _read_manifest(csv_path: Path) -> dict[str, Found]:
         sid = f"{cells['subject']}_{tp:02d}"
         if sid in found:
             raise DataError(f"{csv_path}, line {line}: subject {cells['subject']} time point {tp} is listed twice.")
-        files = {name: (csv_path.parent / Path(cell).expanduser())
+        files = {("mask" if low == "mask" else name): csv_path.parent / Path(cell).expanduser()
                  for name, low, cell in zip(header, lower, row)
                  if cell and low not in ("subject", "timepoint", "split")}
-        files = {("mask" if k.lower() == "mask" else k): v for k, v in files.items()}
         found[sid] = Found(cells["subject"], tp, files, split.lower() if split else None)
     return found
 
@@ -339,7 +344,7 @@ def prepare(image: np.ndarray, mask: np.ndarray | None = None, source: str = "im
         raise DataError(f"{source}: the foreground has one constant intensity ({mean:g}); "
                         "cannot z-normalise. Check that this is an MR image.")
     normalised = np.where(foreground, (image - mean) / std, BACKGROUND).astype(np.float32)
-    mask_t = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask[crop], dtype=np.uint8))
+    mask_t = None if mask is None else torch.from_numpy((np.asarray(mask)[crop] != 0).astype(np.uint8))
     return torch.from_numpy(normalised), mask_t, box
 
 
@@ -396,7 +401,7 @@ def load_dataset(path: str | os.PathLike, channel: str, label: str = "mask1") ->
     there); a manifest has a single ``mask`` column, so only ``mask1``.
     """
     path = Path(path).expanduser()
-    layout_name, layout, found = _find(path)
+    _, layout, found = _find(path)
     raters, combine = _label_raters(label, layout, path)
     key = _resolve_channel(channel, found, layout, path)
     scans = []
@@ -457,18 +462,21 @@ class PatchSampler:
     10, the paper's). Iterating yields ``len(self)`` pairs ``(image, label)``, both float32
     ``(1, 1, PX, PY, PZ)`` on ``device``, in random order.
 
-    Centres follow TorchIO's ``LabelSampler`` with probability 1 on lesion and 0 elsewhere:
-    a lesion voxel drawn uniformly, so every patch holds lesion and large lesions are drawn
-    more often; the patch is centred on it (voxel P // 2) and shifted as little as needed to
-    stay inside the scan. A scan with no lesion voxel gets centres drawn uniformly over its
-    cropped volume instead, so it still contributes (lesion-free) patches. A scan smaller
-    than the patch along an axis is padded once, centred, with ``BACKGROUND`` (label 0).
+    Centres are drawn as TorchIO's ``LabelSampler`` with label probabilities {0: 0, 1: 1}
+    draws them: a lesion voxel, uniformly, so every patch holds lesion and large lesions
+    are drawn more often; the patch is centred on it (at voxel P // 2). Where that patch
+    would cross the scan's edge, TorchIO never picks the voxel; we shift the patch inward
+    just enough, so lesions near the edge are trained on too. A scan with no lesion voxel
+    gets centres drawn uniformly over its cropped volume instead, so it still contributes
+    (lesion-free) patches. A scan smaller than the patch along an axis is padded once,
+    centred, with ``BACKGROUND`` (label 0).
 
     Randomness: all draws of an epoch come from ``generator`` at the start of the epoch.
     The generator may live on the CPU or on ``device`` (None: that device's default
     generator). Lesion coordinates are computed once, here; per step there is no disk
     read, no host round trip and no sync, only index arithmetic and ``index_select`` on
-    ``device``. A CUDA generator costs one sync per epoch (reading the patch order).
+    ``device``. Each epoch starts with one sync on CUDA (reading the patch order, or
+    copying the draws of a CPU generator).
     """
 
     def __init__(self, scans: list[Scan], patch_size: int | tuple[int, int, int] = 144,
@@ -492,7 +500,8 @@ class PatchSampler:
             self.masks.append(mask)
             self.lesions.append(lesion if len(lesion) else None)
             self.shapes.append(torch.tensor(image.shape, device=self.device))
-        self._half = torch.tensor([p // 2 for p in size], device=self.device)
+        self._size = torch.tensor(size, device=self.device)
+        self._half = self._size // 2
         self._steps = [torch.arange(p, device=self.device) for p in size]
 
     def __len__(self) -> int:
@@ -520,8 +529,7 @@ class PatchSampler:
             centre = (u * shape).long()
         else:
             centre = lesion[(u[:, 0] * len(lesion)).long().clamp_(max=len(lesion) - 1)]
-        top = shape - torch.tensor(self.patch_size, device=self.device)
-        return torch.minimum((centre - self._half).clamp_(min=0), top)
+        return torch.minimum((centre - self._half).clamp_(min=0), shape - self._size)
 
 
 # --------------------------------------------------------------------------------------------

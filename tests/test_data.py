@@ -445,7 +445,8 @@ def test_corrupt_nrrd(miccai):
     assert "CHB_train_Case01_FLAIR.nhdr" in str(e.value)
 
 
-@pytest.mark.parametrize("case", ["missing file", "missing cell", "missing column", "bad timepoint", "bad split"])
+@pytest.mark.parametrize("case", ["missing file", "missing cell", "missing column", "bad timepoint", "bad split",
+                                  "same channel twice"])
 def test_bad_manifest(tmp_path, case):
     csv = write_manifest(tmp_path)
     text = csv.read_text()
@@ -465,6 +466,9 @@ def test_bad_manifest(tmp_path, case):
     elif case == "bad split":
         csv.write_text(text.replace(",val\n", ",validate\n"))
         named += ["'validate'"]
+    elif case == "same channel twice":
+        csv.write_text(text.replace(",GADO,", ",flair,"))
+        named += ["FLAIR, flair"]
     with pytest.raises(DataError) as e:
         load_dataset(csv, "FLAIR")
     for text in named:
