@@ -195,9 +195,11 @@ def test_crop_and_paste_round_trip():
     assert np.array_equal(paste(mask_t, box, SHAPE).numpy(), mask)
     assert np.array_equal(paste(mask_t.numpy(), box, SHAPE), mask)
     back = paste(img_t, box, SHAPE, fill=-7.0)
-    assert back.dtype == torch.float32 and (back[image == 0] != back[image != 0].min()).all()
-    assert np.array_equal(back.numpy() == -7.0, np.pad(np.ones(img_t.shape, bool), [(a, n - b) for (a, b), n in
-                                                                                      zip(box, SHAPE)]) == 0)
+    outside_box = paste(torch.zeros(img_t.shape, dtype=torch.bool), box, SHAPE, fill=True)
+    assert back.dtype == torch.float32 and (back[outside_box] == -7).all()
+    brain_in, brain_out = image[image != 0], back.numpy()[image != 0]  # undo the normalisation
+    assert np.allclose(brain_out * brain_in.std(ddof=1) + brain_in.mean(), brain_in, rtol=1e-5)
+    assert (back[~outside_box & torch.from_numpy(image == 0)] == data.BACKGROUND).all()
     img_only, none, box_only = prepare(image, None)
     assert none is None and box_only == tuple(zip(np.argwhere(image).min(0), np.argwhere(image).max(0) + 1))
     with pytest.raises(ValueError, match="does not match box"):
@@ -223,6 +225,8 @@ def test_z_normalisation_against_torchio():
     inside = crop > 0
     assert torch.allclose(img_t[inside], theirs[inside], atol=1e-5)
     assert (theirs[~inside] < img_t[inside].min()).all() and (img_t[~inside] == 0).all()
+    default = tio.ZNormalization()(crop[None])[0][inside].double()  # the paper's call: stats over the whole box
+    assert default.mean() > 0.1 and default.std() < 0.9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,6 +355,15 @@ def test_manifest_split_column_overrides(tmp_path):
     scans = load_dataset(write_manifest(tmp_path), "FLAIR")
     expected = {"train": ["pat01_01", "pat01_02"], "val": ["pat02_01", "pat02_02"], "test": ["pat03_01", "pat03_02"]}
     assert split_scans(scans) == split_scans(scans, mode="subject", seed=3) == expected
+
+
+def test_split_rounding_is_half_up_with_at_least_one():
+    tiny = np.ones((2, 2, 2), np.float32)
+    scans = [make_scan(tiny, tiny, f"s{i:02d}_01", f"s{i:02d}") for i in range(25)]
+    sizes = lambda split: [len(split[k]) for k in ("train", "val", "test")]
+    assert sizes(split_scans(scans)) == [19, 3, 3]  # 2.5 -> 3 each, train the rest
+    assert sizes(split_scans(scans[:8], ratios=(0.9, 0.05, 0.05))) == [6, 1, 1]  # 0.4 -> at least 1
+    assert sizes(split_scans(scans[:8], ratios=(0.9, 0.1, 0.0))) == [7, 1, 0]
 
 
 def test_too_few_scans_to_split():
