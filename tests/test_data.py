@@ -1,5 +1,4 @@
 """data.py on tiny volumes written to a temporary folder in each layout."""
-import gzip
 
 import nibabel as nib
 import nrrd
