@@ -1,0 +1,1161 @@
+"""The paper's six 3-D augmentations in torch, batched, on any device, with TorchIO 1.2.1's semantics.
+
+The paper augments every 144^3 training patch with TorchIO: Flip, Motion, Bias field, Noise,
+Affine and Elastic deformation, in that order, each with a random probability, after
+Z-normalisation. TorchIO transforms one volume at a time on the CPU through SimpleITK; this
+module does the same arithmetic in torch, where the tensor lives, for a whole batch at once.
+The reference for every formula is ``shared/spec/torchio_semantics.md`` (section numbers below
+point there); ``tests/test_augment.py`` checks them against TorchIO itself.
+
+Call form
+    ``image, label = transform(image, label=None, generator=None)``. ``image`` is a floating-point
+    ``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)`` tensor; ``label`` (optional, any dtype, e.g. a {0, 1}
+    uint8 or float mask) has the same number of dimensions, the same batch size and spatial shape,
+    and any channel count. Intensity transforms (Motion, BiasField, Noise, ZNormalization) touch
+    the image only; spatial transforms (Flip, Affine, ElasticDeformation) move image and label
+    with one draw, the label by nearest neighbour so that it keeps its values and dtype. Inputs are
+    never modified in place; an input that no transform touched may be returned as is.
+
+Batches
+    Each element of a batch draws its own parameters, its own ``p`` decision included, and the
+    whole batch goes through vectorised calls (one ``grid_sample``, one FFT, ...). The only loop
+    over the batch is ZNormalization's callable mask: the callable is user code written for one
+    ``(C, X, Y, Z)`` image, as in TorchIO.
+
+Devices, dtypes, randomness
+    Every random draw comes from ``generator``, which must live on the image's device
+    (``torch.Generator(device=image.device)``); ``None`` uses torch's default generator of that
+    device. Parameters are drawn on that device and stay there: no draw and no tensor is copied
+    to the host, so on CUDA a transform queues its kernels without synchronising. A seeded
+    generator repeats a run exactly on a given device; streams differ between devices, and from
+    TorchIO's (which draws on the CPU's global generator), so parity with TorchIO is tested
+    through the deterministic classes. Arithmetic runs in float32 (float64 inputs stay float64);
+    float16 and bfloat16 images are upcast for it, because sampling coordinates, FFTs and the
+    bias polynomial need float32 precision, and the result is cast back to the input dtype.
+
+Geometry
+    A tensor is a volume whose voxel axes are the world axes R, A, S (TorchIO's convention for a
+    raw tensor: identity affine), origin at voxel (0, 0, 0), with voxel size ``spacing`` in mm
+    (default 1 mm isotropic). Degrees are degrees, translations and displacements are mm.
+    Resampling follows ITK's rule (spec section 0.2): an output voxel pulls the input at a
+    continuous index ``u``; inside ``-0.5 <= u < n - 0.5`` on every axis it interpolates with
+    edge-clamped neighbours, outside it takes the pad value.
+
+Deliberate deviations from TorchIO 1.2.1 (each also stated where it applies)
+    * Motion rotates about the image centre. TorchIO sets the centre and then silently drops it
+      (spec section 4), so its motions pivot about world (0, 0, 0), a corner of a raw tensor.
+    * Labels keep their dtype after spatial transforms (TorchIO returns float32 label maps);
+      nearest-neighbour and inside tests at an exact half voxel follow float32 rounding
+      (``grid_sample`` rounds half to even; ITK rounds half up in double precision).
+    * ``image_interpolation`` is ``'linear'`` or ``'nearest'``; TorchIO's other SimpleITK
+      interpolators, Affine's ``'otsu'`` pad and ``label_interpolation`` (labels are always
+      nearest) are not offered. Noise is drawn from ``generator`` on the image's device, not from
+      a CPU seed. A transform applies when its draw ``r < p`` (TorchIO: ``r <= p``, so p=0 applied
+      with probability 2^-24). Volumes are always 3-D: TorchIO's special cases for 2-D images
+      (last axis of size 1) are not reproduced.
+
+Example
+    >>> import torch, augment
+    >>> g = torch.Generator().manual_seed(0)
+    >>> image, label = torch.randn(1, 1, 32, 32, 32), torch.zeros(1, 1, 32, 32, 32, dtype=torch.uint8)
+    >>> image, label = augment.paper_augmentation()(image, label, generator=g)
+    >>> image.shape, label.dtype
+    (torch.Size([1, 1, 32, 32, 32]), torch.uint8)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    'Transform', 'Compose', 'ZNormalization',
+    'Flip', 'RandomFlip', 'Motion', 'RandomMotion', 'BiasField', 'RandomBiasField',
+    'Noise', 'RandomNoise', 'Affine', 'RandomAffine',
+    'ElasticDeformation', 'RandomElasticDeformation', 'paper_augmentation',
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument parsing (spec section 0.4): TorchIO's forms, with errors that name the parameter.
+
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _parse_range(value, name: str, min_constraint: float | None = None) -> tuple[float, float]:
+    """TorchIO's ``_parse_range``: ``d >= 0`` -> ``(-d, d)`` or ``(min_constraint, d)``; ``(a, b)``, a <= b."""
+    if _is_number(value):
+        if value < 0:
+            raise ValueError(f'{name} must be non-negative when a single number, got {value}')
+        return (float(-value if min_constraint is None else min_constraint), float(value))
+    if (isinstance(value, Sequence) and len(value) == 2 and all(map(_is_number, value))
+            and value[0] <= value[1]):
+        if min_constraint is not None and value[0] < min_constraint:
+            raise ValueError(f'{name} must be at least {min_constraint}, got {tuple(value)}')
+        return (float(value[0]), float(value[1]))
+    raise ValueError(f'{name} must be a number or a (min, max) pair with min <= max, got {value!r}')
+
+
+def _parse_params(value, around: float, name: str, min_constraint: float | None = None
+                  ) -> list[tuple[float, float]]:
+    """TorchIO's ``parse_params``: ``x``, ``(a, b)``, ``(x1, x2, x3)`` or six values -> three ranges."""
+    values = (value,) if _is_number(value) else tuple(value) if isinstance(value, Sequence) else None
+    if values is None or len(values) not in (1, 2, 3, 6) or not all(map(_is_number, values)):
+        raise ValueError(f'{name} must be a number or a sequence of 2, 3 or 6 numbers, got {value!r}')
+    if len(values) == 1:
+        values *= 3
+    if len(values) == 2:  # (a, b) is the range of every axis, not shifted by `around`
+        ranges = [values] * 3
+    elif len(values) == 3:
+        ranges = [(around - x, around + x) for x in values]
+    else:
+        ranges = [values[0:2], values[2:4], values[4:6]]
+    ranges = [(float(low), float(high)) for low, high in ranges]
+    for low, high in ranges:
+        if low > high:
+            raise ValueError(f'{name} gives the range ({low}, {high}), whose minimum exceeds its maximum')
+        if min_constraint is not None and low < min_constraint:
+            raise ValueError(f'{name} gives the range ({low}, {high}), below the minimum {min_constraint}')
+    return ranges
+
+
+def _parse_spacing(spacing) -> tuple[float, float, float]:
+    if spacing is None:
+        return (1.0, 1.0, 1.0)
+    if (isinstance(spacing, Sequence) and len(spacing) == 3 and all(map(_is_number, spacing))
+            and all(s > 0 for s in spacing)):
+        return tuple(float(s) for s in spacing)
+    raise ValueError(f'spacing must be three positive voxel sizes in mm, got {spacing!r}')
+
+
+def _parse_interpolation(value) -> str:
+    if value not in ('linear', 'nearest'):
+        raise ValueError(f"image_interpolation must be 'linear' or 'nearest', got {value!r}")
+    return value
+
+
+def _parse_probability(value, name: str) -> float:
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise ValueError(f'{name} must be a probability in [0, 1], got {value!r}')
+    return float(value)
+
+
+def _parameter(value, tail: tuple[int, ...], name: str) -> torch.Tensor:
+    """A deterministic parameter as a float64 tensor with a leading batch axis (1 = shared)."""
+    tensor = torch.as_tensor(value, dtype=torch.float64)
+    if tensor.shape == tail:
+        return tensor[None]
+    if tensor.ndim == len(tail) + 1 and tensor.shape[1:] == tail and len(tensor) > 0:
+        return tensor
+    raise ValueError(f'{name} must have shape {tail} or (B, *{tail}), got {tuple(tensor.shape)}')
+
+
+def _per_element(tensor: torch.Tensor, batch: int, name: str, device, dtype=None) -> torch.Tensor:
+    if len(tensor) not in (1, batch):
+        raise ValueError(f'{name} has {len(tensor)} sets of values for a batch of {batch}')
+    return tensor.to(device=device, dtype=dtype).expand(batch, *tensor.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomness and dtypes.
+
+def _uniform(ranges: Sequence[tuple[float, float]], batch: int, generator, device) -> torch.Tensor:
+    """``(batch, len(ranges))`` draws, column d uniform in ``[ranges[d][0], ranges[d][1])``."""
+    r = torch.rand(batch, len(ranges), generator=generator, device=device)
+    if len(set(ranges)) == 1:
+        low, high = ranges[0]
+        return low + (high - low) * r
+    return torch.stack([low + (high - low) * r[:, d] for d, (low, high) in enumerate(ranges)], 1)
+
+
+def _on_host_all(mask: torch.Tensor) -> bool:
+    """True when ``mask`` is all True and already on the host (so asking costs no device sync)."""
+    return mask.device.type == 'cpu' and bool(mask.all())
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Small constant tensors, copied to the device once instead of on every call."""
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resampling (spec section 0.2). A map gives, for every output voxel v, the continuous input
+# index u. It is built directly as grid_sample's normalised grid g (components in (k, j, i)
+# order, g = scale * u + shift, align_corners=True), a few rows of X at a time.
+
+_SLAB_BYTES = 8 << 20
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_constants(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype):
+    """Per grid component (k, j, i): scale and shift (device tensors), and the bounds of ITK's
+    inside test as numbers, computed with the grid's own float ops so that a map hitting -0.5
+    exactly counts as inside."""
+    sizes = shape[::-1]
+    scale = torch.tensor([2 / (n - 1) if n > 1 else 1.0 for n in sizes], dtype=dtype)
+    shift = torch.tensor([-1.0 if n > 1 else 0.0 for n in sizes], dtype=dtype)
+    low = (torch.full((3,), -0.5, dtype=dtype) * scale + shift).tolist()
+    high = (torch.tensor([n - 0.5 for n in sizes], dtype=dtype) * scale + shift).tolist()
+    return scale.to(device), shift.to(device), low, high
+
+
+def _linear_grid(matrix: torch.Tensor, offset: torch.Tensor, shape):
+    """Rows ``[start, stop)`` of the grid of ``u = matrix @ v + offset`` (voxel indices; matrix
+    (N, 3, 3), offset (N, 3)), as a function ``rows(start, stop) -> (N, stop - start, Y, Z, 3)``."""
+    scale, shift, _, _ = _grid_constants(tuple(shape), matrix.device, matrix.dtype)
+    m = (matrix.flip(1) * scale[:, None]).unsqueeze(1).unsqueeze(1).unsqueeze(1)  # (N, 1, 1, 1, 3, 3)
+    b = (offset.flip(1) * scale + shift).view(-1, 1, 1, 1, 3)
+    j, k = (torch.arange(size, device=matrix.device, dtype=matrix.dtype) for size in shape[1:])
+    along_j = j.view(1, 1, -1, 1, 1) * m[..., 1]
+    along_k = k.view(1, 1, 1, -1, 1) * m[..., 2] + b
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        i = torch.arange(start, stop, device=matrix.device, dtype=matrix.dtype)
+        return (i.view(1, -1, 1, 1, 1) * m[..., 0] + along_j) + along_k  # one full-size pass
+    return rows
+
+
+def _inside(grid: torch.Tensor, shape) -> torch.Tensor:
+    _, _, low, high = _grid_constants(tuple(shape), grid.device, grid.dtype)
+    inside = None
+    for d in range(3):  # per component: several times faster than a reduction over the last axis
+        component = grid[..., d]
+        test = (component >= low[d]) & (component < high[d])
+        inside = test if inside is None else inside & test
+    return inside
+
+
+def _grid_sample(x: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
+    """``F.grid_sample`` with edge clamping. On the CPU the 3-D kernel runs one thread per batch
+    element, so a single volume is cut into as many slabs along X as there are threads."""
+    options = dict(mode=mode, padding_mode='border', align_corners=True)
+    threads, size = torch.get_num_threads(), grid.shape[1]
+    if x.device.type != 'cpu' or len(x) > 1 or threads == 1 or size < threads:
+        return F.grid_sample(x, grid, **options)
+    rows = size // threads * threads
+    slabs = grid[:, :rows].reshape(threads, rows // threads, *grid.shape[2:])
+    out = F.grid_sample(x.expand(threads, *x.shape[1:]), slabs, **options)
+    out = out.transpose(0, 1).reshape(1, x.shape[1], rows, *grid.shape[2:4])
+    if rows == size:
+        return out
+    return torch.cat([out, F.grid_sample(x, grid[:, rows:], **options)], 2)
+
+
+def _resample(volumes, pads, modes, rows, dtype):
+    """Pull every volume (N, C, X, Y, Z) through one map, with ITK's rule.
+
+    ``rows(start, stop)`` gives the map's grid for output rows [start, stop); ``pads`` are numbers
+    or (N, C, 1, 1, 1) tensors, ``modes`` 'bilinear' or 'nearest'; volumes keep their dtype. On
+    the CPU the rows go in slabs of about 8 MB of grid: a whole 144^3 grid (36 MB) is above
+    glibc's mmap threshold, so it would come fresh from the OS page by page on every call, which
+    measured 2-3x slower; slabs are reused from the heap and stay in cache. Elsewhere one slab
+    holds the whole volume.
+    """
+    first = volumes[0]
+    size, height, depth = first.shape[2:]
+    step = size
+    if first.device.type == 'cpu':
+        threads = torch.get_num_threads()
+        row_bytes = len(first) * height * depth * 3 * torch.finfo(dtype).bits // 8
+        step = max(threads, _SLAB_BYTES // row_bytes // threads * threads)
+    sources = [volume.to(dtype) for volume in volumes]
+    outputs = [torch.empty_like(volume) for volume in volumes]
+    for start in range(0, size, step):
+        stop = min(size, start + step)
+        grid = rows(start, stop)
+        inside = _inside(grid, first.shape[2:])[:, None]
+        for source, output, pad, mode in zip(sources, outputs, pads, modes):
+            output[:, :, start:stop] = torch.where(inside, _grid_sample(source, grid, mode), pad)
+    return outputs
+
+
+def _min_pad(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.amin(dim=(2, 3, 4), keepdim=True).to(dtype)
+
+
+def _mode(interpolation: str) -> str:
+    return 'bilinear' if interpolation == 'linear' else 'nearest'
+
+
+def _resample_pair(image, label, rows, image_pad, label_pad, interpolation, dtype):
+    """Image and optional label through one map, the label by nearest neighbour."""
+    if label is None:
+        return _resample([image], [image_pad], [_mode(interpolation)], rows, dtype)[0], None
+    image, label = _resample([image, label], [image_pad, label_pad], [_mode(interpolation), 'nearest'], rows, dtype)
+    return image, label
+
+
+def _euler(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``Rz(z) @ Rx(x) @ Ry(y)`` (radians, right-handed, batched): ITK's Euler3D order."""
+    one, zero = torch.ones_like(x), torch.zeros_like(x)
+
+    def matrix(rows):
+        return torch.stack([torch.stack(row, -1) for row in rows], -2)
+
+    cx, sx, cy, sy, cz, sz = x.cos(), x.sin(), y.cos(), y.sin(), z.cos(), z.sin()
+    rx = matrix([[one, zero, zero], [zero, cx, -sx], [zero, sx, cx]])
+    ry = matrix([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
+    rz = matrix([[cz, -sz, zero], [sz, cz, zero], [zero, zero, one]])
+    return rz @ rx @ ry
+
+
+def _to_voxels(matrix: torch.Tensor, spacing) -> torch.Tensor:
+    """``S^-1 @ matrix @ S`` for S = diag(spacing): a world (mm) linear map in voxel indices."""
+    ratio = _constant(tuple(tuple(sj / si for sj in spacing) for si in spacing), matrix.device, matrix.dtype)
+    return matrix * ratio
+
+
+# ---------------------------------------------------------------------------------------------
+# Base classes.
+
+class Transform:
+    """Base of every transform: checks the input, handles the batch and the probability ``p``.
+
+    Args:
+        p: Probability, in [0, 1], that the transform is applied to a batch element; each
+            element draws its own decision ``r ~ U[0, 1)`` and is transformed iff ``r < p``.
+            Default 1 (always, without a draw), as in TorchIO.
+
+    Subclasses implement ``_apply(image, label, generator)`` on 5-D tensors.
+    """
+
+    def __init__(self, p: float = 1.0):
+        self.p = _parse_probability(p, 'p')
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None):
+        """Return ``(image, label)`` transformed; ``label`` stays None when not given."""
+        if not isinstance(image, torch.Tensor) or image.ndim not in (4, 5):
+            raise ValueError('image must be a (C, X, Y, Z) or (B, C, X, Y, Z) tensor, got '
+                             f'{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image)}')
+        if not image.is_floating_point():
+            raise ValueError(f'image must be a floating-point tensor, got {image.dtype}')
+        if label is not None and not (
+                isinstance(label, torch.Tensor) and label.ndim == image.ndim
+                and label.shape[-3:] == image.shape[-3:] and label.device == image.device
+                and (image.ndim == 4 or label.shape[0] == image.shape[0])):
+            raise ValueError('label must be a tensor on the image device with the same layout, batch '
+                             f'size and spatial shape as the image {tuple(image.shape)}, got '
+                             f'{tuple(label.shape) if isinstance(label, torch.Tensor) else type(label)}')
+        if generator is not None and generator.device.type != image.device.type:
+            raise ValueError(f'generator is on {generator.device} but the image on {image.device}; '
+                             'create it with torch.Generator(device=image.device)')
+        unbatched = image.ndim == 4
+        if unbatched:
+            image, label = image[None], None if label is None else label[None]
+        image, label = self._maybe_apply(image, label, generator)
+        if unbatched:
+            image, label = image[0], None if label is None else label[0]
+        return image, label
+
+    def _maybe_apply(self, image, label, generator):
+        if self.p == 1:
+            return self._apply(image, label, generator)
+        chosen = torch.rand(len(image), generator=generator, device=image.device) < self.p
+        if _on_host_all(~chosen):
+            return image, label
+        new_image, new_label = self._apply(image, label, generator)
+        if _on_host_all(chosen):
+            return new_image, new_label
+        keep = chosen.view(-1, 1, 1, 1, 1)  # on CUDA: computed for all, selected without a sync
+        return (torch.where(keep, new_image, image),
+                None if label is None else torch.where(keep, new_label, label))
+
+    def _apply(self, image, label, generator):
+        raise NotImplementedError
+
+
+class Compose(Transform):
+    """Apply transforms one after the other, all of them with probability ``p``.
+
+    Args:
+        transforms: Sequence of transforms (callables with this module's call form), applied in
+            order; each still draws its own probability.
+        p: Probability that the whole sequence is applied to a batch element. Default 1.
+
+    Example:
+        >>> pipeline = Compose([RandomFlip(), RandomNoise(std=0.1)], p=0.8)
+        >>> image, label = pipeline(image, label, generator=g)
+    """
+
+    def __init__(self, transforms: Sequence[Callable], p: float = 1.0):
+        super().__init__(p)
+        if isinstance(transforms, (str, bytes)) or not isinstance(transforms, Sequence) \
+                or not all(callable(t) for t in transforms):
+            raise ValueError(f'transforms must be a sequence of transforms, got {transforms!r}')
+        self.transforms = list(transforms)
+
+    def _apply(self, image, label, generator):
+        for transform in self.transforms:
+            image, label = transform(image, label, generator)
+        return image, label
+
+
+class ZNormalization(Transform):
+    """Subtract the mean and divide by the standard deviation (spec section 2).
+
+    Statistics are taken per batch element over the voxels of ``masking_method``, pooled over all
+    channels; the standard deviation is unbiased (N - 1), and the result is applied to the whole
+    image. A standard deviation of 0 raises RuntimeError, as in TorchIO (checking it reads one
+    number per batch element back from the device). Labels are untouched.
+
+    Args:
+        masking_method: ``None`` (default): all voxels. A boolean tensor broadcastable to the
+            image after leading singleton axes are added: ``(X, Y, Z)``, ``(C | 1, X, Y, Z)`` or
+            ``(B | 1, C | 1, X, Y, Z)``. Or a callable ``f(tensor) -> bool tensor``, called with each
+            element's ``(C, X, Y, Z)`` image, e.g. ``ZNormalization.mean``. TorchIO's string
+            and bounding-box forms, which need a TorchIO Subject, are not offered.
+        p: Probability of applying the transform. Default 1.
+
+    Example:
+        >>> image, _ = ZNormalization(masking_method=lambda x: x > 0)(image)
+    """
+
+    def __init__(self, masking_method: torch.Tensor | Callable | None = None, p: float = 1.0):
+        super().__init__(p)
+        if masking_method is not None and not callable(masking_method) and not (
+                isinstance(masking_method, torch.Tensor) and masking_method.dtype == torch.bool
+                and 3 <= masking_method.ndim <= 5):
+            raise ValueError('masking_method must be None, a callable or a boolean tensor of 3 to 5 '
+                             f'dimensions, got {masking_method!r}')
+        self.masking_method = masking_method
+
+    @staticmethod
+    def mean(tensor: torch.Tensor) -> torch.Tensor:
+        """TorchIO's ``ZNormalization.mean``: the voxels brighter than the mean."""
+        return tensor > tensor.float().mean()
+
+    def _apply(self, image, label, generator):
+        x = image.to(_work_dtype(image.dtype))
+        dims = (1, 2, 3, 4)
+        if self.masking_method is None:
+            mean, std = x.mean(dims, keepdim=True), x.std(dims, keepdim=True)
+        else:
+            mask = self._mask(x)
+            count = mask.expand_as(x).sum(dims, keepdim=True)
+            mean = torch.where(mask, x, 0).sum(dims, keepdim=True) / count
+            std = (torch.where(mask, x - mean, 0).square().sum(dims, keepdim=True) / (count - 1)).sqrt()
+        if bool((std == 0).any()):
+            raise RuntimeError('Standard deviation is 0 for the masked values of a batch element')
+        return ((x - mean) / std).to(image.dtype), label
+
+    def _mask(self, x: torch.Tensor) -> torch.Tensor:
+        if callable(self.masking_method):
+            masks = [torch.as_tensor(self.masking_method(element)).to(x.device) for element in x]
+            mask = torch.stack([m if m.ndim == 4 else m[None] for m in masks])
+        else:
+            mask = self.masking_method.to(x.device)
+            mask = mask.reshape((1,) * (5 - mask.ndim) + tuple(mask.shape))
+        try:
+            torch.broadcast_shapes(mask.shape, x.shape)
+        except RuntimeError:
+            raise ValueError(f'masking_method gives a mask of shape {tuple(mask.shape)}, '
+                             f'which does not broadcast to the image {tuple(x.shape)}') from None
+        return mask.bool()
+
+
+# ---------------------------------------------------------------------------------------------
+# Flip (spec section 3).
+
+def _parse_axes(axes) -> tuple[int, ...]:
+    """Axis indices 0, 1, 2, or anatomical names read by their first letter on a RAS tensor."""
+    letters = {'L': 0, 'R': 0, 'A': 1, 'P': 1, 'I': 2, 'S': 2}
+    items = axes if isinstance(axes, (tuple, list)) else (axes,)
+    parsed = []
+    for axis in items:
+        if isinstance(axis, str) and axis[:1].upper() in letters:
+            parsed.append(letters[axis[0].upper()])
+        elif isinstance(axis, int) and not isinstance(axis, bool) and axis in (0, 1, 2):
+            parsed.append(axis)
+        else:
+            raise ValueError('axes must be spatial axis indices in {0, 1, 2} or anatomical names '
+                             f"('LR', 'AP', 'IS', 'Left', ...), got {axes!r}")
+    return tuple(sorted(set(parsed)))
+
+
+class Flip(Transform):
+    """Reverse the order of voxels along the given spatial axes, in image and label.
+
+    Args:
+        axes: Spatial axis index (0, 1, 2 for X, Y, Z) or tuple of them; anatomical names
+            (``'LR'``, ``'Left'``, ``'AP'``, ``'IS'``, ...; first letter used) name the axes of a
+            RAS-aligned tensor. The voxel grid is not moved (TorchIO keeps the affine).
+        p: Probability of applying the transform. Default 1.
+
+    Example:
+        >>> image, label = Flip(axes=(0, 2))(image, label)
+    """
+
+    def __init__(self, axes, p: float = 1.0):
+        super().__init__(p)
+        self.axes = _parse_axes(axes)
+
+    def _apply(self, image, label, generator):
+        dims = [axis + 2 for axis in self.axes]
+        return image.flip(dims), None if label is None else label.flip(dims)
+
+
+class RandomFlip(Transform):
+    """Flip each of the given axes with probability ``flip_probability``.
+
+    Draws ``r ~ U[0, 1)^3`` per batch element (all three axes, as TorchIO) and flips axis i iff
+    i is in ``axes`` and ``r[i] < flip_probability``.
+
+    Args:
+        axes: Axes that may be flipped, as in :class:`Flip`. Default ``0`` (X, left-right only:
+            TorchIO's default).
+        flip_probability: Probability, per axis, of a flip. Default 0.5.
+        p: Probability of applying the transform. Default 1.
+
+    Example:
+        >>> image, label = RandomFlip(axes=('LR',), flip_probability=0.5)(image, label, g)
+    """
+
+    def __init__(self, axes=0, flip_probability: float = 0.5, p: float = 1.0):
+        super().__init__(p)
+        self.axes = _parse_axes(axes)
+        self.flip_probability = _parse_probability(flip_probability, 'flip_probability')
+
+    def _apply(self, image, label, generator):
+        flips = torch.rand(len(image), 3, generator=generator, device=image.device) < self.flip_probability
+        for axis in self.axes:
+            flip = flips[:, axis]
+            if _on_host_all(~flip):
+                continue
+            where = flip.view(-1, 1, 1, 1, 1)
+            image = torch.where(where, image.flip(axis + 2), image)
+            if label is not None:
+                label = torch.where(where, label.flip(axis + 2), label)
+        return image, label
+
+
+# ---------------------------------------------------------------------------------------------
+# Motion (spec section 4).
+
+def _kspace_weights(times: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Weights ``(B, n + 1, size // 2 + 1)`` of the original (0) and moved images (1..n) in the
+    real FFT along the last axis.
+
+    TorchIO cuts the fftshifted k-space along the last axis at ``int(size * times)``, fills segment
+    s with spectrum s, and first swaps the original spectrum into the segment of the first time
+    above 0.5 (the k-space centre). The cuts depend on the last axis only, so the FFTs along the
+    other two axes cancel, and because TorchIO keeps the real part, each weight can be replaced by
+    its symmetric part (w[k] + w[-k]) / 2, which makes a real FFT enough.
+    """
+    batch, n = times.shape
+    device = times.device
+    index = torch.arange(size, device=device)
+    cuts = torch.cat([torch.zeros(batch, 1, dtype=torch.long, device=device), (size * times).long(),
+                      torch.full((batch, 1), size, dtype=torch.long, device=device)], 1)
+    # TorchIO assigns segments in order, so with unsorted times the last segment covering k wins.
+    covers = (cuts[:, :-1, None] <= index) & (index < cuts[:, 1:, None])
+    segments = torch.arange(n + 1, device=device).view(1, -1, 1)
+    segment = torch.where(covers, segments, -1).amax(1)
+    late = times > 0.5
+    swap = torch.where(late.any(1), late.float().argmax(1), n)[:, None]
+    owner = torch.where(segment == 0, swap, torch.where(segment == swap, 0, segment))
+    weights = torch.fft.ifftshift((owner[:, None] == segments).to(dtype), dim=-1)
+    weights = (weights + weights.flip(-1).roll(1, -1)) / 2
+    return weights[..., : size // 2 + 1]
+
+
+def _motion(image, degrees, translation, times, spacing, interpolation):
+    """Motion artefact; degrees, translation (B, n, 3) and times (B, n) already on the device."""
+    x = image.to(_work_dtype(image.dtype))
+    batch, _, *shape = x.shape
+    n = degrees.shape[1]
+    # TorchIO's map, conjugated from LPS to RAS (spec section 4): voxel form
+    # u = S^-1 Rz(g) Rx(-a) Ry(-b) S (v - c) + c + S^-1 (-t0, -t1, t2), pivot c = image centre.
+    # Built in float64 so that right angles and integer shifts land exactly on voxels.
+    angles = torch.deg2rad(degrees.reshape(-1, 3).double())
+    matrix = _to_voxels(_euler(-angles[:, 0], -angles[:, 1], angles[:, 2]), spacing)
+    sign_over_spacing = _constant(tuple(s / v for s, v in zip((-1, -1, 1), spacing)), x.device, torch.float64)
+    centre = _constant(tuple((size - 1) / 2 for size in shape), x.device, torch.float64)
+    offset = centre - matrix @ centre + translation.reshape(-1, 3).double() * sign_over_spacing
+    matrix, offset = matrix.to(x.dtype).view(batch, n, 3, 3), offset.to(x.dtype).view(batch, n, 3)
+    weights = _kspace_weights(times, shape[2], x.dtype).view(batch, n + 1, 1, 1, 1, -1)
+    spectrum = torch.fft.rfft(x, dim=-1) * weights[:, 0]
+    pad = _min_pad(x, x.dtype)
+    for m in range(n):  # a loop over the motions, each one resampling of the whole batch
+        rows = _linear_grid(matrix[:, m], offset[:, m], shape)
+        moved = _resample([x], [pad], [_mode(interpolation)], rows, x.dtype)[0]
+        spectrum += torch.fft.rfft(moved, dim=-1) * weights[:, m + 1]
+    return torch.fft.irfft(spectrum, n=shape[2], dim=-1).to(image.dtype)
+
+
+class Motion(Transform):
+    """MRI motion artefact (Shaw et al. 2019): k-space filled from several rigid poses.
+
+    Each of the n motions is a rigid transform relative to the original pose. The image and its n
+    moved copies are Fourier transformed; k-space is cut along the last axis (Z) into n + 1
+    segments at ``int(Z * times)``, segment s taken from pose s, except that the original pose
+    takes the segment holding the k-space centre (the first time above 0.5). The image is the
+    real part of the inverse transform; labels are untouched. Moved copies are padded with each
+    channel's minimum.
+
+    Deviation: TorchIO 1.2.1 rotates about world (0, 0, 0), voxel (0, 0, 0) of a raw tensor,
+    because it drops the centre it sets (spec section 4); here the pivot is the image centre,
+    voxel ``(shape - 1) / 2``. TorchIO's result is recovered by giving its image an origin at
+    minus that centre (the parity test does so).
+
+    Args:
+        degrees: Rotation angles ``(n, 3)`` in degrees, or ``(B, n, 3)`` per batch element, about
+            the three axes in TorchIO's convention (ITK Euler ``Rz @ Rx @ Ry`` in LPS).
+        translation: Translations ``(n, 3)`` or ``(B, n, 3)`` in mm, in TorchIO's convention
+            (LPS: the first two components move towards -X and -Y of the tensor).
+        times: ``(n,)`` or ``(B, n)`` fractions in [0, 1] of the acquisition at which each motion
+            starts.
+        image_interpolation: ``'linear'`` (default) or ``'nearest'``.
+        spacing: Voxel size ``(sx, sy, sz)`` in mm. Default 1 mm isotropic.
+        p: Probability of applying the transform. Default 1.
+
+    Example:
+        >>> motion = Motion(degrees=[[5, -3, 8], [0, 2, -4]], translation=[[1, -2, .5], [.3, 0, -1]],
+        ...                 times=[0.3, 0.62])
+        >>> image, label = motion(image, label)
+    """
+
+    def __init__(self, degrees, translation, times, image_interpolation: str = 'linear',
+                 spacing=None, p: float = 1.0):
+        super().__init__(p)
+        self.times = torch.as_tensor(times, dtype=torch.float64)
+        if self.times.ndim not in (1, 2) or self.times.shape[-1] < 1:
+            raise ValueError(f'times must have shape (n,) or (B, n), n >= 1, got {tuple(self.times.shape)}')
+        self.times = self.times.reshape(-1, self.times.shape[-1])
+        n = self.times.shape[-1]
+        self.degrees = _parameter(degrees, (n, 3), 'degrees')
+        self.translation = _parameter(translation, (n, 3), 'translation')
+        self.image_interpolation = _parse_interpolation(image_interpolation)
+        self.spacing = _parse_spacing(spacing)
+
+    def _apply(self, image, label, generator):
+        batch, device = len(image), image.device
+        return _motion(image, _per_element(self.degrees, batch, 'degrees', device),
+                       _per_element(self.translation, batch, 'translation', device),
+                       _per_element(self.times, batch, 'times', device),
+                       self.spacing, self.image_interpolation), label
+
+
+class RandomMotion(Transform):
+    """Random MRI motion artefact; see :class:`Motion` (including the pivot deviation).
+
+    Per batch element: ``degrees ~ U(degrees range)`` and ``translation ~ U(translation range)``,
+    shape (num_transforms, 3); ``times[m] = (m + 1) / (n + 1) + U(-0.3, 0.3) / (n + 1)``. (TorchIO
+    builds the grid with a float ``arange`` that has one value too many for some n, e.g. 48;
+    here it is exact.)
+
+    Args:
+        degrees: ``d`` -> angles ~ U(-d, d), or a range ``(a, b)``; degrees. Default 10.
+        translation: ``t`` -> U(-t, t), or ``(a, b)``; mm. Default 10.
+        num_transforms: Number of motions n, an integer >= 1. Default 2.
+        image_interpolation: ``'linear'`` (default) or ``'nearest'``.
+        spacing: Voxel size ``(sx, sy, sz)`` in mm. Default 1 mm isotropic.
+        p: Probability of applying the transform. Default 1.
+
+    Example:
+        >>> image, label = RandomMotion(degrees=10, translation=10, num_transforms=2)(image, label, g)
+    """
+
+    def __init__(self, degrees=10, translation=10, num_transforms: int = 2,
+                 image_interpolation: str = 'linear', spacing=None, p: float = 1.0):
+        super().__init__(p)
+        self.degrees_range = _parse_range(degrees, 'degrees')
+        self.translation_range = _parse_range(translation, 'translation')
+        if not isinstance(num_transforms, int) or isinstance(num_transforms, bool) or num_transforms < 1:
+            raise ValueError(f'num_transforms must be an integer >= 1, got {num_transforms!r}')
+        self.num_transforms = num_transforms
+        self.image_interpolation = _parse_interpolation(image_interpolation)
+        self.spacing = _parse_spacing(spacing)
+
+    def _apply(self, image, label, generator):
+        batch, n, device = len(image), self.num_transforms, image.device
+        degrees = _uniform([self.degrees_range], batch * n * 3, generator, device).view(batch, n, 3)
+        translation = _uniform([self.translation_range], batch * n * 3, generator, device).view(batch, n, 3)
+        step = 1 / (n + 1)
+        jitter = _uniform([(-0.3 * step, 0.3 * step)], batch * n, generator, device).view(batch, n)
+        times = torch.arange(1, n + 1, device=device) * step + jitter
+        return _motion(image, degrees, translation, times, self.spacing, self.image_interpolation), label
+
+
+# ---------------------------------------------------------------------------------------------
+# Bias field (spec section 5).
+
+@functools.lru_cache(maxsize=16)
+def _bias_exponents(order: int) -> list[tuple[int, int, int]]:
+    """Exponents (a, b, c) of x, y, z in TorchIO's coefficient order (c fastest)."""
+    return [(a, b, c) for a in range(order + 1) for b in range(order + 1 - a)
+            for c in range(order + 1 - a - b)]
+
+
+def _bias_field(image: torch.Tensor, coefficients: torch.Tensor, order: int) -> torch.Tensor:
+    """``image * exp(sum_n coef[n] x^a y^b z^c)``, x, y, z = linspace(-1, 1) over voxel indices."""
+    x = image.to(_work_dtype(image.dtype))
+    batch = len(x)
+    dense = torch.zeros(batch, (order + 1) ** 3, device=x.device, dtype=x.dtype)
+    flat = _constant(tuple((a * (order + 1) + b) * (order + 1) + c for a, b, c in _bias_exponents(order)),
+                     x.device, torch.long)
+    dense[:, flat] = coefficients.to(x.dtype)
+    dense = dense.view(batch, order + 1, order + 1, order + 1)
+    powers = []
+    for size in x.shape[2:]:
+        coordinate = torch.linspace(-1, 1, size, device=x.device, dtype=x.dtype) if size > 1 \
+            else torch.zeros(1, device=x.device, dtype=x.dtype)  # TorchIO: a single voxel sits at 0
+        powers.append(coordinate[:, None] ** torch.arange(order + 1, device=x.device, dtype=x.dtype))
+    px, py, pz = powers
+    # Separable: contract z, then y on small tensors, then x in one matmul for the full volume.
+    partial = torch.einsum('yb,zc,nabc->nayz', py, pz, dense)
+    log_field = (px @ partial.reshape(batch, order + 1, -1)).view(batch, 1, *x.shape[2:])
+    return (x * log_field.exp()).to(image.dtype)
+
+
+class BiasField(Transform):
+    """Multiply the image by a smooth field ``exp(polynomial)`` (MRI intensity inhomogeneity).
+
+    ``field(i, j, k) = exp(sum_n coefficients[n] * x_i^a * y_j^b * z_k^c)`` with
+    ``x, y, z = linspace(-1, 1)`` over the voxel indices of each axis (0 for an axis of one voxel;
+    spacing is ignored, as in TorchIO), and the terms a + b + c <= order in TorchIO's order:
+    a outermost, c fastest, so for order 3: 000 001 002 003 010 011 012 020 021 030 100 101 102
+    110 111 120 200 201 210 300 (exponents of x, y, z). The constant term is a global gain
+    ``exp(c_000)``. One field per batch element, shared by its channels; labels are untouched.
+
+    Args:
+        coefficients: ``(order + 1)(order + 2)(order + 3) / 6`` numbers (20 for order 3), or a
+            ``(B, N)`` array, one row per batch element.
+        order: Polynomial order, an integer >= 0. Default 3.
+        p: Probability of applying the transform. Default 1.
+
+    Example:
+        >>> image, label = BiasField(coefficients=[0.3] + [0.0] * 19, order=3)(image, label)  # x e^0.3
+    """
+
+    def __init__(self, coefficients, order: int = 3, p: float = 1.0):
+        super().__init__(p)
+        self.order = _parse_order(order)
+        self.coefficients = _parameter(coefficients, (len(_bias_exponents(self.order)),), 'coefficients')
+
+    def _apply(self, image, label, generator):
+        coefficients = _per_element(self.coefficients, len(image), 'coefficients', image.device)
+        return _bias_field(image, coefficients, self.order), label
+
+
+def _parse_order(order) -> int:
+    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
+        raise ValueError(f'order must be an integer >= 0, got {order!r}')
+    return order
+
+
+class RandomBiasField(Transform):
+    """Random bias field; see :class:`BiasField`.
+
+    Per batch element, every coefficient (the constant term included) is drawn independently,
+    ``U(coefficients range)``.
+
+    Args:
+        coefficients: ``d`` -> U(-d, d), or a range ``(a, b)``; dimensionless (log of the gain).
+            Default 0.5.
+        order: Polynomial order, an integer >= 0. Default 3 (20 coefficients).
+        p: Probability of applying the transform. Default 1.
+
+    Example:
+        >>> image, label = RandomBiasField(coefficients=0.5, order=3)(image, label, g)
+    """
+
+    def __init__(self, coefficients=0.5, order: int = 3, p: float = 1.0):
+        super().__init__(p)
+        self.coefficients_range = _parse_range(coefficients, 'coefficients')
+        self.order = _parse_order(order)
+
+    def _apply(self, image, label, generator):
+        count = len(_bias_exponents(self.order))
+        coefficients = _uniform([self.coefficients_range], len(image) * count, generator,
+                                image.device).view(len(image), count)
+        return _bias_field(image, coefficients, self.order), label
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise (spec section 6).
+
+def _noise(image, mean, std, generator):
+    x = image.to(_work_dtype(image.dtype))
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (x + noise * std.to(x.dtype).view(-1, 1, 1, 1, 1) + mean.to(x.dtype).view(-1, 1, 1, 1, 1)
+            ).to(image.dtype)
+
+
+class Noise(Transform):
+    """Add Gaussian noise ``N(mean, std^2)``, independent per voxel and channel, to the image.
+
+    Intensities are absolute, which is why the paper Z-normalises first. Labels are untouched.
+    Deviation: TorchIO draws the noise from the CPU's global generator seeded with a ``seed``
+    parameter; here it comes from ``generator`` on the image's device, so there is no ``seed``.
+
+    Args:
+        mean: Mean of the noise, a number or one per batch element ``(B,)``; intensity units.
+        std: Standard deviation, a number >= 0 or ``(B,)``; intensity units.
+        p: Probability of applying the transform. Default 1.
+
+    Example:
+        >>> image, label = Noise(mean=0.0, std=0.1)(image, label, g)
+    """
+
+    def __init__(self, mean, std, p: float = 1.0):
+        super().__init__(p)
+        self.mean = _parameter(mean, (), 'mean')
+        self.std = _parameter(std, (), 'std')
+        if (self.std < 0).any():
+            raise ValueError(f'std must be >= 0, got {std!r}')
+
+    def _apply(self, image, label, generator):
+        batch, device = len(image), image.device
+        mean = _per_element(self.mean, batch, 'mean', device)
+        std = _per_element(self.std, batch, 'std', device)
+        return _noise(image, mean, std, generator), label
+
+
+class RandomNoise(Transform):
+    """Gaussian noise with a random mean and standard deviation; see :class:`Noise`.
+
+    Per batch element: ``mean ~ U(mean range)``, ``std ~ U(std range)``, then the noise field.
+
+    Args:
+        mean: ``d`` -> U(-d, d), or ``(a, b)``; intensity units. Default 0 (exactly 0).
+        std: ``d`` -> U(0, d), or ``(a, b)`` with a >= 0; intensity units. Default ``(0, 0.25)``.
+        p: Probability of applying the transform. Default 1.
+
+    Example:
+        >>> image, label = RandomNoise(std=(0, 0.25))(image, label, g)
+    """
+
+    def __init__(self, mean=0, std=(0, 0.25), p: float = 1.0):
+        super().__init__(p)
+        self.mean_range = _parse_range(mean, 'mean')
+        self.std_range = _parse_range(std, 'std', min_constraint=0)
+
+    def _apply(self, image, label, generator):
+        batch, device = len(image), image.device
+        mean = _uniform([self.mean_range], batch, generator, device)
+        std = _uniform([self.std_range], batch, generator, device)
+        return _noise(image, mean, std, generator), label
+
+
+# ---------------------------------------------------------------------------------------------
+# Affine (spec section 7).
+
+def _parse_affine_options(center, default_pad_value, default_pad_label, image_interpolation):
+    if center not in ('image', 'origin'):
+        raise ValueError(f"center must be 'image' or 'origin', got {center!r}")
+    if not (_is_number(default_pad_value) or default_pad_value in ('minimum', 'mean')):
+        raise ValueError("default_pad_value must be 'minimum', 'mean' or a number "
+                         f"('otsu' is not offered), got {default_pad_value!r}")
+    if not _is_number(default_pad_label):
+        raise ValueError(f'default_pad_label must be a number, got {default_pad_label!r}')
+    return center, default_pad_value, float(default_pad_label), _parse_interpolation(image_interpolation)
+
+
+def _affine(image, label, scales, degrees, translation, spacing, options):
+    """Affine resampling; scales, degrees, translation (B, 3) already on the device."""
+    center, pad_value, pad_label, interpolation = options
+    dtype = _work_dtype(image.dtype)
+    shape = image.shape[2:]
+    # Output -> input in world RAS: q = R^T (diag(1/s) (p - c) - t) + c, R = Rz Rx Ry (spec 7).
+    # Built in float64 so that right angles and integer shifts land exactly on voxels.
+    angles = torch.deg2rad(degrees.double())
+    rotation_t = _euler(angles[:, 0], angles[:, 1], angles[:, 2]).transpose(1, 2)
+    matrix = _to_voxels(rotation_t / scales.double()[:, None, :], spacing)
+    inverse_spacing = _constant(tuple(1 / s for s in spacing), image.device, torch.float64)
+    offset = -(rotation_t @ translation.double()[:, :, None])[..., 0] * inverse_spacing
+    if center == 'image':
+        centre = _constant(tuple((size - 1) / 2 for size in shape), image.device, torch.float64)
+        offset = offset + centre - matrix @ centre
+    rows = _linear_grid(matrix.to(dtype), offset.to(dtype), shape)
+    if pad_value == 'minimum':
+        pad = _min_pad(image, dtype)
+    elif pad_value == 'mean':  # mean of the six faces, edges counted once per face (TorchIO)
+        faces = [image.select(axis, end) for axis in (2, 3, 4) for end in (0, -1)]
+        pad = torch.cat([face.flatten(2) for face in faces], 2).to(dtype).mean(2)[..., None, None, None]
+    else:
+        pad = float(pad_value)
+    return _resample_pair(image, label, rows, pad, pad_label, interpolation, dtype)
+
+
+class Affine(Transform):
+    """Scale, rotate and translate image and label (one resampling each; label nearest).
+
+    In world (RAS, mm) coordinates the transform moves a point x to
+    ``diag(scales) (R (x - c) + translation) + c`` (the translation is scaled too), with
+    ``R = Rz(degrees[2]) Rx(degrees[0]) Ry(degrees[1])`` and pivot c; the image is resampled by
+    pulling every output voxel back through the inverse (ITK rule, spec section 0.2).
+    Scales above 1 zoom in.
+
+    Args:
+        scales: A number s (all three axes) or ``(s1, s2, s3)``, each > 0; or ``(B, 3)``.
+        degrees: A number or ``(d1, d2, d3)``, rotations about X, Y, Z in degrees; or ``(B, 3)``.
+        translation: A number or ``(t1, t2, t3)`` in mm along X, Y, Z; or ``(B, 3)``.
+        center: ``'image'`` (default): pivot at the centre voxel ``(shape - 1) / 2``; ``'origin'``:
+            at voxel (0, 0, 0).
+        default_pad_value: Image value outside the input: ``'minimum'`` (default, per channel),
+            ``'mean'`` (mean of the six border faces, per channel) or a number.
+        default_pad_label: Label value outside the input. Default 0.
+        image_interpolation: ``'linear'`` (default) or ``'nearest'``.
+        spacing: Voxel size ``(sx, sy, sz)`` in mm. Default 1 mm isotropic.
+        p: Probability of applying the transform. Default 1.
+
+    Example:
+        >>> image, label = Affine(scales=1, degrees=(90, 0, 0), translation=0)(image, label)  # rot90
+    """
+
+    def __init__(self, scales, degrees, translation, center: str = 'image',
+                 default_pad_value='minimum', default_pad_label=0, image_interpolation: str = 'linear',
+                 spacing=None, p: float = 1.0):
+        super().__init__(p)
+        self.scales, self.degrees, self.translation = (
+            _parameter(value if not _is_number(value) else (value,) * 3, (3,), name)
+            for value, name in ((scales, 'scales'), (degrees, 'degrees'), (translation, 'translation')))
+        if (self.scales <= 0).any():
+            raise ValueError(f'scales must be > 0, got {scales!r}')
+        self.options = _parse_affine_options(center, default_pad_value, default_pad_label, image_interpolation)
+        self.spacing = _parse_spacing(spacing)
+
+    def _apply(self, image, label, generator):
+        batch, device = len(image), image.device
+        params = (_per_element(value, batch, name, device) for value, name in (
+            (self.scales, 'scales'), (self.degrees, 'degrees'), (self.translation, 'translation')))
+        return _affine(image, label, *params, self.spacing, self.options)
+
+
+class RandomAffine(Transform):
+    """Random scaling, rotation and translation; see :class:`Affine`.
+
+    Per batch element, nine independent uniform draws: three scales, three angles, three
+    translations. Range forms (TorchIO's ``parse_params``), for scales around 1 and the others
+    around 0: ``x`` -> U(around - x, around + x) on every axis; ``(a, b)`` -> U(a, b) on every
+    axis (not shifted); ``(x1, x2, x3)`` -> U(around - xi, around + xi); six values
+    ``(a1, b1, a2, b2, a3, b3)`` -> U(ai, bi).
+
+    Args:
+        scales: Scale ranges, lower bounds >= 0. Default 0.1 (U(0.9, 1.1)).
+        degrees: Rotation ranges in degrees. Default 10.
+        translation: Translation ranges in mm. Default 0.
+        isotropic: If True, the first scale drawn is used on all axes; ``scales`` must then have
+            one or two values. Default False.
+        center, default_pad_value, default_pad_label, image_interpolation, spacing: As in
+            :class:`Affine`.
+        p: Probability of applying the transform. Default 1.
+
+    Example:
+        >>> image, label = RandomAffine(scales=(0.9, 1.2), degrees=15)(image, label, g)
+    """
+
+    def __init__(self, scales=0.1, degrees=10, translation=0, isotropic: bool = False,
+                 center: str = 'image', default_pad_value='minimum', default_pad_label=0,
+                 image_interpolation: str = 'linear', spacing=None, p: float = 1.0):
+        super().__init__(p)
+        if isotropic and not _is_number(scales) and len(scales) in (3, 6):
+            raise ValueError(f'with isotropic=True, scales must have 1 or 2 values, got {scales!r}')
+        self.isotropic = isotropic
+        self.scales = _parse_params(scales, 1.0, 'scales', min_constraint=0)
+        self.degrees = _parse_params(degrees, 0.0, 'degrees')
+        self.translation = _parse_params(translation, 0.0, 'translation')
+        self.options = _parse_affine_options(center, default_pad_value, default_pad_label, image_interpolation)
+        self.spacing = _parse_spacing(spacing)
+
+    def _apply(self, image, label, generator):
+        batch, device = len(image), image.device
+        scales = _uniform(self.scales, batch, generator, device)
+        if self.isotropic:
+            scales = scales[:, :1].expand(batch, 3)
+        degrees = _uniform(self.degrees, batch, generator, device)
+        translation = _uniform(self.translation, batch, generator, device)
+        return _affine(image, label, scales, degrees, translation, self.spacing, self.options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Elastic deformation (spec section 8).
+
+def _bspline_weights(size: int, points: int, device, dtype) -> torch.Tensor:
+    """``(size, points)`` cubic B-spline weights of the control points at each voxel.
+
+    ITK spreads ``points - 3`` grid intervals over the image extended by 1/8 voxel beyond its
+    outer voxel faces, ``h = (size + 1/4) / (points - 3)`` voxels, with control point 1 at the
+    extended edge, so voxel v sits at grid coordinate ``(v + 5/8) / h + 1``.
+    """
+    h = (size + 0.25) / (points - 3)
+    position = (torch.arange(size, device=device, dtype=dtype) + 0.625) / h + 1
+    t = (position[:, None] - torch.arange(points, device=device, dtype=dtype)).abs()
+    return torch.where(t < 1, 2 / 3 - t.square() + t.pow(3) / 2, torch.where(t < 2, (2 - t).pow(3) / 6, 0))
+
+
+def _elastic(image, label, control_points, spacing, interpolation):
+    """Elastic resampling; control_points (B, nx, ny, nz, 3), TorchIO convention, on the device."""
+    dtype = _work_dtype(image.dtype)
+    shape = tuple(image.shape[2:])
+    batch, *points, _ = control_points.shape
+    scale, shift, _, _ = _grid_constants(shape, image.device, dtype)
+    # TorchIO's control points are LPS displacements on a grid ascending in LPS; for a RAS tensor
+    # that is grid axes 0, 1 reversed and components 0, 1 negated (spec section 8). Convert to
+    # normalised grid units, in grid_sample's (k, j, i) component order.
+    signs = _constant(tuple(s / v for s, v in zip((1, -1, -1), spacing[::-1])), image.device, dtype)
+    coefficients = control_points.to(dtype).flip(1, 2).flip(-1) * (signs * scale)
+    # The cubic B-spline reproduces linear functions inside the image, so adding the control
+    # values of the identity map makes the spline the sampling grid itself (no extra pass).
+    for axis, (size, count) in enumerate(zip(shape, points)):
+        h = (size + 0.25) / (count - 3)
+        identity = (torch.arange(count, device=image.device, dtype=dtype) - 1) * h - 0.625
+        view = [1, 1, 1]
+        view[axis] = count
+        coefficients[..., 2 - axis] += (identity * scale[2 - axis] + shift[2 - axis]).view(view)
+    wx, wy, wz = (_bspline_weights(size, count, image.device, dtype) for size, count in zip(shape, points))
+    partial = torch.einsum('yb,zc,nabcd->nayzd', wy, wz, coefficients).reshape(batch, points[0], -1)
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        return (wx[start:stop] @ partial).view(batch, stop - start, *shape[1:], 3)
+    # TorchIO pads with each channel's minimum, labels included.
+    return _resample_pair(image, label, rows, _min_pad(image, dtype),
+                          None if label is None else _min_pad(label, dtype), interpolation, dtype)
+
+
+def _parse_triplet(value, name: str, kind: type, minimum: float) -> tuple:
+    values = (value,) * 3 if _is_number(value) else tuple(value) if isinstance(value, Sequence) else ()
+    if len(values) != 3 or not all(isinstance(v, kind) and not isinstance(v, bool) and v >= minimum
+                                   for v in values):
+        raise ValueError(f'{name} must be a {kind.__name__} >= {minimum} or three of them, got {value!r}')
+    return values
+
+
+class ElasticDeformation(Transform):
+    """Dense elastic deformation from a coarse grid of control-point displacements (cubic B-spline).
+
+    Exactly ITK's ``BSplineTransform`` as TorchIO initialises it (spec section 8): the grid of
+    ``nx x ny x nz`` points spans the image plus 1/8 voxel beyond its outer voxel faces, with one
+    point outside on each side; an output voxel at world point p pulls the input at
+    ``p + displacement(p)``; the displacement is the B-spline sum of the control points (they are
+    coefficients, not values at the points). Image pad: each channel's minimum; labels: nearest
+    neighbour, pad = each label channel's minimum, as TorchIO.
+
+    Deviation: TorchIO's deterministic class also takes ``max_displacement``, only to return the
+    input unchanged when it is zero; here zero control points already give the identity.
+
+    Args:
+        control_points: Displacements in mm, shape ``(nx, ny, nz, 3)`` or ``(B, nx, ny, nz, 3)``,
+            each n >= 4, in TorchIO's convention (LPS: grid axes 0 and 1 run from the last voxel
+            of X and Y to the first, and components 0 and 1 point towards -X and -Y).
+        image_interpolation: ``'linear'`` (default) or ``'nearest'``.
+        spacing: Voxel size ``(sx, sy, sz)`` in mm. Default 1 mm isotropic.
+        p: Probability of applying the transform. Default 1.
+
+    Example:
+        >>> cp = torch.zeros(7, 7, 7, 3); cp[..., 0] = 1.0          # 1 mm towards -X: a shift
+        >>> image, label = ElasticDeformation(cp)(image, label)      # out[:, i] = in[:, i - 1]
+    """
+
+    def __init__(self, control_points, image_interpolation: str = 'linear', spacing=None, p: float = 1.0):
+        super().__init__(p)
+        tensor = torch.as_tensor(control_points, dtype=torch.float64)
+        if tensor.ndim not in (4, 5) or tensor.shape[-1] != 3 or min(tensor.shape[-4:-1]) < 4:
+            raise ValueError('control_points must have shape (nx, ny, nz, 3) or (B, nx, ny, nz, 3) with '
+                             f'every n >= 4, got {tuple(tensor.shape)}')
+        self.control_points = tensor.reshape(-1, *tensor.shape[-4:])
+        self.image_interpolation = _parse_interpolation(image_interpolation)
+        self.spacing = _parse_spacing(spacing)
+
+    def _apply(self, image, label, generator):
+        control_points = _per_element(self.control_points, len(image), 'control_points', image.device)
+        return _elastic(image, label, control_points, self.spacing, self.image_interpolation)
+
+
+class RandomElasticDeformation(Transform):
+    """Random elastic deformation; see :class:`ElasticDeformation`.
+
+    Per batch element, every control-point component is drawn ``U[-D_c, D_c)`` (TorchIO's
+    docstring says U(0, D): its code draws symmetric values). ``locked_borders`` zeroes the outer
+    layer (1) or two layers (2) of control points along grid axes 0 and 1; like TorchIO 1.2.1,
+    axis 2 (Z) is never locked, kept on purpose for fidelity to the paper's augmentation.
+
+    Args:
+        num_control_points: n or ``(nx, ny, nz)``, integers >= 4. Default 7.
+        max_displacement: D or ``(Dx, Dy, Dz)`` in mm, >= 0, per displacement component.
+            Default 7.5. All zero returns the input unchanged.
+        locked_borders: 0, 1 or 2 (default); 2 needs every n >= 5.
+        image_interpolation: ``'linear'`` (default) or ``'nearest'``.
+        spacing: Voxel size ``(sx, sy, sz)`` in mm. Default 1 mm isotropic.
+        p: Probability of applying the transform. Default 1.
+
+    Example:
+        >>> image, label = RandomElasticDeformation(num_control_points=7, max_displacement=7.5)(image, label, g)
+    """
+
+    def __init__(self, num_control_points=7, max_displacement=7.5, locked_borders: int = 2,
+                 image_interpolation: str = 'linear', spacing=None, p: float = 1.0):
+        super().__init__(p)
+        self.num_control_points = _parse_triplet(num_control_points, 'num_control_points', int, 4)
+        self.max_displacement = tuple(map(float, _parse_triplet(max_displacement, 'max_displacement', Real, 0)))
+        if locked_borders not in (0, 1, 2) or isinstance(locked_borders, bool):
+            raise ValueError(f'locked_borders must be 0, 1 or 2, got {locked_borders!r}')
+        if locked_borders == 2 and 4 in self.num_control_points:
+            raise ValueError('locked_borders=2 needs at least 5 control points per axis '
+                             f'(4 gives the identity), got num_control_points={num_control_points!r}')
+        self.locked_borders = locked_borders
+        self.image_interpolation = _parse_interpolation(image_interpolation)
+        self.spacing = _parse_spacing(spacing)
+
+    def _apply(self, image, label, generator):
+        if not any(self.max_displacement):
+            return image, label
+        batch = len(image)
+        shape = (batch, *self.num_control_points, 3)
+        draws = torch.rand(shape, generator=generator, device=image.device)
+        control_points = (draws - 0.5) * 2 * _constant(self.max_displacement, image.device, draws.dtype)
+        for i in range(self.locked_borders):
+            control_points[:, i] = 0
+            control_points[:, -1 - i] = 0
+            control_points[:, :, i] = 0
+            control_points[:, :, -1 - i] = 0
+        return _elastic(image, label, control_points, self.spacing, self.image_interpolation)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's pipeline.
+
+def paper_augmentation(p: float = 0.5, spacing=None) -> Compose:
+    """The paper's augmentation: Flip, Motion, Bias field, Noise, Affine, Elastic deformation.
+
+    In the paper's order, each applied independently with probability ``p``, every other
+    parameter at TorchIO's default (the paper names TorchIO's transforms and no parameter):
+    left-right flip; 2 motions of U(-10, 10) degrees and U(-10, 10) mm; order-3 bias field with
+    coefficients U(-0.5, 0.5); noise with std U(0, 0.25) (Z-normalised units); scales
+    U(0.9, 1.1) and rotations U(-10, 10) degrees per axis; elastic deformation on 7^3 control
+    points with displacements up to 7.5 mm. The flip is drawn with ``flip_probability=1`` so
+    that, like the other five, it happens with probability exactly ``p``.
+
+    Why p = 0.5: the paper applies the transforms "sequentially with a random probability"
+    without numbers; 0.5 makes every one of the 64 on/off combinations equally likely, so the
+    network sees unaugmented-looking patches (1/64) as well as the full chain (1/64).
+    Z-normalisation is not part of it: the paper normalises each scan before cutting patches.
+
+    Args:
+        p: Probability of each of the six transforms. Default 0.5.
+        spacing: Voxel size ``(sx, sy, sz)`` in mm for Motion, Affine and Elastic. Default 1 mm.
+
+    Example:
+        >>> augmentation = paper_augmentation()
+        >>> patch, label = augmentation(patch, label, generator=g)
+    """
+    return Compose([
+        RandomFlip(axes=0, flip_probability=1.0, p=p),
+        RandomMotion(spacing=spacing, p=p),
+        RandomBiasField(p=p),
+        RandomNoise(p=p),
+        RandomAffine(spacing=spacing, p=p),
+        RandomElasticDeformation(spacing=spacing, p=p),
+    ])

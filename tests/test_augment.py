@@ -1,0 +1,318 @@
+"""Properties of augment.py, and parity with TorchIO 1.2.1's deterministic transforms.
+
+Volumes are small (8 to 32 voxels a side). Spatial tests use cubes of 17 (n - 1 a power of two)
+where exactness is asserted: there grid_sample's normalised coordinates are exact in binary, so
+a map that lands on voxels reproduces them bit for bit; elsewhere results agree to float32
+rounding. Parity tolerances (float32 data in [0, 1)): max |ours - TorchIO| <= 1e-5 and mean
+<= 1e-6 for Affine, ElasticDeformation, Motion and BiasField (relative for BiasField, whose gain
+reaches e^±10); labels and Flip exact; Noise in distribution.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import augment as A
+
+ATOL, MEAN_ATOL = 1e-5, 1e-6
+
+
+def generator(seed=0, device='cpu'):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def volume(*shape, seed=0):
+    return torch.rand(*shape, generator=generator(seed))
+
+
+def binary(*shape, seed=1):
+    return (volume(*shape, seed=seed) > 0.7).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties
+
+@pytest.mark.parametrize('transform, exact', [
+    (A.Flip(axes=()), True),
+    (A.BiasField([0.0] * 20, order=3), True),
+    (A.Noise(mean=0.0, std=0.0), True),
+    (A.Affine(scales=1, degrees=0, translation=0), True),
+    (A.Motion(degrees=np.zeros((2, 3)), translation=np.zeros((2, 3)), times=[0.3, 0.62]), False),
+    (A.ElasticDeformation(np.zeros((7, 7, 7, 3))), False),
+])
+def test_identity_parameters_give_the_input_back(transform, exact):
+    x = volume(2, 1, 17, 17, 17)
+    out, _ = transform(x)
+    if exact:
+        assert torch.equal(out, x)
+    else:  # FFT round trip / spline partition of unity: float32 rounding
+        torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+
+
+def test_flip_twice_is_the_identity():
+    x, y = volume(2, 2, 9, 8, 7), binary(2, 1, 9, 8, 7)
+    flip = A.Flip(axes=(0, 1, 2))
+    once = flip(x, y)
+    assert not torch.equal(once[0], x)
+    twice = flip(*once)
+    assert torch.equal(twice[0], x) and torch.equal(twice[1], y) and twice[1].dtype == torch.uint8
+
+
+@pytest.mark.parametrize('degrees, dims', [((90, 0, 0), (2, 3)), ((0, 90, 0), (3, 1)), ((0, 0, 90), (1, 2))])
+def test_affine_right_angle_equals_rot90_exactly(degrees, dims):
+    x = volume(1, 17, 17, 17)
+    assert torch.equal(A.Affine(scales=1, degrees=degrees, translation=0)(x)[0], torch.rot90(x, 1, dims))
+
+
+@pytest.mark.parametrize('component, shift', [(0, (1, 0, 0)), (1, (0, 1, 0)), (2, (0, 0, -1))])
+def test_elastic_constant_displacement_is_a_shift(component, shift):
+    x = volume(1, 17, 17, 17)
+    control_points = np.zeros((7, 7, 7, 3))
+    control_points[..., component] = 1.0  # 1 mm in TorchIO's LPS convention, everywhere
+    out = A.ElasticDeformation(control_points)(x)[0]
+    expected = torch.roll(x, shift, dims=(1, 2, 3))
+    axis = 1 + shift.index(next(s for s in shift if s))
+    edge = 0 if sum(shift) > 0 else -1  # the slab that came from outside gets the minimum
+    inner = [slice(None)] * 4
+    inner[axis] = slice(1, None) if edge == 0 else slice(None, -1)
+    torch.testing.assert_close(out[tuple(inner)], expected[tuple(inner)], atol=1e-5, rtol=0)
+    assert torch.all(out.select(axis, edge) == x.min())
+
+
+def test_noise_has_the_asked_mean_and_std():
+    n = 48 ** 3
+    out, _ = A.Noise(mean=0.3, std=0.5)(torch.zeros(1, 1, 48, 48, 48), generator=generator())
+    # within 4 standard errors: 0.5 / sqrt(n) for the mean, 0.5 / sqrt(2 n) for the std
+    assert abs(out.mean().item() - 0.3) < 4 * 0.5 / n ** 0.5
+    assert abs(out.std().item() - 0.5) < 4 * 0.5 / (2 * n) ** 0.5
+
+
+def test_bias_field_is_exp_of_the_polynomial_in_spec_order():
+    order_in_spec = '000 001 002 003 010 011 012 020 021 030 100 101 102 110 111 120 200 201 210 300'
+    coefficients = torch.linspace(-0.5, 0.5, 20, dtype=torch.float64)
+    x = torch.ones(1, 9, 8, 7)
+    axes = torch.meshgrid(*(torch.linspace(-1, 1, n, dtype=torch.float64) for n in x.shape[1:]), indexing='ij')
+    log_field = sum(c * axes[0] ** int(e[0]) * axes[1] ** int(e[1]) * axes[2] ** int(e[2])
+                    for c, e in zip(coefficients, order_in_spec.split()))
+    out = A.BiasField(coefficients.tolist(), order=3)(x)[0]
+    torch.testing.assert_close(out[0].double(), log_field.exp(), rtol=1e-6, atol=0)
+
+
+def test_motion_with_no_motion_is_the_identity():
+    x = volume(1, 16, 12, 10)
+    out = A.Motion(degrees=np.zeros((3, 3)), translation=np.zeros((3, 3)), times=[0.2, 0.5, 0.7])(x)[0]
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+    # and any motion before time 0 leaves only the original spectrum (spec M2)
+    moved = A.Motion(degrees=[[5, -3, 8]], translation=[[1, -2, 0.5]], times=[0.0])(x)[0]
+    torch.testing.assert_close(moved, x, atol=1e-5, rtol=0)
+
+
+def test_labels_stay_binary_and_aligned_after_spatial_transforms():
+    label = binary(3, 1, 17, 17, 17)
+    image = label.float()  # the image is the label: nearest interpolation must move both alike
+    spatial = A.Compose([A.RandomFlip(axes=(0, 1, 2)),
+                         A.RandomAffine(degrees=20, translation=2, image_interpolation='nearest'),
+                         A.RandomElasticDeformation(image_interpolation='nearest')])
+    out_image, out_label = spatial(image, label, generator=generator())
+    assert out_label.dtype == torch.uint8 and set(out_label.unique().tolist()) <= {0, 1}
+    assert not torch.equal(out_label, label)
+    assert torch.equal(out_image, out_label.float())
+
+
+def test_batch_elements_get_different_parameters():
+    x = volume(1, 1, 16, 16, 16).expand(4, 1, 16, 16, 16)
+    for transform in (A.RandomMotion(), A.RandomBiasField(), A.RandomNoise(), A.RandomAffine(),
+                      A.RandomElasticDeformation()):
+        out, _ = transform(x, generator=generator())
+        assert all(not torch.allclose(out[0], out[i]) for i in range(1, 4)), type(transform).__name__
+
+
+def test_probability_is_drawn_per_batch_element():
+    x = volume(64, 1, 8, 8, 8)
+    out, _ = A.RandomNoise(std=(0.1, 0.2), p=0.5)(x, generator=generator())
+    unchanged = (out == x).flatten(1).all(1)
+    assert 16 < unchanged.sum() < 48
+
+
+def test_same_seed_same_output():
+    x, y = volume(2, 1, 16, 16, 16), binary(2, 1, 16, 16, 16)
+    pipeline = A.paper_augmentation(p=0.7)
+    first, second, other = (pipeline(x, y, generator=generator(seed)) for seed in (3, 3, 4))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert not torch.equal(first[0], other[0])
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes_are_kept(dtype):
+    x, y = volume(1, 1, 16, 16, 16).to(dtype), binary(1, 1, 16, 16, 16).bool()
+    out, out_label = A.paper_augmentation(p=1.0)(x, y, generator=generator())
+    assert out.dtype == dtype and out_label.dtype == torch.bool and torch.isfinite(out.float()).all()
+
+
+def test_compose_with_p_zero_is_the_identity():
+    x = volume(2, 1, 8, 8, 8)
+    out, _ = A.Compose([A.RandomNoise(), A.RandomAffine()], p=0.0)(x, generator=generator())
+    assert out is x
+
+
+def test_paper_augmentation_is_the_six_transforms_in_order():
+    pipeline = A.paper_augmentation()
+    assert [type(t) for t in pipeline.transforms] == [
+        A.RandomFlip, A.RandomMotion, A.RandomBiasField, A.RandomNoise, A.RandomAffine,
+        A.RandomElasticDeformation]
+    assert all(t.p == 0.5 for t in pipeline.transforms)
+
+
+def test_znormalization_per_element_and_masked():
+    x = volume(2, 2, 8, 8, 8) * torch.tensor([1.0, 10.0]).view(2, 1, 1, 1, 1)
+    out, _ = A.ZNormalization()(x)
+    torch.testing.assert_close(out.flatten(1).mean(1), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.flatten(1).std(1), torch.ones(2), atol=1e-6, rtol=0)
+    mask = torch.zeros(8, 8, 8, dtype=torch.bool)
+    mask[2:6] = True
+    masked, _ = A.ZNormalization(masking_method=mask)(x)
+    inside = masked[:, :, 2:6].flatten(1)
+    torch.testing.assert_close(inside.mean(1), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(inside.std(1), torch.ones(2), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize('call, name', [
+    (lambda: A.RandomNoise()(torch.zeros(8, 8, 8)), 'image'),
+    (lambda: A.RandomNoise()(torch.zeros(1, 8, 8, 8, dtype=torch.int64)), 'image'),
+    (lambda: A.RandomAffine()(torch.zeros(1, 8, 8, 8), torch.zeros(1, 8, 8, 7)), 'label'),
+    (lambda: A.Noise(mean=0, std=-1), 'std'),
+    (lambda: A.RandomNoise(std=(-0.1, 0.2)), 'std'),
+    (lambda: A.RandomMotion(degrees=(5, -5)), 'degrees'),
+    (lambda: A.RandomAffine(scales=(1, 2, 3, 4)), 'scales'),
+    (lambda: A.RandomAffine(scales=(0.5, 0.5, 0.5), isotropic=True), 'scales'),
+    (lambda: A.Affine(scales=0, degrees=0, translation=0), 'scales'),
+    (lambda: A.RandomElasticDeformation(num_control_points=3), 'num_control_points'),
+    (lambda: A.RandomElasticDeformation(num_control_points=4, locked_borders=2), 'locked_borders'),
+    (lambda: A.RandomFlip(axes=3), 'axes'),
+    (lambda: A.RandomBiasField(p=1.5), 'p'),
+    (lambda: A.BiasField([0.0] * 19, order=3), 'coefficients'),
+    (lambda: A.Motion(degrees=np.zeros((2, 3)), translation=np.zeros((3, 3)), times=[0.3, 0.6]), 'translation'),
+    (lambda: A.RandomAffine(spacing=(1, 0, 1)), 'spacing'),
+])
+def test_bad_input_raises_a_value_error_naming_the_parameter(call, name):
+    with pytest.raises(ValueError, match=name):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cpu_and_cuda_agree():
+    x, y = volume(2, 1, 17, 16, 15), binary(2, 1, 17, 16, 15)
+    cp = np.random.default_rng(0).uniform(-2, 2, (2, 7, 7, 7, 3))
+    for transform in (A.Flip(axes=(0, 2)), A.BiasField(np.linspace(-0.5, 0.5, 20).tolist()),
+                      A.Affine(scales=(0.9, 1.1, 1.05), degrees=(10, -5, 7), translation=(1, -2, 0.5)),
+                      A.ElasticDeformation(cp, spacing=(1, 1.2, 0.8)),
+                      A.Motion(degrees=[[5, -3, 8], [0, 2, -4]], translation=[[1, -2, .5], [.3, 0, -1]],
+                               times=[0.3, 0.62]),
+                      A.ZNormalization()):
+        cpu = transform(x, y)
+        cuda = transform(x.cuda(), y.cuda())
+        torch.testing.assert_close(cuda[0].cpu(), cpu[0], atol=1e-5, rtol=0)
+        assert (cuda[1].cpu() != cpu[1]).float().mean() < 1e-3  # nearest may differ at ties
+    pipeline = A.paper_augmentation(p=1.0)
+    first = pipeline(x.cuda(), y.cuda(), generator=generator(5, 'cuda'))
+    second = pipeline(x.cuda(), y.cuda(), generator=generator(5, 'cuda'))
+    assert first[0].is_cuda and torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with TorchIO 1.2.1 (deterministic classes, same parameters)
+
+def assert_parity(ours, theirs, atol=ATOL, mean_atol=MEAN_ATOL):
+    difference = (ours.double() - theirs.double()).abs()
+    assert difference.max() <= atol and difference.mean() <= mean_atol, (difference.max(), difference.mean())
+
+
+@pytest.fixture
+def tio():
+    return pytest.importorskip('torchio')
+
+
+def subject(tio, image, label=None, spacing=(1, 1, 1), origin=(0, 0, 0)):
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = origin
+    images = {'image': tio.ScalarImage(tensor=image, affine=affine)}
+    if label is not None:
+        images['label'] = tio.LabelMap(tensor=label, affine=affine)
+    return tio.Subject(**images)
+
+
+def test_flip_matches_torchio(tio):
+    x, y = volume(2, 9, 8, 7), binary(1, 9, 8, 7)
+    theirs = tio.Flip(axes=(0, 2))(subject(tio, x, y))
+    ours = A.Flip(axes=(0, 2))(x, y)
+    assert torch.equal(ours[0], theirs.image.data) and torch.equal(ours[1], theirs.label.data)
+
+
+@pytest.mark.parametrize('spacing', [(1, 1, 1), (2, 1.5, 3)])
+@pytest.mark.parametrize('scales, degrees, translation', [
+    ((1.1, 1, 0.9), (10, 0, 0), (3, 0, 0)),
+    ((0.83, 1.17, 1.06), (5.3, -7.1, 20.2), (1.3, 2.2, -0.7)),
+])
+def test_affine_matches_torchio(tio, spacing, scales, degrees, translation):
+    x, y = volume(2, 14, 12, 10), binary(1, 14, 12, 10)
+    theirs = tio.Affine(scales=scales, degrees=degrees, translation=translation)(subject(tio, x, y, spacing))
+    ours = A.Affine(scales, degrees, translation, spacing=spacing)(x, y)
+    assert_parity(ours[0], theirs.image.data)
+    assert torch.equal(ours[1].float(), theirs.label.data)
+
+
+@pytest.mark.parametrize('spacing', [(1, 1, 1), (2, 1.5, 3)])
+def test_elastic_deformation_matches_torchio(tio, spacing):
+    x, y = volume(2, 14, 12, 10), binary(1, 14, 12, 10)
+    control_points = np.random.default_rng(1).uniform(-1, 1, (7, 6, 5, 3)) * np.array([3, 2, 4])
+    elastic = tio.ElasticDeformation(control_points=control_points, max_displacement=(3, 2, 4),
+                                     image_interpolation='linear', label_interpolation='nearest')
+    with warnings.catch_warnings():  # TorchIO warns that 4 mm may fold a 2.5-voxel grid
+        warnings.simplefilter('ignore', RuntimeWarning)
+        theirs = elastic(subject(tio, x, y, spacing))
+    ours = A.ElasticDeformation(control_points, spacing=spacing)(x, y)
+    assert_parity(ours[0], theirs.image.data)
+    assert torch.equal(ours[1].float(), theirs.label.data)
+
+
+def test_bias_field_matches_torchio(tio):
+    x = volume(2, 14, 12, 10)
+    coefficients = np.random.default_rng(2).uniform(-0.5, 0.5, 20).tolist()
+    theirs = tio.BiasField(coefficients=coefficients, order=3)(x)
+    ours = A.BiasField(coefficients, order=3)(x)[0]
+    assert_parity(ours / theirs, torch.ones_like(theirs))
+
+
+@pytest.mark.parametrize('spacing', [(1, 1, 1), (2, 1.5, 3)])
+def test_motion_matches_torchio_with_the_pivot_at_the_centre(tio, spacing):
+    """TorchIO pivots about world (0, 0, 0); putting that at the image centre (origin = minus
+    the centre's position) makes its motions the ones ours make about the centre."""
+    x = volume(1, 16, 12, 10)
+    degrees, translation = np.array([[5., -3, 8], [0, 2, -4]]), np.array([[1, -2, .5], [.3, 0, -1]])
+    times = np.array([0.3, 0.62])
+    centre = np.array(spacing) * (np.array(x.shape[1:]) - 1) / 2
+    theirs = tio.Motion(degrees=degrees, translation=translation, times=times, image_interpolation='linear')(
+        subject(tio, x, spacing=spacing, origin=-centre)).image.data
+    ours = A.Motion(degrees, translation, times, spacing=spacing)(x)[0]
+    assert_parity(ours, theirs)
+    corner = tio.Motion(degrees=degrees, translation=translation, times=times, image_interpolation='linear')(x)
+    assert (ours - corner).abs().max() > 0.01  # TorchIO's own pivot differs, as documented
+
+
+def test_noise_matches_torchio_in_distribution(tio):
+    from scipy.stats import ks_2samp
+    x = torch.zeros(1, 24, 24, 24)
+    theirs = tio.Noise(mean=0.1, std=0.5, seed=42)(x).flatten()
+    ours = A.Noise(mean=0.1, std=0.5)(x, generator=generator())[0].flatten()
+    assert not torch.equal(ours, theirs)
+    assert ks_2samp(ours.numpy(), theirs.numpy()).pvalue > 0.01
+
+
+def test_znormalization_matches_torchio(tio):
+    x = volume(2, 9, 8, 7)
+    for ours, theirs in ((A.ZNormalization(), tio.ZNormalization()),
+                         (A.ZNormalization(A.ZNormalization.mean),
+                          tio.ZNormalization(masking_method=tio.ZNormalization.mean))):
+        assert_parity(ours(x)[0], theirs(x))
