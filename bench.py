@@ -1,0 +1,205 @@
+"""Benchmarks of the project's building blocks.
+
+    python bench.py augment [--device cpu|cuda] [--repeats N] [--quick]
+
+``augment`` times each of the paper's six augmentations and the whole pipeline, all at p=1
+with TorchIO's default parameters (the flip always happens), on one 144^3 patch + label and one
+181x217x181 volume + label: ours (augment.py) on the CPU, TorchIO 1.2.1 and MONAI on the CPU in
+the same run, and ours on CUDA when present, one volume at a time and as a batch of 8. Each
+figure is the median of ``--repeats`` calls after one warm-up call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+import warnings
+
+import torch
+
+import augment
+
+TRANSFORMS = ('Flip', 'Motion', 'BiasField', 'Noise', 'Affine', 'ElasticDeformation', 'pipeline')
+
+
+def machine() -> list[str]:
+    """CPU model, cores, GPU, versions and thread counts, one line each."""
+    cpu = platform.processor() or 'unknown CPU'
+    try:
+        with open('/proc/cpuinfo') as cpuinfo:
+            cpu = next(line.split(':', 1)[1].strip() for line in cpuinfo if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    lines = [f'CPU: {cpu}, {os.cpu_count()} logical cores',
+             f'GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}',
+             f'torch {torch.__version__}, torch threads {torch.get_num_threads()}']
+    try:
+        import SimpleITK
+        import torchio
+        lines.append(f'torchio {torchio.__version__}, SimpleITK threads '
+                     f'{SimpleITK.ProcessObject.GetGlobalDefaultNumberOfThreads()}')
+    except ImportError:
+        lines.append('torchio not installed')
+    try:
+        import monai
+        lines.append(f'monai {monai.__version__}')
+    except ImportError:
+        lines.append('monai not installed')
+    return lines
+
+
+def median_seconds(call, repeats: int, cuda: bool = False) -> float:
+    """Median wall time of ``call()`` over ``repeats`` runs, after one warm-up run."""
+    times = []
+    for run in range(repeats + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        if cuda:
+            torch.cuda.synchronize()
+        if run:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# augment
+
+def ours(name: str):
+    """Our transform ``name`` at p=1 with TorchIO's defaults (flip always)."""
+    if name == 'pipeline':
+        return augment.paper_augmentation(p=1.0)
+    if name == 'Flip':
+        return augment.RandomFlip(flip_probability=1.0)
+    return getattr(augment, 'Random' + name)()
+
+
+def torchio_transform(name: str):
+    import torchio as tio
+    if name == 'pipeline':
+        return tio.Compose([torchio_transform(n) for n in TRANSFORMS[:-1]])
+    if name == 'Flip':
+        return tio.RandomFlip(flip_probability=1.0)
+    return getattr(tio, 'Random' + name)()
+
+
+def monai_transform(name: str):
+    """MONAI's nearest equivalent (dict transforms on 'image' and 'label'); None for Motion."""
+    from monai import transforms as mt
+    keys, modes = ('image', 'label'), ('bilinear', 'nearest')
+    if name == 'pipeline':
+        return mt.Compose([t for t in map(monai_transform, TRANSFORMS[:-1]) if t is not None])
+    return {
+        'Flip': lambda: mt.RandFlipd(keys, prob=1.0, spatial_axis=0),
+        'Motion': lambda: None,
+        'BiasField': lambda: mt.RandBiasFieldd('image', degree=3, coeff_range=(-0.5, 0.5), prob=1.0),
+        'Noise': lambda: mt.RandGaussianNoised('image', prob=1.0, std=0.25),
+        'Affine': lambda: mt.RandAffined(keys, prob=1.0, rotate_range=(math.radians(10),) * 3,
+                                         scale_range=(0.1,) * 3, mode=modes, padding_mode='border'),
+        'ElasticDeformation': lambda: mt.Rand3DElasticd(keys, sigma_range=(5, 8), magnitude_range=(100, 200),
+                                                        prob=1.0, mode=modes, padding_mode='border'),
+    }[name]()
+
+
+def sample(shape, batch: int = 1, device='cpu'):
+    """A Z-normalised smooth random image and a binary label of blobs, (B, 1, *shape)."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(batch, 1, *shape, generator=g)
+    image = torch.nn.functional.avg_pool3d(noise, 5, stride=1, padding=2)
+    image = (image - image.mean()) / image.std()
+    label = (image > 1.5).to(torch.uint8)
+    return image.to(device), label.to(device)
+
+
+def bench_augment(args) -> None:
+    quick = args.quick
+    repeats = args.repeats or (2 if quick else 5)
+    shapes = [(48, 48, 48), (61, 72, 61)] if quick else [(144, 144, 144), (181, 217, 181)]
+    cuda = args.device == 'cuda'
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit('--device cuda asked, but CUDA is not available')
+    try:
+        import torchio as tio
+    except ImportError:
+        tio = None
+    try:
+        import monai
+    except ImportError:
+        monai = None
+
+    # TorchIO warns that its default 7.5 mm may fold the small --quick volumes.
+    warnings.filterwarnings('ignore', 'The maximum displacement is larger', RuntimeWarning)
+    print('\n'.join(machine()))
+    print(f'median of {repeats} calls after one warm-up; all transforms at p=1; times in ms\n')
+    for shape in shapes:
+        image, label = sample(shape)
+        batch_device = 'cuda' if cuda else 'cpu'
+        batch_image, batch_label = sample(shape, 8, batch_device)
+        columns = ['ours CPU', 'TorchIO CPU', 'MONAI CPU', 'TorchIO / ours CPU']
+        if cuda:
+            columns += ['ours CUDA', 'TorchIO / ours CUDA']
+            cuda_image, cuda_label = image.cuda(), label.cuda()
+        columns += [f'ours {batch_device.upper()} batch 8, per volume']
+        print(f'### {"x".join(map(str, shape))} image + label\n')
+        print('| transform | ' + ' | '.join(columns) + ' |')
+        print('|---' * (len(columns) + 1) + '|')
+        for name in TRANSFORMS:
+            transform = ours(name)
+            cpu_generator = torch.Generator().manual_seed(0)
+            row = {'ours CPU': median_seconds(lambda: transform(image, label, cpu_generator), repeats)}
+            if tio is not None:
+                subject = tio.Subject(image=tio.ScalarImage(tensor=image[0]), label=tio.LabelMap(tensor=label[0]))
+                theirs = torchio_transform(name)
+                row['TorchIO CPU'] = median_seconds(lambda: theirs(subject), repeats)
+                row['TorchIO / ours CPU'] = row['TorchIO CPU'] / row['ours CPU']
+            monai_call = monai_transform(name) if monai is not None else None
+            if monai_call is not None:
+                data = {'image': image[0], 'label': label[0]}
+                row['MONAI CPU'] = median_seconds(lambda: monai_call(data), repeats)
+            batch_generator = torch.Generator(device=batch_device).manual_seed(0)
+            if cuda:
+                row['ours CUDA'] = median_seconds(
+                    lambda: transform(cuda_image, cuda_label, batch_generator), repeats, cuda=True)
+                if 'TorchIO CPU' in row:
+                    row['TorchIO / ours CUDA'] = row['TorchIO CPU'] / row['ours CUDA']
+            row[columns[-1]] = median_seconds(
+                lambda: transform(batch_image, batch_label, batch_generator), repeats, cuda=cuda) / 8
+            cells = [format_cell(column, row.get(column)) for column in columns]
+            print(f'| {name} | ' + ' | '.join(cells) + ' |')
+        print()
+    if monai is not None:
+        print('MONAI has no motion artefact: its pipeline has five transforms.')
+
+
+def format_cell(column: str, value) -> str:
+    if value is None:
+        return 'n/a'
+    if '/' in column:
+        return f'{value:.1f}x'
+    milliseconds = value * 1e3
+    return f'{milliseconds:.2f}' if milliseconds < 10 else f'{milliseconds:.0f}'
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    commands = parser.add_subparsers(dest='command', required=True)
+    augment_parser = commands.add_parser('augment', help='augment.py against TorchIO 1.2.1 and MONAI')
+    augment_parser.add_argument('--device', choices=('cpu', 'cuda'),
+                                default='cuda' if torch.cuda.is_available() else 'cpu',
+                                help='cuda adds our CUDA column and runs the batch of 8 there '
+                                     '(default: cuda when available)')
+    augment_parser.add_argument('--repeats', type=int, default=None,
+                                help='timed calls per figure (default 5, 2 with --quick)')
+    augment_parser.add_argument('--quick', action='store_true', help='small volumes, 2 repeats: a smoke test')
+    augment_parser.set_defaults(run=bench_augment)
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+if __name__ == '__main__':
+    main()
