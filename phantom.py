@@ -196,21 +196,39 @@ def _cortex(depth, sulcus_dist, t_ext, w_sulcus, t_gm, h):
     return {"csf": csf, "gm": 1.0 - csf - wm, "wm": wm}, delta - t_gm
 
 
-def _radial_depth(x, y, z, centre, axes_fn, bumps):
-    """Depth (mm) under a star-shaped surface R(u) = axes_fn(u) * (1 + bumps(u)) and the direction u."""
-    cx, cy, cz = map(float, centre)
-    dx, dy, dz = x - cx, y - cy, z - cz
-    r = np.sqrt(dx * dx + dy * dy + dz * dz) + 1e-3
-    u = (dx / r, dy / r, dz / r)
-    a = axes_fn(*u)
-    radius = 1.0 / np.sqrt((u[0] / a[0]) ** 2 + (u[1] / a[1]) ** 2 + (u[2] / a[2]) ** 2)
-    return radius * (1.0 + bumps(*u)) - r, u
-
-
 def _sheet_distance(n, spacing):
     """Distance (mm) to the zero level set of a smooth field n: |n| / |grad n|."""
     gx, gy, gz = np.gradient(n, spacing)
     return np.abs(n) / (np.sqrt(gx * gx + gy * gy + gz * gz) + 1e-4)
+
+
+def _coarse(fn, box, spacing, step_mm=4.0):
+    """fn(x, y, z) of a smooth field, evaluated every ~step_mm and interpolated to the box."""
+    f = max(1, int(round(step_mm / spacing)))
+    if f == 1:
+        return np.broadcast_to(fn(box.x, box.y, box.z), box.shape).astype(np.float32)
+    m = [(n - 1) // f + 2 for n in box.shape]
+    c = [(v.ravel()[0] + f * spacing * np.arange(k)).astype(np.float32) for v, k in zip((box.x, box.y, box.z), m)]
+    coarse = fn(c[0][:, None, None], c[1][None, :, None], c[2][None, None, :])
+    fine = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(coarse))[None, None],
+                                           size=[(k - 1) * f + 1 for k in m], mode="trilinear", align_corners=True)
+    return np.ascontiguousarray(fine[0, 0, :box.shape[0], :box.shape[1], :box.shape[2]].numpy())
+
+
+def _directions(x, y, z, centre):
+    """Distance r (mm) from `centre` and unit direction u."""
+    cx, cy, cz = map(float, centre)
+    dx, dy, dz = x - cx, y - cy, z - cz
+    r = np.sqrt(dx * dx + dy * dy + dz * dz) + 1e-3
+    return r, (dx / r, dy / r, dz / r)
+
+
+def _on_sphere(noise, centre, radius):
+    """A field that depends on the direction from `centre` only: noise on a sphere, extended radially."""
+    def fn(x, y, z):
+        _, u = _directions(x, y, z, centre)
+        return noise(radius * u[0], radius * u[1], radius * u[2])
+    return fn
 
 
 @dataclass
@@ -242,7 +260,7 @@ def make_anatomy(rng: np.random.Generator, spacing: float) -> Anatomy:
     # float32 throughout: numpy would promote float32 maps combined with float64 scalars
     size = (rng.uniform(0.93, 1.05) * (1.0 + 0.025 * rng.standard_normal(3))).astype(np.float32)   # per axis
     centre = (REF_CENTRE + rng.normal(0.0, 1.5, 3)).astype(np.float32)
-    vent = float(np.exp(rng.uniform(np.log(0.8), np.log(2.0))))   # ventricle width (atrophy)
+    vent = float(np.exp(rng.uniform(np.log(0.8), np.log(1.7))))   # ventricle width (atrophy)
     t_ext = rng.uniform(0.9, 2.0)        # subarachnoid CSF, mm
     w_sulcus = rng.uniform(0.4, 0.9)     # CSF half-width of a sulcus, mm
     t_gm = rng.uniform(2.4, 3.0)         # cortical thickness, mm
@@ -255,28 +273,29 @@ def make_anatomy(rng: np.random.Generator, spacing: float) -> Anatomy:
     # the crop that holds the brain; the brainstem runs out of the field of view below
     box = _Box(spacing, [*(centre[:2] - axes[:2] * 1.08 - 3), ORIGIN_MM[2]], centre + axes * 1.08 + 3, shape)
     x, y, z = box.x, box.y, box.z
+    sphere = [-70.0] * 3, [70.0] * 3
 
     # -- cerebrum: an egg, narrower in front, flat below with a midline notch between the
     #    temporal lobes, lumpy on the scale of lobes
-    lobes = _Noise(rng, [-70] * 3, [70] * 3, 18.0)
+    r, u = _directions(x, y, z, centre)
+    notch = 0.45 * np.exp(-(u[0] / 0.35) ** 2 - (u[1] / 0.55) ** 2)
+    a = (axes[0] * (1.0 - 0.10 * np.maximum(u[1], 0.0)), axes[1], np.where(u[2] > 0, axes[2], axes[2] * (0.95 - notch)))
+    del notch
+    radius = 1.0 / np.sqrt((u[0] / a[0]) ** 2 + (u[1] / a[1]) ** 2 + (u[2] / a[2]) ** 2)
+    del a
+    lobes = _coarse(_on_sphere(_Noise(rng, *sphere, 18.0), centre, 60.0), box, h)
+    depth = radius * (1.0 + 0.035 * lobes) - r
+    del radius, lobes, r
 
-    def cerebrum_axes(ux, uy, uz):
-        notch = 0.45 * np.exp(-(ux / 0.35) ** 2 - (uy / 0.55) ** 2)
-        return (axes[0] * (1.0 - 0.10 * np.maximum(uy, 0.0)), axes[1],
-                np.where(uz > 0, axes[2], axes[2] * (0.95 - notch)))
-
-    depth, u = _radial_depth(x, y, z, centre, cerebrum_axes,
-                             lambda ux, uy, uz: 0.035 * lobes(60 * ux, 60 * uy, 60 * uz))
-
-    # sulci: radial sheets where a smooth function of direction crosses zero, of varying depth
-    # (sampled at a radius that creeps outwards with depth, so the sheets bend)
-    fold = _Noise(rng, [-70] * 3, [70] * 3, 1.9)
-    fold_depth = _Noise(rng, [-70] * 3, [70] * 3, 8.0)
-    bend = 40.0 + 0.3 * (axes.mean() - depth)
-    n = fold(bend * u[0], bend * u[1], bend * u[2])
-    depth_limit = np.clip(sulcus_depth * (1 + 0.3 * fold_depth(60 * u[0], 60 * u[1], 60 * u[2])), 5, 30)
+    # sulci: sheets where a smooth function of direction crosses zero, so they stand roughly
+    # perpendicular to the surface; a smooth drift with depth bends them; their depth varies
+    fold = _Noise(rng, *sphere, 1.9)
+    drift = [_coarse(_on_sphere(_Noise(rng, *sphere, 10.0), centre, 60.0), box, h) for _ in range(3)]
+    n = fold(*(60.0 * u[i] + 0.35 * depth * drift[i] for i in range(3)))
+    del drift, u
+    depth_limit = np.clip(sulcus_depth * (1 + 0.3 * _coarse(_on_sphere(_Noise(rng, *sphere, 8.0), centre, 60.0), box, h)), 5, 30)
     sulci = np.hypot(_sheet_distance(n, spacing), np.maximum(depth - depth_limit, 0.0))
-    del n, u
+    del n, depth_limit
 
     # interhemispheric fissure: the midline, except where the corpus callosum and the
     # diencephalon join the hemispheres
@@ -287,26 +306,20 @@ def make_anatomy(rng: np.random.Generator, spacing: float) -> Anatomy:
     syl_z = place([0, 0, -2])[2] - 0.4 * (y - place([0, 0, 0])[1]) + 3.0 * _Noise(rng, [-100] * 3, [100] * 3, 5.0)(x, y, 0.0)
     y_out = np.maximum(np.maximum(y - place([0, 18, 0])[1], place([0, -42, 0])[1] - y), 0.0)
     sylvian = np.sqrt((z - syl_z) ** 2 + np.maximum(35.0 * size[0] - np.abs(x), 0.0) ** 2 + y_out ** 2) - 0.5
+    del core, syl_z, y_out
 
-    # -- cerebellum (folia: thin transverse sheets) and brainstem; the cerebral cortex wraps
-    #    around them too, so their surfaces count as CSF boundaries for the cerebrum
+    # -- cerebellum and brainstem; the cerebral cortex wraps around them too, so their
+    #    surfaces count as CSF boundaries for the cerebrum
     cb_centre, cb_axes = place([0, -68, -36]), np.array([48.0, 29.0, 24.0], np.float32) * size
-    cb_depth, cb_u = _radial_depth(x, y, z, cb_centre, lambda *_: cb_axes, lambda *_: 0.0)
-    folia = _Noise(rng, [-30] * 3, [30] * 3, [12.0, 1.5, 1.5])
-    cb_n = folia(25 * cb_u[0], 25 * cb_u[1], 25 * cb_u[2])
-    cb_sulci = np.hypot(_sheet_distance(cb_n, spacing), np.maximum(cb_depth - 8.0, 0.0))
-    del cb_n, cb_u
-    cb_frac, _ = _cortex(cb_depth, cb_sulci, t_ext, 0.3, 1.4, h)
-    del cb_sulci
-
-    stem = _chain([(place(p), np.array(r) * size) for p, r in [
+    cb_out = _ellipsoid_distance(x, y, z, cb_centre, cb_axes)   # mm outside the cerebellum
+    stem = _chain([(place(p), np.array(r, np.float32) * size) for p, r in [
         ([0, -20, -4], [12, 11, 8]), ([0, -24, -18], [14, 13, 10]), ([0, -28, -32], [14, 12, 10]),
         ([0, -36, -48], [10, 10, 12]), ([0, -42, -66], [8, 8, 12]), ([0, -44, -84], [8, 8, 10])]])
     stem_dist = _union_distance(box, spacing, stem, 10.0)
     below_diencephalon = _ramp(place([0, 0, -12])[2] - z, 4.0)   # the midbrain merges upwards
     stem_csf = np.where(below_diencephalon > 0, stem_dist - t_ext, 99.0)
 
-    boundary = np.minimum.reduce([sulci, fissure, sylvian, -cb_depth + t_ext, stem_csf])
+    boundary = np.minimum.reduce([sulci, fissure, sylvian, cb_out + t_ext, stem_csf])
     del sulci, fissure, sylvian, stem_csf
     frac, wm_depth = _cortex(depth, boundary, t_ext, w_sulcus, t_gm, h)
     del boundary
@@ -315,6 +328,7 @@ def make_anatomy(rng: np.random.Generator, spacing: float) -> Anatomy:
     del depth
     for k in TISSUES:
         frac[k] *= outer
+    del outer
 
     # -- deep grey nuclei, hugging the ventricles
     vx = 11.0 + 5.0 * vent
@@ -334,8 +348,8 @@ def make_anatomy(rng: np.random.Generator, spacing: float) -> Anatomy:
     def lateral(s):
         # (x of the medial wall, y, z), radii; horns and bodies sit beside a thin septum
         w = np.array([vent, 1.0, 0.5 + 0.5 * vent])
-        path = [([2.5, 34, 8], [3.5, 4, 5]), ([2, 22, 13], [6, 6, 6.5]), ([2, 4, 17], [7, 6, 5]),
-                ([3, -14, 19], [7, 6, 4]), ([6, -30, 17], [7, 6, 5]), ([14, -42, 9], [8, 6, 7]),
+        path = [([2.5, 34, 8], [3.5, 4, 5]), ([1.5, 22, 12], [6, 6, 7]), ([1.5, 4, 15], [8, 6, 6]),
+                ([2, -14, 16], [8, 6, 5.5]), ([4, -30, 15], [8, 6, 6]), ([14, -42, 9], [8, 6, 8]),
                 ([17, -57, 5], [4, 7, 3.5]), ([16, -70, 4], [1.5, 3, 1.5])]
         temporal = [([24, -42, 9], [7, 6, 7]), ([30, -30, -5], [3.5, 5, 3.5]), ([32, -15, -14], [2.5, 5, 2.5]),
                     ([30, -3, -20], [1.5, 3, 1.5])]
@@ -347,16 +361,26 @@ def make_anatomy(rng: np.random.Generator, spacing: float) -> Anatomy:
     vent_frac = _ramp(-_union_distance(box, spacing, ventricles, 2.0), h)
     _paint(frac, vent_frac, {"csf": 1.0})
 
-    # -- infratentorial structures over the cerebrum; 4th ventricle last
+    # -- cerebellum (folia: thin transverse sheets around a white-matter core) on its own
+    #    sub-box, then the brainstem, then the 4th ventricle
+    sl, (xc, yc, zc) = box.sub(h, cb_centre - cb_axes - 2 * h, cb_centre + cb_axes + 2 * h)
+    _, cb_u = _directions(xc, yc, zc, cb_centre)
+    cb_depth = -cb_out[sl]
+    folia = _Noise(rng, [-30] * 3, [30] * 3, [12.0, 1.5, 1.5])(*(25.0 * c for c in cb_u))
+    cb_sulci = np.hypot(_sheet_distance(folia, spacing), np.maximum(cb_depth - 8.0, 0.0))
+    del cb_u, folia
+    cb_frac, _ = _cortex(cb_depth, cb_sulci, t_ext, 0.3, 1.4, h)
     cb_outer = _ramp(cb_depth, h)
     for k in TISSUES:
-        frac[k] = frac[k] * (1.0 - cb_outer) + cb_outer * cb_frac.get(k, 0.0)
-    del cb_frac, cb_depth
+        frac[k][sl] = frac[k][sl] * (1.0 - cb_outer) + cb_outer * cb_frac.get(k, 0.0)
+    infra = np.zeros(box.shape, bool)
+    infra[sl] = cb_outer > 0.5
+    del cb_out, cb_frac, cb_sulci, cb_depth, cb_outer
     stem_tissue = _ramp(-stem_dist, h)
     _paint(frac, _ramp(-(stem_dist - t_ext), h) * below_diencephalon, {"csf": 1.0})
     _paint(frac, stem_tissue, {"wm": 0.75, "deep": 0.25})
-    infra = (np.maximum(cb_outer, stem_tissue * below_diencephalon) > 0.5)
-    del stem_dist, cb_outer, stem_tissue
+    infra |= stem_tissue * below_diencephalon > 0.5
+    del stem_dist, stem_tissue, below_diencephalon
     _paint(frac, _ramp(-_ellipsoid_distance(x, y, z, place([0, -46, -30]), np.array([5.0, 3.5, 7.0]) * size), h),
            {"csf": 1.0})
 
@@ -364,16 +388,19 @@ def make_anatomy(rng: np.random.Generator, spacing: float) -> Anatomy:
     for k in TISSUES:
         frac[k] *= brain
 
-    # -- distance from the ventricles; caps at the horn tips and a thin ependymal rim are
-    #    bright on FLAIR in healthy brains too (not lesions)
-    vent_dist = (ndi.distance_transform_edt(vent_frac < 0.5, sampling=spacing) - 0.5 * spacing).astype(np.float32)
-    tips = [place([s * (9 + 1.5 * vent), 33, 9]) for s in (-1, 1)] + \
-           [place([s * (17 + 6 * (vent - 1)), -66, 5]) for s in (-1, 1)]
+    # -- distance from the ventricles (computed near them only); caps at the horn tips and a
+    #    thin ependymal rim are bright on FLAIR in healthy brains too (not lesions)
+    centres = np.array([c for c, _ in ventricles])
+    sl, (xv, yv, zv) = box.sub(h, centres.min(0) - 30, centres.max(0) + 30)
+    vent_dist = np.full(box.shape, 99.0, np.float32)
+    vent_dist[sl] = ndi.distance_transform_edt(vent_frac[sl] < 0.5, sampling=spacing) - 0.5 * spacing
+    tips = [place([s * (2.5 + 3.5 * vent), 33, 8]) for s in (-1, 1)] + \
+           [place([s * (16 + 1.5 * vent), -69, 4]) for s in (-1, 1)]
     cap_tip = np.zeros(box.shape, np.float32)
     for t in tips:
-        cap_tip = np.maximum(cap_tip, np.exp(-((x - t[0]) ** 2 + (y - t[1]) ** 2 + (z - t[2]) ** 2) / (2 * 11.0 ** 2)))
+        cap_tip[sl] = np.maximum(cap_tip[sl], np.exp(-((xv - t[0]) ** 2 + (yv - t[1]) ** 2 + (zv - t[2]) ** 2) / (2 * 8.0 ** 2)))
     outside = np.maximum(vent_dist, 0.0)
-    cap = np.clip(0.55 * np.exp(-outside / 1.3) + 0.75 * cap_tip * np.exp(-outside / 4.0), 0, 0.9)
+    cap = np.clip(np.exp(-outside / 1.5) + cap_tip * np.exp(-outside / 7.0), 0, 0.95)
     cap = (cap * (vent_dist > -0.5 * spacing)).astype(np.float32)
 
     return Anatomy(box=box, frac=frac, cap=cap, brain=brain, wm_depth=wm_depth.astype(np.float32),
@@ -515,7 +542,7 @@ TISSUE_PARAMS = {
     "wm": (850.0, 75.0, 0.70),
     "lesion": (1300.0, 160.0, 0.80),  # PD above WM, so lesions are bright on PDw
 }
-CAP_SEVERITY = 0.5   # periventricular caps/rims: extra interstitial water, half-way to a lesion
+CAP_SEVERITY = 0.65  # periventricular caps/rims: extra interstitial water, part-way to a lesion
 
 
 def lesion_params(wm, lesion, severity):
@@ -639,13 +666,6 @@ class Scan:
 LABELS = ("background", "csf", "gm", "deep", "wm", "cap", "lesion")
 
 
-def _compartments(anatomy):
-    """Fractions of the compartments that carry one tissue parameter set each."""
-    f = anatomy.frac
-    return {"csf": f["csf"], "gm": f["gm"], "deep": f["deep"],
-            "wm": f["wm"] * (1 - anatomy.cap), "cap": f["wm"] * anatomy.cap}
-
-
 def make_subject(seed: int = 0, subject: int = 1, spacing: float = 1.0, timepoints: int = 4) -> Subject:
     """Anatomy and lesion plan of subject `subject` (1-based), deterministic in (seed, subject)."""
     seed, spacing = _check_seed(seed), _check_spacing(spacing)
@@ -656,23 +676,38 @@ def make_subject(seed: int = 0, subject: int = 1, spacing: float = 1.0, timepoin
     lesions = plan_lesions(rng, anatomy, spacing, int(timepoints))
     tissue = {k: tuple(v * (1 + 0.03 * rng.standard_normal(3))) for k, v in TISSUE_PARAMS.items()}
     tissue["cap"] = lesion_params(tissue["wm"], tissue["lesion"], CAP_SEVERITY)
-    comp = _compartments(anatomy)
+    f, cap = anatomy.frac, anatomy.cap
     base, bias = {}, {}
     for ch in CHANNELS:
-        img = np.zeros(anatomy.box.shape, np.float32)
-        for k, f in comp.items():
-            img += np.float32(signal(ch, *tissue[k])) * f
+        s = {k: np.float32(signal(ch, *tissue[k])) for k in ("csf", "gm", "deep", "wm", "cap")}
+        # cap/rim tissue is a share of the WM compartment
+        img = s["csf"] * f["csf"] + s["gm"] * f["gm"] + s["deep"] * f["deep"] + f["wm"] * (s["wm"] + cap * (s["cap"] - s["wm"]))
         base[ch] = _blur(img, ch, spacing)   # blur is linear: lesions are added already blurred
         bias[ch] = _bias_coefficients(rng)
     return Subject(seed, int(subject), spacing, int(timepoints), anatomy, lesions, tissue, base, bias)
 
 
 def make_scan(subj: Subject, timepoint: int, with_labels: bool = False) -> Scan:
-    """Time point `timepoint` (1-based) of a subject: lesions, artefacts, both raters' masks."""
-    if not 1 <= timepoint <= subj.n_timepoints:
+    """Time point `timepoint` (1-based) of a subject on the full grid (see `Scan`)."""
+    images, masks, lesion = _simulate(subj, timepoint)
+    box, h = subj.anatomy.box, subj.spacing
+    labels = None
+    if with_labels:
+        f, cap = subj.anatomy.frac, subj.anatomy.cap
+        fr = [1.0 - sum(f.values()), f["csf"], f["gm"], f["deep"],
+              (f["wm"] - lesion) * (1 - cap), (f["wm"] - lesion) * cap, lesion]
+        labels = _to_grid(np.argmax(np.stack(fr), axis=0).astype(np.uint8), box, h)
+    return Scan({ch: _to_grid(v, box, h) for ch, v in images.items()},
+                tuple(_to_grid(m.astype(np.uint8), box, h) for m in masks), _to_grid(lesion, box, h), labels)
+
+
+def _simulate(subj: Subject, timepoint: int):
+    """One time point on the subject's crop: images (channel -> float32), the two raters'
+    masks (bool) and the lesion-tissue fraction (float32)."""
+    if not isinstance(timepoint, (int, np.integer)) or not 1 <= timepoint <= subj.n_timepoints:
         raise ValueError(f"timepoint must be in 1..{subj.n_timepoints}, got {timepoint!r}")
     t = timepoint - 1
-    rng = np.random.default_rng([subj.seed, subj.index, timepoint])
+    rng = np.random.default_rng([subj.seed, subj.index, int(timepoint)])
     a, h = subj.anatomy, subj.spacing
     shape = a.box.shape
 
@@ -684,7 +719,7 @@ def make_scan(subj: Subject, timepoint: int, with_labels: bool = False) -> Scan:
         if les.size[t] == 0:
             continue
         # raters overlook small and faint lesions more often
-        p_miss = 0.45 * np.exp(-les.volume_mm3(t) / 30.0) + 0.2 * (1 - les.severity[t])
+        p_miss = 0.4 * np.exp(-les.volume_mm3(t) / 25.0) + 0.1 * (1 - les.severity[t])
         seen = rng.random(2) >= p_miss
         jitter = [rng.normal(0, RATER_JITTER, (3, 3)) for _ in RATER_OFFSET_MM]
         reach = les.axes.max() * les.size[t] * 1.6 + 2 * h + 1.0
@@ -695,50 +730,42 @@ def make_scan(subj: Subject, timepoint: int, with_labels: bool = False) -> Scan:
         d = r - rho
         nearer = d < dist[sl]
         dist[sl] = np.where(nearer, d, dist[sl])
-        # core more abnormal than the rim
-        core = np.clip(-d / (0.5 * rho), 0.0, 1.0)
-        severity[sl] = np.where(nearer, les.severity[t] * (0.65 + 0.35 * core), severity[sl])
+        # the core is more abnormal than the rim
+        core = np.clip(-d / (0.6 * rho), 0.0, 1.0)
+        severity[sl] = np.where(nearer, les.severity[t] * (0.4 + 0.6 * core), severity[sl])
         for k, (offset, b) in enumerate(zip(RATER_OFFSET_MM, jitter)):
             if seen[k]:
                 rho_k = rho * (1 + np.einsum("i...,ij,j...->...", u, (b + b.T) / 2, u)) + offset
                 np.minimum(rater_dist[k][sl], r - rho_k, out=rater_dist[k][sl])
 
-    comp = _compartments(a)
-    lesion_share = _ramp(-dist, h)
-    idx = np.nonzero(lesion_share)
-    share = lesion_share[idx]
-    wm, cap = comp["wm"][idx], comp["cap"][idx]
+    # the lesion replaces its share of the WM compartment (plain WM and cap tissue alike)
+    share = _ramp(-dist, h)
+    idx = np.nonzero(share)
+    share_wm = share[idx] * a.frac["wm"][idx]
+    cap = a.cap[idx]
     les_t1, les_t2, les_pd = lesion_params(subj.tissue["wm"], subj.tissue["lesion"], severity[idx])
 
     images = {}
-    brain = a.brain
     for ch in CHANNELS:
-        # the lesion replaces part of the WM (and cap) compartment; blur that change
         s_les = signal(ch, les_t1, les_t2, les_pd).astype(np.float32)
         s_wm, s_cap = (np.float32(signal(ch, *subj.tissue[k])) for k in ("wm", "cap"))
         delta = np.zeros(shape, np.float32)
-        delta[idx] = share * (wm * (s_les - s_wm) + cap * (s_les - s_cap))
+        delta[idx] = share_wm * ((1 - cap) * (s_les - s_wm) + cap * (s_les - s_cap))
         img = subj.base[ch] + _blur_region(delta, idx, ch, h)
         img *= _bias_field(subj.bias[ch] + 0.3 * _bias_coefficients(rng), shape)
         ref, level = NOISE[ch]
         sigma = level * rng.uniform(0.8, 1.25) * float(signal(ch, *subj.tissue[ref]))
         out = np.zeros(shape, np.float32)
-        out[brain] = _rician(img[brain], sigma, rng)
+        out[a.brain] = _rician(img[a.brain], sigma, rng)
         out *= WM_UNITS[ch] * rng.uniform(0.8, 1.25) / float(signal(ch, *subj.tissue["wm"]))
-        images[ch] = _to_grid(out, a.box, h)
+        images[ch] = out
 
-    # raters mark lesion tissue they can see: not in CSF, not in the cortex
-    lesion_tissue = comp["wm"] + comp["cap"] > 0.3
-    masks = tuple(_to_grid(((d < 0) & lesion_tissue & brain).astype(np.uint8), a.box, h) for d in rater_dist)
+    # raters outline lesion tissue they can see: not CSF, not cortex
+    visible = (a.frac["wm"] > 0.3) & a.brain
+    masks = tuple((d < 0) & visible for d in rater_dist)
     lesion = np.zeros(shape, np.float32)
-    lesion[idx] = share * (wm + cap)
-    labels = None
-    if with_labels:
-        fr = [1.0 - sum(comp.values()), comp["csf"], comp["gm"], comp["deep"], comp["wm"], comp["cap"]]
-        fr[4] = fr[4] - lesion * (comp["wm"] / np.maximum(comp["wm"] + comp["cap"], 1e-6))
-        fr[5] = fr[5] - lesion * (comp["cap"] / np.maximum(comp["wm"] + comp["cap"], 1e-6))
-        labels = _to_grid(np.argmax(np.stack(fr + [lesion]), axis=0).astype(np.uint8), a.box, h)
-    return Scan(images, masks, _to_grid(lesion, a.box, h), labels)
+    lesion[idx] = share_wm
+    return images, masks, lesion
 
 
 def _blur_region(delta, idx, channel, spacing):
@@ -770,9 +797,12 @@ def preview(path, seed: int = 0, spacing: float = 1.0, subject: int = 1, timepoi
     scan = make_scan(subj, timepoint)
     m1, m2 = scan.masks
     lo, hi = ORIGIN_MM, ORIGIN_MM + EXTENT_MM
-    # the axial and coronal slices through the most lesion voxels
-    k_ax = int(np.argmax(m1.sum((0, 1))))
-    k_co = int(np.argmax(m1.sum((0, 2))))
+    # the axial (z 0..40 mm) and coronal (y -40..10 mm) slices through the most lesion voxels
+    def busiest(counts, lo_mm, hi_mm, axis):
+        mm = ORIGIN_MM[axis] + spacing * np.arange(len(counts))
+        return int(np.argmax(np.where((mm >= lo_mm) & (mm <= hi_mm), counts + 1, 0)))
+    k_ax = busiest(m1.sum((0, 1)), 0, 40, 2)
+    k_co = busiest(m1.sum((0, 2)), -40, 10, 1)
     views = [("axial", lambda v: v[:, :, k_ax], (lo[0], hi[0], lo[1], hi[1]), f"z = {lo[2] + k_ax * spacing:.0f} mm"),
              ("coronal", lambda v: v[:, k_co, :], (lo[0], hi[0], lo[2], hi[2]), f"y = {lo[1] + k_co * spacing:.0f} mm")]
     fig, axs = plt.subplots(2, 4, figsize=(16, 8.6), facecolor="black")
@@ -851,18 +881,89 @@ def generate(out_dir, seed: int = 0, spacing: float = 1.0, subjects: int = 5,
             (folder / "preprocessed").mkdir(parents=True, exist_ok=True)
             (folder / "masks").mkdir(parents=True, exist_ok=True)
             for t in range(1, n_tp + 1):
-                scan = make_scan(subj, t)
+                images, masks, _ = _simulate(subj, t)
                 for f in pending:
                     f.result()
                 stem = f"training{s:02d}_{t:02d}"
                 pending = []
                 for ch in CHANNELS:
-                    data, slope = _quantise(scan.images[ch])
-                    pending.append(pool.submit(_save, data, folder / "preprocessed" / f"{stem}_{ch}_pp{ext}", affine, slope))
-                for k, m in enumerate(scan.masks, start=1):
-                    pending.append(pool.submit(_save, m, folder / "masks" / f"{stem}_mask{k}{ext}", affine))
+                    data, slope = _quantise(images[ch])
+                    pending.append(pool.submit(_save, _to_grid(data, subj.anatomy.box, spacing),
+                                               folder / "preprocessed" / f"{stem}_{ch}_pp{ext}", affine, slope))
+                for k, m in enumerate(masks, start=1):
+                    pending.append(pool.submit(_save, _to_grid(m.astype(np.uint8), subj.anatomy.box, spacing),
+                                               folder / "masks" / f"{stem}_mask{k}{ext}", affine))
                 bar.update(1)
         for f in pending:
             f.result()
     bar.close()
     return out_dir
+
+
+def default_cache_root() -> Path:
+    """$RESUNET_CACHE if set, else ~/.cache/resunet3d-ms."""
+    return Path(os.environ.get("RESUNET_CACHE") or Path.home() / ".cache" / "resunet3d-ms")
+
+
+def ensure_cached(cache_dir=None, seed: int = 0, spacing: float = 1.0, progress: bool = True) -> Path:
+    """The built-in dataset (21 scans, ISBI 2015 layout, .nii.gz): generated once, then reused.
+
+    Lives in `cache_dir` (default `default_cache_root()`) under a folder keyed by seed, spacing
+    and GENERATOR_VERSION. It is generated into a temporary sibling and renamed into place at
+    the end, so an interrupted run never leaves a folder that looks complete. Returns the folder
+    that holds `training/`.
+    """
+    seed, spacing = _check_seed(seed), _check_spacing(spacing)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_root()
+    final = root / f"isbi2015-synthetic-v{GENERATOR_VERSION}-seed{seed}-{spacing:g}mm"
+    if final.is_dir():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    n = sum(ISBI_TIMEPOINTS)
+    print(f"Generating the built-in synthetic MS dataset ({n} scans, {spacing:g} mm) into {final} once; "
+          f"later runs reuse it", file=sys.stderr, flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".partial-", dir=root))
+    try:
+        start = time.perf_counter()
+        generate(tmp, seed=seed, spacing=spacing, compress=True, progress=progress)
+        info = dict(generator="phantom.py", version=GENERATOR_VERSION, seed=seed, spacing_mm=spacing,
+                    subjects=len(ISBI_TIMEPOINTS), timepoints=list(ISBI_TIMEPOINTS),
+                    seconds=round(time.perf_counter() - start, 1))
+        (tmp / "phantom.json").write_text(json.dumps(info, indent=1) + "\n")
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not final.is_dir():   # a concurrent run finished first: use its copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Synthetic longitudinal MS-lesion MRI in the ISBI 2015 training layout.")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--out", metavar="DIR", help="write the dataset under DIR/training/")
+    what.add_argument("--preview", metavar="PNG", help="save axial and coronal slices of one scan")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--spacing", type=float, default=1.0, metavar="MM",
+                        help=f"isotropic voxel size in mm, {SPACING_RANGE_MM[0]}..{SPACING_RANGE_MM[1]} (default 1)")
+    parser.add_argument("--subjects", type=int, default=len(ISBI_TIMEPOINTS), help="number of subjects (default 5)")
+    parser.add_argument("--compress", action="store_true", help="write .nii.gz instead of .nii")
+    args = parser.parse_args(argv)
+    try:
+        if args.preview:
+            path = preview(args.preview, seed=args.seed, spacing=args.spacing)
+        else:
+            timepoints = ISBI_TIMEPOINTS if args.subjects <= len(ISBI_TIMEPOINTS) else 4
+            path = generate(args.out, seed=args.seed, spacing=args.spacing, subjects=args.subjects,
+                            timepoints=timepoints, compress=args.compress)
+    except ValueError as err:
+        parser.error(str(err))
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
