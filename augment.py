@@ -66,7 +66,6 @@ Example
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from numbers import Real
 
@@ -156,10 +155,10 @@ def _parameter(value, tail: tuple[int, ...], name: str) -> torch.Tensor:
     raise ValueError(f'{name} must have shape {tail} or (B, *{tail}), got {tuple(tensor.shape)}')
 
 
-def _per_element(tensor: torch.Tensor, batch: int, name: str, device, dtype=None) -> torch.Tensor:
+def _per_element(tensor: torch.Tensor, batch: int, name: str, device) -> torch.Tensor:
     if len(tensor) not in (1, batch):
         raise ValueError(f'{name} has {len(tensor)} sets of values for a batch of {batch}')
-    return tensor.to(device=device, dtype=dtype).expand(batch, *tensor.shape[1:])
+    return tensor.to(device).expand(batch, *tensor.shape[1:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +193,7 @@ def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.
 # index u. It is built directly as grid_sample's normalised grid g (components in (k, j, i)
 # order, g = scale * u + shift, align_corners=True), a few rows of X at a time.
 
-_SLAB_BYTES = 8 << 20
+_SLAB_BYTES = 16 << 20
 
 
 @functools.lru_cache(maxsize=64)
@@ -257,26 +256,32 @@ def _resample(volumes, pads, modes, rows, dtype):
 
     ``rows(start, stop)`` gives the map's grid for output rows [start, stop); ``pads`` are numbers
     or (N, C, 1, 1, 1) tensors, ``modes`` 'bilinear' or 'nearest'; volumes keep their dtype. On
-    the CPU the rows go in slabs of about 8 MB of grid: a whole 144^3 grid (36 MB) is above
-    glibc's mmap threshold, so it would come fresh from the OS page by page on every call, which
-    measured 2-3x slower; slabs are reused from the heap and stay in cache. Elsewhere one slab
-    holds the whole volume.
+    the CPU the rows go in slabs of at most 16 MB of grid: a whole 144^3 grid (36 MB) is above
+    glibc's largest mmap threshold (32 MB), so it would come fresh from the OS, page fault by page
+    fault, on every call, while slabs are reused from the heap and stay in cache. Elsewhere one
+    slab holds the whole volume.
     """
     first = volumes[0]
     size, height, depth = first.shape[2:]
     step = size
     if first.device.type == 'cpu':
         threads = torch.get_num_threads()
-        row_bytes = len(first) * height * depth * 3 * torch.finfo(dtype).bits // 8
-        step = max(threads, _SLAB_BYTES // row_bytes // threads * threads)
+        grid_bytes = len(first) * size * height * depth * 3 * torch.finfo(dtype).bits // 8
+        step = -(-size // -(-grid_bytes // _SLAB_BYTES))  # balanced slabs under the limit
+        step = -(-step // threads) * threads
     sources = [volume.to(dtype) for volume in volumes]
     outputs = [torch.empty_like(volume) for volume in volumes]
+    pads = [torch.full((), pad, dtype=dtype, device=first.device) if _is_number(pad) else pad for pad in pads]
     for start in range(0, size, step):
         stop = min(size, start + step)
         grid = rows(start, stop)
         inside = _inside(grid, first.shape[2:])[:, None]
         for source, output, pad, mode in zip(sources, outputs, pads, modes):
-            output[:, :, start:stop] = torch.where(inside, _grid_sample(source, grid, mode), pad)
+            sampled = _grid_sample(source, grid, mode)
+            if output.dtype == dtype:
+                torch.where(inside, sampled, pad, out=output[:, :, start:stop])
+            else:
+                output[:, :, start:stop] = torch.where(inside, sampled, pad)
     return outputs
 
 

@@ -243,6 +243,21 @@ def subject(tio, image, label=None, spacing=(1, 1, 1), origin=(0, 0, 0)):
     return tio.Subject(**images)
 
 
+@pytest.mark.parametrize('value', [0.2, (0.7, 1.3), (0.1, 0.2, 0.3), (0.8, 1.2, 0.9, 1.1, 1.0, 1.5)])
+def test_range_forms_match_torchio(tio, value):
+    flat = lambda ranges: tuple(bound for pair in ranges for bound in pair)
+    assert flat(A.RandomAffine(scales=value).scales) == pytest.approx(tio.RandomAffine(scales=value).scales)
+    assert flat(A.RandomAffine(degrees=value).degrees) == pytest.approx(tio.RandomAffine(degrees=value).degrees)
+    assert flat(A.RandomAffine(translation=value).translation) == pytest.approx(
+        tio.RandomAffine(translation=value).translation)
+    if len(np.atleast_1d(value)) <= 2:
+        assert A.RandomMotion(degrees=value).degrees_range == tio.RandomMotion(degrees=value).degrees_range
+        assert A.RandomNoise(std=value).std_range == tio.RandomNoise(std=value).std_range
+        assert A.RandomNoise(mean=value).mean_range == tio.RandomNoise(mean=value).mean_range
+        assert (A.RandomBiasField(coefficients=value).coefficients_range
+                == tio.RandomBiasField(coefficients=value).coefficients_range)
+
+
 def test_flip_matches_torchio(tio):
     x, y = volume(2, 9, 8, 7), binary(1, 9, 8, 7)
     theirs = tio.Flip(axes=(0, 2))(subject(tio, x, y))
@@ -261,6 +276,14 @@ def test_affine_matches_torchio(tio, spacing, scales, degrees, translation):
     ours = A.Affine(scales, degrees, translation, spacing=spacing)(x, y)
     assert_parity(ours[0], theirs.image.data)
     assert torch.equal(ours[1].float(), theirs.label.data)
+
+
+@pytest.mark.parametrize('pad', ['minimum', 'mean', -0.25])
+def test_affine_pad_values_match_torchio(tio, pad):
+    x = volume(2, 14, 12, 10)
+    theirs = tio.Affine(scales=0.8, degrees=(0, 0, 30), translation=0, default_pad_value=pad)(x)
+    ours = A.Affine(scales=0.8, degrees=(0, 0, 30), translation=0, default_pad_value=pad)(x)[0]
+    assert_parity(ours, theirs)
 
 
 @pytest.mark.parametrize('spacing', [(1, 1, 1), (2, 1.5, 3)])
