@@ -988,17 +988,34 @@ class RandomAffine(Transform):
 # ---------------------------------------------------------------------------------------------
 # Elastic deformation (spec section 8).
 
-def _bspline_weights(size: int, points: int, device, dtype) -> torch.Tensor:
-    """``(size, points)`` cubic B-spline weights of the control points at each voxel.
+@functools.lru_cache(maxsize=16)
+def _bspline_basis(shape: tuple[int, int, int], points: tuple[int, int, int], spacing, device, dtype):
+    """What the elastic grid needs besides the control points (it depends on shapes only).
 
-    ITK spreads ``points - 3`` grid intervals over the image extended by 1/8 voxel beyond its
-    outer voxel faces, ``h = (size + 1/4) / (points - 3)`` voxels, with control point 1 at the
-    extended edge, so voxel v sits at grid coordinate ``(v + 5/8) / h + 1``.
+    Returns the cubic B-spline weights ``(size, points)`` of each axis; the factor taking TorchIO's
+    control points (mm, LPS) to normalised grid units in grid_sample's (k, j, i) order; and the
+    control values of the identity map in those units. ITK spreads ``points - 3`` intervals over
+    the image extended by 1/8 voxel beyond its outer voxel faces, ``h = (size + 1/4) /
+    (points - 3)`` voxels, control point 1 at the extended edge: voxel v sits at grid coordinate
+    ``(v + 5/8) / h + 1``. The cubic B-spline reproduces linear functions there, so adding the
+    identity's control values (``(a - 1) h - 5/8`` voxels) makes the spline the sampling grid
+    itself.
     """
-    h = (size + 0.25) / (points - 3)
-    position = (torch.arange(size, device=device, dtype=dtype) + 0.625) / h + 1
-    t = (position[:, None] - torch.arange(points, device=device, dtype=dtype)).abs()
-    return torch.where(t < 1, 2 / 3 - t.square() + t.pow(3) / 2, torch.where(t < 2, (2 - t).pow(3) / 6, 0))
+    scale, shift, _, _ = _grid_constants(shape, device, dtype)
+    weights, identity = [], torch.zeros(*points, 3, device=device, dtype=dtype)
+    for axis, (size, count) in enumerate(zip(shape, points)):
+        h = (size + 0.25) / (count - 3)
+        position = (torch.arange(size, device=device, dtype=dtype) + 0.625) / h + 1
+        t = (position[:, None] - torch.arange(count, device=device, dtype=dtype)).abs()
+        weights.append(torch.where(t < 1, 2 / 3 - t.square() + t.pow(3) / 2,
+                                   torch.where(t < 2, (2 - t).pow(3) / 6, 0)))
+        values = (torch.arange(count, device=device, dtype=dtype) - 1) * h - 0.625
+        view = [1, 1, 1]
+        view[axis] = count
+        identity[..., 2 - axis] += (values * scale[2 - axis] + shift[2 - axis]).view(view)
+    # TorchIO's grid ascends in LPS: for a RAS tensor, components 0, 1 point to -X, -Y (spec 8).
+    signs = torch.tensor([s / v for s, v in zip((1, -1, -1), spacing[::-1])], dtype=dtype).to(device)
+    return weights, signs * scale, identity
 
 
 def _elastic(image, label, control_points, spacing, interpolation):
@@ -1006,21 +1023,9 @@ def _elastic(image, label, control_points, spacing, interpolation):
     dtype = _work_dtype(image.dtype)
     shape = tuple(image.shape[2:])
     batch, *points, _ = control_points.shape
-    scale, shift, _, _ = _grid_constants(shape, image.device, dtype)
-    # TorchIO's control points are LPS displacements on a grid ascending in LPS; for a RAS tensor
-    # that is grid axes 0, 1 reversed and components 0, 1 negated (spec section 8). Convert to
-    # normalised grid units, in grid_sample's (k, j, i) component order.
-    signs = _constant(tuple(s / v for s, v in zip((1, -1, -1), spacing[::-1])), image.device, dtype)
-    coefficients = control_points.to(dtype).flip(1, 2).flip(-1) * (signs * scale)
-    # The cubic B-spline reproduces linear functions inside the image, so adding the control
-    # values of the identity map makes the spline the sampling grid itself (no extra pass).
-    for axis, (size, count) in enumerate(zip(shape, points)):
-        h = (size + 0.25) / (count - 3)
-        identity = (torch.arange(count, device=image.device, dtype=dtype) - 1) * h - 0.625
-        view = [1, 1, 1]
-        view[axis] = count
-        coefficients[..., 2 - axis] += (identity * scale[2 - axis] + shift[2 - axis]).view(view)
-    wx, wy, wz = (_bspline_weights(size, count, image.device, dtype) for size, count in zip(shape, points))
+    (wx, wy, wz), to_grid, identity = _bspline_basis(shape, tuple(points), spacing, image.device, dtype)
+    # TorchIO's grid axes 0 and 1 run from the last voxel of X and Y to the first: flip them.
+    coefficients = control_points.to(dtype).flip(1, 2).flip(-1) * to_grid + identity
     partial = torch.einsum('yb,zc,nabcd->nayzd', wy, wz, coefficients).reshape(batch, points[0], -1)
 
     def rows(start: int, stop: int) -> torch.Tensor:
@@ -1028,6 +1033,15 @@ def _elastic(image, label, control_points, spacing, interpolation):
     # TorchIO pads with each channel's minimum, labels included.
     return _resample_pair(image, label, rows, _min_pad(image, dtype),
                           None if label is None else _min_pad(label, dtype), interpolation, dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _displacement_scale(points, max_displacement, locked_borders, device, dtype) -> torch.Tensor:
+    """``2 D_c`` per control point and component, 0 where locked: maps U[0, 1) - 1/2 to U[-D, D)."""
+    scale = torch.tensor(max_displacement, dtype=dtype).mul(2).expand(*points, 3).clone()
+    for i in range(locked_borders):  # grid axes 0 and 1 only, as TorchIO 1.2.1
+        scale[i] = scale[-1 - i] = scale[:, i] = scale[:, -1 - i] = 0
+    return scale.to(device)
 
 
 def _parse_triplet(value, name: str, kind: type, minimum: float) -> tuple:
@@ -1117,15 +1131,9 @@ class RandomElasticDeformation(Transform):
     def _apply(self, image, label, generator):
         if not any(self.max_displacement):
             return image, label
-        batch = len(image)
-        shape = (batch, *self.num_control_points, 3)
-        draws = torch.rand(shape, generator=generator, device=image.device)
-        control_points = (draws - 0.5) * 2 * _constant(self.max_displacement, image.device, draws.dtype)
-        for i in range(self.locked_borders):
-            control_points[:, i] = 0
-            control_points[:, -1 - i] = 0
-            control_points[:, :, i] = 0
-            control_points[:, :, -1 - i] = 0
+        draws = torch.rand(len(image), *self.num_control_points, 3, generator=generator, device=image.device)
+        control_points = (draws - 0.5) * _displacement_scale(
+            self.num_control_points, self.max_displacement, self.locked_borders, image.device, draws.dtype)
         return _elastic(image, label, control_points, self.spacing, self.image_interpolation)
 
 
