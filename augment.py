@@ -191,9 +191,8 @@ def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.
 # ---------------------------------------------------------------------------------------------
 # Resampling (spec section 0.2). A map gives, for every output voxel v, the continuous input
 # index u. It is built directly as grid_sample's normalised grid g (components in (k, j, i)
-# order, g = scale * u + shift, align_corners=True), a few rows of X at a time.
-
-_SLAB_BYTES = 16 << 20
+# order, g = scale * u + shift, align_corners=True), so the big (N, X, Y, Z, 3) tensor is
+# written once.
 
 
 @functools.lru_cache(maxsize=64)
@@ -209,24 +208,20 @@ def _grid_constants(shape: tuple[int, int, int], device: torch.device, dtype: to
     return scale.to(device), shift.to(device), low, high
 
 
-def _linear_grid(matrix: torch.Tensor, offset: torch.Tensor, shape):
-    """Rows ``[start, stop)`` of the grid of ``u = matrix @ v + offset`` (voxel indices; matrix
-    (N, 3, 3), offset (N, 3)), as a function ``rows(start, stop) -> (N, stop - start, Y, Z, 3)``."""
+def _linear_grid(matrix: torch.Tensor, offset: torch.Tensor, shape) -> torch.Tensor:
+    """Grid of ``u = matrix @ v + offset`` (voxel indices; matrix (N, 3, 3), offset (N, 3))."""
     scale, shift, _, _ = _grid_constants(tuple(shape), matrix.device, matrix.dtype)
     m = (matrix.flip(1) * scale[:, None]).unsqueeze(1).unsqueeze(1).unsqueeze(1)  # (N, 1, 1, 1, 3, 3)
     b = (offset.flip(1) * scale + shift).view(-1, 1, 1, 1, 3)
-    j, k = (torch.arange(size, device=matrix.device, dtype=matrix.dtype) for size in shape[1:])
+    i, j, k = (torch.arange(size, device=matrix.device, dtype=matrix.dtype) for size in shape)
+    along_i = i.view(1, -1, 1, 1, 1) * m[..., 0]
     along_j = j.view(1, 1, -1, 1, 1) * m[..., 1]
     along_k = k.view(1, 1, 1, -1, 1) * m[..., 2] + b
-
-    def rows(start: int, stop: int) -> torch.Tensor:
-        i = torch.arange(start, stop, device=matrix.device, dtype=matrix.dtype)
-        return (i.view(1, -1, 1, 1, 1) * m[..., 0] + along_j) + along_k  # one full-size pass
-    return rows
+    return (along_i + along_j) + along_k  # the small (N, X, Y, 1, 3) sum first: one full-size pass
 
 
-def _inside(grid: torch.Tensor, shape) -> torch.Tensor:
-    _, _, low, high = _grid_constants(tuple(shape), grid.device, grid.dtype)
+def _inside(grid: torch.Tensor) -> torch.Tensor:
+    _, _, low, high = _grid_constants(tuple(grid.shape[1:4]), grid.device, grid.dtype)
     inside = None
     for d in range(3):  # per component: several times faster than a reduction over the last axis
         component = grid[..., d]
@@ -251,38 +246,15 @@ def _grid_sample(x: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor
     return torch.cat([out, F.grid_sample(x, grid[:, rows:], **options)], 2)
 
 
-def _resample(volumes, pads, modes, rows, dtype):
-    """Pull every volume (N, C, X, Y, Z) through one map, with ITK's rule.
+def _resample(volumes, pads, modes, grid):
+    """Pull every volume (N, C, X, Y, Z) through one map (its grid), with ITK's rule.
 
-    ``rows(start, stop)`` gives the map's grid for output rows [start, stop); ``pads`` are numbers
-    or (N, C, 1, 1, 1) tensors, ``modes`` 'bilinear' or 'nearest'; volumes keep their dtype. On
-    the CPU the rows go in slabs of at most 16 MB of grid: a whole 144^3 grid (36 MB) is above
-    glibc's largest mmap threshold (32 MB), so it would come fresh from the OS, page fault by page
-    fault, on every call, while slabs are reused from the heap and stay in cache. Elsewhere one
-    slab holds the whole volume.
+    ``pads`` are numbers or (N, C, 1, 1, 1) tensors, ``modes`` 'bilinear' or 'nearest'; the work
+    is done in the grid's dtype and each volume keeps its own.
     """
-    first = volumes[0]
-    size, height, depth = first.shape[2:]
-    step = size
-    if first.device.type == 'cpu':
-        threads = torch.get_num_threads()
-        grid_bytes = len(first) * size * height * depth * 3 * torch.finfo(dtype).bits // 8
-        step = -(-size // -(-grid_bytes // _SLAB_BYTES))  # balanced slabs under the limit
-        step = -(-step // threads) * threads
-    sources = [volume.to(dtype) for volume in volumes]
-    outputs = [torch.empty_like(volume) for volume in volumes]
-    pads = [torch.full((), pad, dtype=dtype, device=first.device) if _is_number(pad) else pad for pad in pads]
-    for start in range(0, size, step):
-        stop = min(size, start + step)
-        grid = rows(start, stop)
-        inside = _inside(grid, first.shape[2:])[:, None]
-        for source, output, pad, mode in zip(sources, outputs, pads, modes):
-            sampled = _grid_sample(source, grid, mode)
-            if output.dtype == dtype:
-                torch.where(inside, sampled, pad, out=output[:, :, start:stop])
-            else:
-                output[:, :, start:stop] = torch.where(inside, sampled, pad)
-    return outputs
+    inside = _inside(grid)[:, None]
+    return [torch.where(inside, _grid_sample(volume.to(grid.dtype), grid, mode), pad).to(volume.dtype)
+            for volume, pad, mode in zip(volumes, pads, modes)]
 
 
 def _min_pad(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -293,11 +265,11 @@ def _mode(interpolation: str) -> str:
     return 'bilinear' if interpolation == 'linear' else 'nearest'
 
 
-def _resample_pair(image, label, rows, image_pad, label_pad, interpolation, dtype):
+def _resample_pair(image, label, grid, image_pad, label_pad, interpolation):
     """Image and optional label through one map, the label by nearest neighbour."""
     if label is None:
-        return _resample([image], [image_pad], [_mode(interpolation)], rows, dtype)[0], None
-    image, label = _resample([image, label], [image_pad, label_pad], [_mode(interpolation), 'nearest'], rows, dtype)
+        return _resample([image], [image_pad], [_mode(interpolation)], grid)[0], None
+    image, label = _resample([image, label], [image_pad, label_pad], [_mode(interpolation), 'nearest'], grid)
     return image, label
 
 
@@ -593,8 +565,7 @@ def _motion(image, degrees, translation, times, spacing, interpolation):
     spectrum = torch.fft.rfft(x, dim=-1) * weights[:, 0]
     pad = _min_pad(x, x.dtype)
     for m in range(n):  # a loop over the motions, each one resampling of the whole batch
-        rows = _linear_grid(matrix[:, m], offset[:, m], shape)
-        moved = _resample([x], [pad], [_mode(interpolation)], rows, x.dtype)[0]
+        moved = _resample([x], [pad], [_mode(interpolation)], _linear_grid(matrix[:, m], offset[:, m], shape))[0]
         spectrum += torch.fft.rfft(moved, dim=-1) * weights[:, m + 1]
     return torch.fft.irfft(spectrum, n=shape[2], dim=-1).to(image.dtype)
 
@@ -883,7 +854,7 @@ def _affine(image, label, scales, degrees, translation, spacing, options):
     if center == 'image':
         centre = _constant(tuple((size - 1) / 2 for size in shape), image.device, torch.float64)
         offset = offset + centre - matrix @ centre
-    rows = _linear_grid(matrix.to(dtype), offset.to(dtype), shape)
+    grid = _linear_grid(matrix.to(dtype), offset.to(dtype), shape)
     if pad_value == 'minimum':
         pad = _min_pad(image, dtype)
     elif pad_value == 'mean':  # mean of the six faces, edges counted once per face (TorchIO)
@@ -891,7 +862,7 @@ def _affine(image, label, scales, degrees, translation, spacing, options):
         pad = torch.cat([face.flatten(2) for face in faces], 2).to(dtype).mean(2)[..., None, None, None]
     else:
         pad = float(pad_value)
-    return _resample_pair(image, label, rows, pad, pad_label, interpolation, dtype)
+    return _resample_pair(image, label, grid, pad, pad_label, interpolation)
 
 
 class Affine(Transform):
@@ -1026,13 +997,12 @@ def _elastic(image, label, control_points, spacing, interpolation):
     (wx, wy, wz), to_grid, identity = _bspline_basis(shape, tuple(points), spacing, image.device, dtype)
     # TorchIO's grid axes 0 and 1 run from the last voxel of X and Y to the first: flip them.
     coefficients = control_points.to(dtype).flip(1, 2).flip(-1) * to_grid + identity
+    # Separable: contract z and y on small tensors, then x in one matmul that writes the grid.
     partial = torch.einsum('yb,zc,nabcd->nayzd', wy, wz, coefficients).reshape(batch, points[0], -1)
-
-    def rows(start: int, stop: int) -> torch.Tensor:
-        return (wx[start:stop] @ partial).view(batch, stop - start, *shape[1:], 3)
+    grid = (wx @ partial).view(batch, *shape, 3)
     # TorchIO pads with each channel's minimum, labels included.
-    return _resample_pair(image, label, rows, _min_pad(image, dtype),
-                          None if label is None else _min_pad(label, dtype), interpolation, dtype)
+    return _resample_pair(image, label, grid, _min_pad(image, dtype),
+                          None if label is None else _min_pad(label, dtype), interpolation)
 
 
 @functools.lru_cache(maxsize=16)
