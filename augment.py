@@ -302,7 +302,10 @@ class Transform:
     Args:
         p: Probability, in [0, 1], that the transform is applied to a batch element; each
             element draws its own decision ``r ~ U[0, 1)`` and is transformed iff ``r < p``.
-            Default 1 (always, without a draw), as in TorchIO.
+            Default 1: always (no decision is drawn). On the CPU, a batch with no element drawn
+            is returned at once; otherwise the transform runs on the whole batch and the elements
+            not drawn are restored with ``torch.where``, so that decisions drawn on a GPU never
+            need a host sync.
 
     Subclasses implement ``_apply(image, label, generator)`` on 5-D tensors.
     """
@@ -312,7 +315,15 @@ class Transform:
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor | None = None,
                  generator: torch.Generator | None = None):
-        """Return ``(image, label)`` transformed; ``label`` stays None when not given."""
+        """Return ``(image, label)`` transformed; ``label`` stays None when not given.
+
+        Args:
+            image: Floating-point ``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)`` tensor.
+            label: Optional tensor of any dtype with the image's layout, batch size and spatial
+                shape (channels may differ), on the image's device.
+            generator: ``torch.Generator`` on the image's device, the source of every draw;
+                None uses torch's default generator for that device.
+        """
         if not isinstance(image, torch.Tensor) or image.ndim not in (4, 5):
             raise ValueError('image must be a (C, X, Y, Z) or (B, C, X, Y, Z) tensor, got '
                              f'{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image)}')
@@ -574,11 +585,11 @@ class Motion(Transform):
     """MRI motion artefact (Shaw et al. 2019): k-space filled from several rigid poses.
 
     Each of the n motions is a rigid transform relative to the original pose. The image and its n
-    moved copies are Fourier transformed; k-space is cut along the last axis (Z) into n + 1
-    segments at ``int(Z * times)``, segment s taken from pose s, except that the original pose
-    takes the segment holding the k-space centre (the first time above 0.5). The image is the
-    real part of the inverse transform; labels are untouched. Moved copies are padded with each
-    channel's minimum.
+    moved copies are Fourier transformed; k-space (centred) is cut along the last axis (Z) into
+    n + 1 segments at ``int(Z * times)``, segment s filled from pose s (pose 0 = original), except
+    that the original and pose m swap segments, m being the first motion whose time exceeds 0.5:
+    the original fills the k-space centre. The image is the real part of the inverse transform;
+    labels are untouched. Moved copies are padded with each channel's minimum.
 
     Deviation: TorchIO 1.2.1 rotates about world (0, 0, 0), voxel (0, 0, 0) of a raw tensor,
     because it drops the centre it sets (spec section 4); here the pivot is the image centre,
