@@ -1,12 +1,15 @@
 """Benchmarks of the project's building blocks.
 
-    python bench.py augment [--device cpu|cuda] [--repeats N] [--quick]
+    python bench.py augment [--device cpu|cuda] [--repeats N] [--quick] [--threads N]
 
 ``augment`` times each of the paper's six augmentations and the whole pipeline, all at p=1
 with TorchIO's default parameters (the flip always happens), on one 144^3 patch + label and one
 181x217x181 volume + label: ours (augment.py) on the CPU, TorchIO 1.2.1 and MONAI on the CPU in
 the same run, and ours on CUDA when present, one volume at a time and as a batch of 8. Each
-figure is the median of ``--repeats`` calls after one warm-up call.
+figure is the median of ``--repeats`` calls after one warm-up call. The load average is printed
+before and after each table: on a shared machine, multi-threaded eager torch code (ours, MONAI)
+slows down far more than the load alone suggests, because every parallel op waits for its
+slowest thread.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def machine() -> list[str]:
             cpu = next(line.split(':', 1)[1].strip() for line in cpuinfo if line.startswith('model name'))
     except (OSError, StopIteration):
         pass
-    lines = [f'CPU: {cpu}, {os.cpu_count()} logical cores',
+    lines = [f'CPU: {cpu}, {os.cpu_count()} logical cores, load average {load()}',
              f'GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}',
              f'torch {torch.__version__}, torch threads {torch.get_num_threads()}']
     try:
@@ -50,6 +53,10 @@ def machine() -> list[str]:
     except ImportError:
         lines.append('monai not installed')
     return lines
+
+
+def load() -> str:
+    return ' '.join(f'{value:.2f}' for value in os.getloadavg())
 
 
 def median_seconds(call, repeats: int, cuda: bool = False) -> float:
@@ -121,10 +128,15 @@ def bench_augment(args) -> None:
     repeats = args.repeats or (2 if quick else 5)
     shapes = [(48, 48, 48), (61, 72, 61)] if quick else [(144, 144, 144), (181, 217, 181)]
     cuda = args.device == 'cuda'
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if cuda and not torch.cuda.is_available():
         raise SystemExit('--device cuda asked, but CUDA is not available')
     try:
+        import SimpleITK
         import torchio as tio
+        if args.threads:
+            SimpleITK.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     except ImportError:
         tio = None
     try:
@@ -144,7 +156,8 @@ def bench_augment(args) -> None:
         if cuda:
             columns += ['ours CUDA', 'TorchIO / ours CUDA']
             cuda_image, cuda_label = image.cuda(), label.cuda()
-        columns += [f'ours {batch_device.upper()} batch 8, per volume']
+        batch_column = f'ours {batch_device.upper()} batch 8, per volume'
+        columns += [batch_column, 'TorchIO / ours batch 8']
         print(f'### {"x".join(map(str, shape))} image + label\n')
         print('| transform | ' + ' | '.join(columns) + ' |')
         print('|---' * (len(columns) + 1) + '|')
@@ -167,11 +180,13 @@ def bench_augment(args) -> None:
                     lambda: transform(cuda_image, cuda_label, batch_generator), repeats, cuda=True)
                 if 'TorchIO CPU' in row:
                     row['TorchIO / ours CUDA'] = row['TorchIO CPU'] / row['ours CUDA']
-            row[columns[-1]] = median_seconds(
+            row[batch_column] = median_seconds(
                 lambda: transform(batch_image, batch_label, batch_generator), repeats, cuda=cuda) / 8
+            if 'TorchIO CPU' in row:
+                row['TorchIO / ours batch 8'] = row['TorchIO CPU'] / row[batch_column]
             cells = [format_cell(column, row.get(column)) for column in columns]
             print(f'| {name} | ' + ' | '.join(cells) + ' |')
-        print()
+        print(f'\nload average after this table: {load()}\n')
     if monai is not None:
         print('MONAI has no motion artefact: its pipeline has five transforms.')
 
@@ -196,6 +211,8 @@ def main(argv=None) -> None:
     augment_parser.add_argument('--repeats', type=int, default=None,
                                 help='timed calls per figure (default 5, 2 with --quick)')
     augment_parser.add_argument('--quick', action='store_true', help='small volumes, 2 repeats: a smoke test')
+    augment_parser.add_argument('--threads', type=int, default=None,
+                                help='CPU threads for torch and SimpleITK alike (default: their own defaults)')
     augment_parser.set_defaults(run=bench_augment)
     args = parser.parse_args(argv)
     args.run(args)
