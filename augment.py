@@ -26,7 +26,9 @@ Devices, dtypes, randomness
     Every random draw comes from ``generator``, which must live on the image's device
     (``torch.Generator(device=image.device)``); ``None`` uses torch's default generator of that
     device. Parameters are drawn on that device and stay there: no draw and no tensor is copied
-    to the host, so on CUDA a transform queues its kernels without synchronising. A seeded
+    to the host, so on CUDA a random transform queues its kernels without synchronising (the
+    deterministic classes copy their given parameters from the host at each call, and
+    ZNormalization reads back whether a standard deviation is 0). A seeded
     generator repeats a run exactly on a given device; streams differ between devices, and from
     TorchIO's (which draws on the CPU's global generator), so parity with TorchIO is tested
     through the deterministic classes. Arithmetic runs in float32 (float64 inputs stay float64);
