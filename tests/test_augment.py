@@ -1,6 +1,6 @@
 """Properties of augment.py, and parity with TorchIO 1.2.1's deterministic transforms.
 
-Volumes are small (8 to 32 voxels a side). Spatial tests use cubes of 17 (n - 1 a power of two)
+Volumes are small (8 to 48 voxels a side). Spatial tests use cubes of 17 (n - 1 a power of two)
 where exactness is asserted: there grid_sample's normalised coordinates are exact in binary, so
 a map that lands on voxels reproduces them bit for bit; elsewhere results agree to float32
 rounding. Parity tolerances (float32 data in [0, 1)): max |ours - TorchIO| <= 1e-5 and mean
