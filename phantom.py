@@ -39,7 +39,7 @@ import scipy.ndimage as ndi
 import torch
 from tqdm import tqdm
 
-GENERATOR_VERSION = "1"   # bump whenever the output changes: it keys the cache
+GENERATOR_VERSION = "2"   # bump whenever the output changes: it keys the cache
 CHANNELS = ("flair", "mprage", "pd", "t2")
 ISBI_TIMEPOINTS = (4, 4, 5, 4, 4)
 
@@ -175,11 +175,11 @@ def _union_distance(box, spacing, blobs, margin):
     return dist
 
 
-def _paint(frac, alpha, composition, sl=(slice(None),) * 3):
-    """Lay a structure of coverage `alpha` and tissue `composition` over the fractions in `sl`."""
+def _paint(frac, alpha, composition):
+    """Lay a structure of coverage `alpha` and tissue `composition` over the fractions."""
     keep = 1.0 - alpha
     for k in TISSUES:
-        frac[k][sl] = frac[k][sl] * keep + alpha * composition.get(k, 0.0)
+        frac[k] = frac[k] * keep + alpha * composition.get(k, 0.0)
 
 
 def _cortex(depth, sulcus_dist, t_ext, w_sulcus, t_gm, h):
@@ -239,7 +239,7 @@ class Anatomy:
     cap:       share (0..1) of the WM fraction that is periventricular cap/rim tissue
     brain:     bool, the skull-stripped brain mask
     wm_depth:  mm inside the cerebral white matter below the cortex (negative outside)
-    vent_dist: mm from the ventricle surface (large far away)
+    vent_dist: mm from the ventricle surface outside the ventricles, -spacing/2 inside, 99 far away
     infra:     bool, brainstem and cerebellum (infratentorial)
     cap_tip:   0..1, closeness to the frontal and occipital horn tips (where caps sit)
     """
@@ -276,11 +276,11 @@ def make_anatomy(rng: np.random.Generator, spacing: float) -> Anatomy:
     sphere = [-70.0] * 3, [70.0] * 3
 
     # -- cerebrum: an egg, narrower in front, flat below with a midline notch between the
-    #    temporal lobes, lumpy on the scale of lobes
+    #    temporal lobes, the occipital lobes low over the cerebellum, lumpy on the scale of lobes
     r, u = _directions(x, y, z, centre)
-    notch = 0.45 * np.exp(-(u[0] / 0.35) ** 2 - (u[1] / 0.55) ** 2)
-    a = (axes[0] * (1.0 - 0.10 * np.maximum(u[1], 0.0)), axes[1], np.where(u[2] > 0, axes[2], axes[2] * (0.95 - notch)))
-    del notch
+    below = 0.95 - 0.45 * np.exp(-(u[0] / 0.35) ** 2 - (u[1] / 0.55) ** 2) + 0.25 * np.maximum(-u[1], 0.0)
+    a = (axes[0] * (1.0 - 0.10 * np.maximum(u[1], 0.0)), axes[1], np.where(u[2] > 0, axes[2], axes[2] * below))
+    del below
     radius = 1.0 / np.sqrt((u[0] / a[0]) ** 2 + (u[1] / a[1]) ** 2 + (u[2] / a[2]) ** 2)
     del a
     lobes = _coarse(_on_sphere(_Noise(rng, *sphere, 18.0), centre, 60.0), box, h)
@@ -310,7 +310,7 @@ def make_anatomy(rng: np.random.Generator, spacing: float) -> Anatomy:
 
     # -- cerebellum and brainstem; the cerebral cortex wraps around them too, so their
     #    surfaces count as CSF boundaries for the cerebrum
-    cb_centre, cb_axes = place([0, -68, -36]), np.array([48.0, 29.0, 24.0], np.float32) * size
+    cb_centre, cb_axes = place([0, -66, -38]), np.array([50.0, 28.0, 21.0], np.float32) * size
     cb_out = _ellipsoid_distance(x, y, z, cb_centre, cb_axes)   # mm outside the cerebellum
     stem = _chain([(place(p), np.array(r, np.float32) * size) for p, r in [
         ([0, -20, -4], [12, 11, 8]), ([0, -24, -18], [14, 13, 10]), ([0, -28, -32], [14, 12, 10]),
@@ -949,7 +949,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--spacing", type=float, default=1.0, metavar="MM",
                         help=f"isotropic voxel size in mm, {SPACING_RANGE_MM[0]}..{SPACING_RANGE_MM[1]} (default 1)")
-    parser.add_argument("--subjects", type=int, default=len(ISBI_TIMEPOINTS), help="number of subjects (default 5)")
+    parser.add_argument("--subjects", type=int, default=len(ISBI_TIMEPOINTS),
+                        help="number of subjects (default 5, with ISBI's 4,4,5,4,4 time points; beyond 5: 4 each)")
     parser.add_argument("--compress", action="store_true", help="write .nii.gz instead of .nii")
     args = parser.parse_args(argv)
     try:
