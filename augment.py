@@ -523,6 +523,9 @@ class RandomFlip(Transform):
             flip = flips[:, axis]
             if _on_host_all(~flip):
                 continue
+            if _on_host_all(flip):
+                image, label = image.flip(axis + 2), None if label is None else label.flip(axis + 2)
+                continue
             where = flip.view(-1, 1, 1, 1, 1)
             image = torch.where(where, image.flip(axis + 2), image)
             if label is not None:
@@ -705,7 +708,7 @@ def _bias_field(image: torch.Tensor, coefficients: torch.Tensor, order: int) -> 
     # Separable: contract z, then y on small tensors, then x in one matmul for the full volume.
     partial = torch.einsum('yb,zc,nabc->nayz', py, pz, dense)
     log_field = (px @ partial.reshape(batch, order + 1, -1)).view(batch, 1, *x.shape[2:])
-    return (x * log_field.exp()).to(image.dtype)
+    return (x * log_field.exp_()).to(image.dtype)
 
 
 class BiasField(Transform):
@@ -778,8 +781,8 @@ class RandomBiasField(Transform):
 def _noise(image, mean, std, generator):
     x = image.to(_work_dtype(image.dtype))
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return (x + noise * std.to(x.dtype).view(-1, 1, 1, 1, 1) + mean.to(x.dtype).view(-1, 1, 1, 1, 1)
-            ).to(image.dtype)
+    noise.mul_(std.to(x.dtype).view(-1, 1, 1, 1, 1)).add_(mean.to(x.dtype).view(-1, 1, 1, 1, 1))
+    return noise.add_(x).to(image.dtype)
 
 
 class Noise(Transform):
