@@ -91,7 +91,7 @@ def parse_args(argv):
         raise UsageError("--spacing applies to the built-in dataset only; real data are read as they are")
     preset = QUICK if args.quick else PAPER
     for key, value in preset.items():
-        if getattr(args, key) is None:
+        if getattr(args, key) is None and not (key == "spacing" and args.data):
             setattr(args, key, value)
     if args.base_filters is None:
         args.base_filters = 16 if args.model == "residual" else 32
@@ -179,6 +179,11 @@ def versions():
     import scipy
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "scipy": scipy.__version__, "nibabel": nibabel.__version__}
+
+
+def voxel_mm(scan):
+    """Voxel size in mm along each array axis, from the scan's affine."""
+    return tuple(float(s) for s in np.linalg.norm(scan.affine[:3, :3], axis=0))
 
 
 def describe_device(device):
@@ -334,7 +339,7 @@ def train(args):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     loss_fn = metrics.BCEDiceLoss()
     sampler = data.PatchSampler(train_scans, args.patch_size, args.patches_per_scan, device, generator)
-    transform = augment.paper_augmentation() if args.augment else None
+    transform = augment.paper_augmentation(spacing=voxel_mm(train_scans[0])) if args.augment else None
     state = {"epoch": 0, "history": [], "best_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
     if args.resume:
         last = torch.load(out / "last.pt", map_location=device, weights_only=False)
@@ -428,12 +433,11 @@ def test(model, scans, args, device, out):
     for scan in tqdm(scans, desc="test", leave=False):
         truth = scan.mask.to(device)
         pred = predict_logits(model, scan.image.to(device), args.window, amp=args.amp) > 0
-        spacing = tuple(float(s) for s in np.linalg.norm(scan.affine[:3, :3], axis=0))
         per_scan[scan.id] = {
             "dsc": metrics.dice(pred, truth).item(), "iou": metrics.iou(pred, truth).item(),
             "ppv": metrics.precision(pred, truth).item(), "tpr": metrics.sensitivity(pred, truth).item(),
             "rvd": metrics.relative_volume_difference(pred, truth).item(),
-            **metrics.lesion_metrics(pred, truth), "hd95_mm": metrics.hausdorff95(pred, truth, spacing),
+            **metrics.lesion_metrics(pred, truth), "hd95_mm": metrics.hausdorff95(pred, truth, voxel_mm(scan)),
             "isbi_score": metrics.isbi_score(pred, truth),
         }
         full = data.paste(pred.to(torch.uint8).cpu().numpy(), scan.box, scan.full_shape)
@@ -454,11 +458,15 @@ def plot_history(path, history, title):
     import matplotlib.pyplot as plt
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_dsc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
-    ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation")
+    val_loss = [h["val_loss"] for h in history]
+    best = epochs[int(np.argmin(val_loss))]
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], ".-", label="train")
+    ax_loss.plot(epochs, val_loss, ".-", label="validation")
+    ax_loss.axvline(best, color="gray", linestyle=":", label=f"best (epoch {best})")
     ax_loss.set(xlabel="epoch", ylabel="BCE-Dice loss", title=f"Loss ({title})")
     ax_loss.legend()
-    ax_dsc.plot(epochs, [h["val_dsc"] for h in history], color="C2")
+    ax_dsc.plot(epochs, [h["val_dsc"] for h in history], ".-", color="C2")
+    ax_dsc.axvline(best, color="gray", linestyle=":")
     ax_dsc.set(xlabel="epoch", ylabel="DSC", ylim=(0, 1), title="Validation DSC")
     fig.tight_layout()
     atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
@@ -471,17 +479,21 @@ def plot_slices(path, scans, runs, channel):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import nibabel as nib
+    red = matplotlib.colors.ListedColormap(["red"])
     columns = 2 + len(runs)
     fig, axes = plt.subplots(len(scans), columns, figsize=(2.6 * columns, 2.8 * len(scans)), squeeze=False)
     for row, scan in zip(axes, scans):
         z = int(scan.mask.sum(dim=(0, 1)).argmax())
         crop = tuple(slice(a, b) for a, b in scan.box)
-        panels = [(scan.image[:, :, z], f"{scan.id} {channel}", "gray"), (scan.mask[:, :, z], "ground truth", "Reds")]
+        image = np.rot90(scan.image[:, :, z].numpy())
+        panels = [(None, f"{scan.id} {channel}"), (scan.mask[:, :, z].numpy(), "ground truth")]
         for name, run in runs.items():
             pred = np.asarray(nib.load(Path(run) / "predictions" / f"{scan.id}_pred.nii.gz").dataobj)[crop]
-            panels.append((pred[:, :, z], name, "Blues"))
-        for ax, (img, title, cmap) in zip(row, panels):
-            ax.imshow(np.rot90(np.asarray(img, dtype=np.float32)), cmap=cmap)
+            panels.append((pred[:, :, z], name))
+        for ax, (mask, title) in zip(row, panels):
+            ax.imshow(image, cmap="gray")
+            if mask is not None:  # the mask in red over the image, as the paper's figure
+                ax.imshow(np.ma.masked_equal(np.rot90(mask), 0), cmap=red, alpha=0.7)
             ax.set_title(title, fontsize=8)
             ax.axis("off")
     fig.tight_layout()
