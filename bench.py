@@ -1,6 +1,7 @@
 """Benchmarks of the project's building blocks.
 
     python bench.py augment [--device cpu|cuda] [--repeats N] [--quick] [--threads N]
+    python bench.py model [--size 144] [--time] [--device cpu|cuda] [--repeats N]
 
 ``augment`` times each of the paper's six augmentations and the whole pipeline, all at p=1
 with TorchIO's default parameters (the flip always happens), on one 144^3 patch + label and one
@@ -191,6 +192,60 @@ def bench_augment(args) -> None:
         print('MONAI has no motion artefact: its pipeline has five transforms.')
 
 
+# ---------------------------------------------------------------------------------------------
+# model
+
+def bench_model(args) -> None:
+    """Parameters and forward GFLOP of both networks at size^3 (counted on the meta device, so free);
+    with --time, one training step (forward, BCE-Dice, backward, Adam) and its peak memory."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import metrics
+    import model
+    print('\n'.join(machine()[:3]))
+    columns = ['parameters', f'forward GFLOP at {args.size}^3']
+    if args.time:
+        amp = args.device == 'cuda'
+        columns += [f'train step s ({args.device}{", bf16 autocast" if amp else ", fp32"})', 'peak memory GiB']
+    print('\n| model | ' + ' | '.join(columns) + ' |')
+    print('|---' * (len(columns) + 1) + '|')
+    for name in ('residual', 'unet'):
+        with torch.device('meta'):
+            net = model.build_model(name)
+            x = torch.zeros(1, 1, args.size, args.size, args.size)
+        with FlopCounterMode(display=False) as counter:
+            net(x)
+        cells = [f'{sum(p.numel() for p in net.parameters()):,}', f'{counter.get_total_flops() / 1e9:,.1f}']
+        if args.time:
+            cells += time_step(model.build_model(name), metrics.BCEDiceLoss(), args)
+        print(f'| {name} | ' + ' | '.join(cells) + ' |')
+
+
+def time_step(net, loss_fn, args) -> list[str]:
+    device = torch.device(args.device)
+    net = net.to(device).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+    x = torch.randn(1, 1, args.size, args.size, args.size, device=device)
+    y = (torch.rand_like(x) > 0.99).float()
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
+            loss = loss_fn(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = median_seconds(step, args.repeats or 3, cuda=device.type == 'cuda')
+    if device.type == 'cuda':
+        peak = f'{torch.cuda.max_memory_allocated(device) / 2**30:.2f}'
+    else:
+        import resource
+        peak = f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} (process RSS)'
+    return [f'{seconds:.3f}', peak]
+
+
 def format_cell(column: str, value) -> str:
     if value is None:
         return 'n/a'
@@ -214,6 +269,13 @@ def main(argv=None) -> None:
     augment_parser.add_argument('--threads', type=int, default=None,
                                 help='CPU threads for torch and SimpleITK alike (default: their own defaults)')
     augment_parser.set_defaults(run=bench_augment)
+    model_parser = commands.add_parser('model', help='parameters, forward GFLOP and step time of both networks')
+    model_parser.add_argument('--size', type=int, default=144, help='cube side in voxels (default 144)')
+    model_parser.add_argument('--time', action='store_true', help='also time one training step')
+    model_parser.add_argument('--device', choices=('cpu', 'cuda'),
+                              default='cuda' if torch.cuda.is_available() else 'cpu')
+    model_parser.add_argument('--repeats', type=int, default=None, help='timed steps (default 3)')
+    model_parser.set_defaults(run=bench_model)
     args = parser.parse_args(argv)
     args.run(args)
 
