@@ -268,6 +268,9 @@ def load_data(args):
                                  "training folder, a MICCAI 2008 folder or a CSV manifest")
         root, (layout, _) = Path(args.data), data.find_scans(args.data)
         dataset = f"{layout} ({root})"
+        if (root / "phantom.json").exists():  # a copy written by phantom.py: never call it ISBI 2015
+            info = json.loads((root / "phantom.json").read_text())
+            dataset = f"synthetic MS data (phantom.py, seed {info['seed']}, {info['spacing_mm']:g} mm) at {root}"
     else:
         root = phantom.ensure_cached(seed=0, spacing=args.spacing)
         dataset = f"built-in synthetic MS data (phantom.py, seed 0, {args.spacing:g} mm)"

@@ -41,6 +41,7 @@ def test_a_run_writes_every_file(finished, dataset):
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 6
     assert [len(config["split_ids"][k]) for k in ("train", "val", "test")] == [4, 1, 1]
     assert config["lr"] == 1e-4 and config["model"] == "residual" and config["versions"]["torch"]
+    assert config["dataset"].startswith("synthetic MS data (phantom.py")
     assert len(history(finished)) == 2
     results = json.loads((finished / "metrics.json").read_text())
     assert set(results["scans"]) == set(config["split_ids"]["test"])
