@@ -1,6 +1,7 @@
 """The built-in synthetic MS dataset (phantom.py): layout, determinism, anatomy, lesions,
 MR physics, raters, cache and CLI. Coarse grids (2-4 mm) keep the whole file fast."""
 import filecmp
+import json
 import os
 
 import nibabel as nib
@@ -52,7 +53,8 @@ def test_isbi_layout_names_shapes_affine_and_dtypes(small_set):
             stem = f"training/training{s:02d}"
             expected += [f"{stem}/preprocessed/training{s:02d}_{t:02d}_{ch}_pp.nii" for ch in CHANNELS]
             expected += [f"{stem}/masks/training{s:02d}_{t:02d}_mask{k}.nii" for k in (1, 2)]
-    assert _files(small_set) == sorted(expected)
+    assert _files(small_set) == sorted(expected + ["phantom.json"])
+    assert json.loads((small_set / "phantom.json").read_text())["timepoints"] == [2, 1]
     for rel in expected:
         img = nib.load(small_set / rel)
         assert img.shape == (46, 55, 46)
@@ -71,7 +73,7 @@ def test_compressed_output_has_the_same_names_plus_gz(tmp_path):
     root = P.generate(tmp_path, seed=3, spacing=6.0, subjects=1, timepoints=1, compress=True, progress=False)
     assert _files(root) == sorted(
         [f"training/training01/preprocessed/training01_01_{ch}_pp.nii.gz" for ch in CHANNELS]
-        + [f"training/training01/masks/training01_01_mask{k}.nii.gz" for k in (1, 2)])
+        + [f"training/training01/masks/training01_01_mask{k}.nii.gz" for k in (1, 2)] + ["phantom.json"])
 
 
 def test_project_reader_reads_it_unchanged(small_set):
