@@ -101,10 +101,11 @@ def parse_args(argv):
             raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
     if args.window is not None and args.window < 16:
         raise UsageError(f"--window must be at least 16 voxels, got {args.window}")
-    if data.channel_name(args.channel) is None:
+    manifest = bool(args.data) and args.data.lower().endswith(".csv")  # may name channels of its own (GADO)
+    if data.channel_name(args.channel) is None and not manifest:
         raise UsageError(f"unknown channel {args.channel!r}: expected one of {', '.join(CHANNELS)} (or T1 for "
                          "MICCAI 2008)")
-    args.channel = data.channel_name(args.channel)
+    args.channel = data.channel_name(args.channel) or args.channel
     return args
 
 
