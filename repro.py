@@ -399,7 +399,7 @@ def train(args):
         atomic(out / "last.pt", lambda tmp: torch.save({"model": model.state_dict(), "optimizer":
                                                         optimizer.state_dict(), "state": state, "rng": rng,
                                                         "config": config}, tmp))
-        write_history(out / "history.csv", state["history"])
+        write_csv(out / "history.csv", state["history"])
         epochs.set_postfix(val_loss=f"{val_loss:.4f}", val_dsc=f"{val_dsc:.3f}", best=state["best_epoch"])
 
     model.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=False)["model"])
@@ -417,12 +417,13 @@ def train(args):
     return results
 
 
-def write_history(path, history):
+def write_csv(path, rows):
+    """Rows of dicts (one header, from the first row) to a CSV file, atomically."""
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
-            writer.writerows(history)
+            writer.writerows(rows)
     atomic(path, write)
 
 
@@ -542,7 +543,7 @@ def table2(args, argv):
 
 def write_table2(out, rows):
     datasets = sorted({r["dataset"] for r in rows})
-    lines = [f"# Table 2: test DSC and IoU, ours beside the paper's", "",
+    lines = ["# Table 2: test DSC and IoU, ours beside the paper's", "",
              f"Ours: {'; '.join(datasets)}. Paper: ISBI 2015 training data (called MICCAI 2008 in the paper), "
              "scan-level 17:2:2 split.", "",
              "| model | channel | paper DSC | our DSC | paper IoU | our IoU | test scans |",
@@ -550,13 +551,7 @@ def write_table2(out, rows):
     lines += [f"| {r['model']} | {r['channel']} | {r['paper_dsc']:.4f} | {r['dsc']:.4f} | {r['paper_iou']:.4f} | "
               f"{r['iou']:.4f} | {r['test_scans']} |" for r in rows]
     atomic(out / "table2.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
-
-    def write_csv(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    atomic(out / "table2.csv", write_csv)
+    write_csv(out / "table2.csv", rows)
 
 
 # --------------------------------------------------------------------------------------------

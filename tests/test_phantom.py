@@ -2,7 +2,6 @@
 MR physics, raters, cache and CLI. Coarse grids (2-4 mm) keep the whole file fast."""
 import filecmp
 import json
-import os
 
 import nibabel as nib
 import numpy as np
