@@ -252,147 +252,237 @@ class Anatomy:
     cap_tip: np.ndarray
 
 
+_SPHERE_MM = ([-70.0] * 3, [70.0] * 3)   # the box of the noise fields that live on directions
+
+
+@dataclass
+class _Proportions:
+    """One subject's drawn proportions and the crop of the grid its brain is built on."""
+    spacing: float
+    size: np.ndarray      # scale per axis relative to the reference brain
+    centre: np.ndarray    # cerebrum centre, mm
+    vent: float           # ventricle width (atrophy)
+    t_ext: float          # subarachnoid CSF, mm
+    w_sulcus: float       # CSF half-width of a sulcus, mm
+    t_gm: float           # cortical thickness, mm
+    sulcus_depth: float   # mm
+    axes: np.ndarray      # cerebrum semi-axes, mm
+    box: _Box
+
+    def place(self, p):
+        """Reference-brain mm -> this subject's mm."""
+        return (self.centre + (np.asarray(p, np.float32) - REF_CENTRE) * self.size).astype(np.float32)
+
+    @property
+    def cerebellum(self):
+        """Centre and semi-axes (mm) of the cerebellum's ellipsoid."""
+        return self.place([0, -66, -38]), np.array([50.0, 28.0, 21.0], np.float32) * self.size
+
+    def field_of_direction(self, rng, scale_mm):
+        """A smooth random field on the crop that varies with the direction from the centre only."""
+        return _coarse(_on_sphere(_Noise(rng, *_SPHERE_MM, scale_mm), self.centre, 60.0), self.box, self.spacing)
+
+
 def make_anatomy(rng: np.random.Generator, spacing: float) -> Anatomy:
-    """One subject's brain: shape, size, folding and ventricle width drawn from `rng`."""
-    h = spacing
-    shape = grid_shape(spacing)
-    # float32 throughout: numpy would promote float32 maps combined with float64 scalars
-    size = (rng.uniform(0.93, 1.05) * (1.0 + 0.025 * rng.standard_normal(3))).astype(np.float32)   # per axis
-    centre = (REF_CENTRE + rng.normal(0.0, 1.5, 3)).astype(np.float32)
-    vent = float(np.exp(rng.uniform(np.log(0.8), np.log(1.7))))   # ventricle width (atrophy)
-    t_ext = rng.uniform(0.9, 2.0)        # subarachnoid CSF, mm
-    w_sulcus = rng.uniform(0.4, 0.9)     # CSF half-width of a sulcus, mm
-    t_gm = rng.uniform(2.4, 3.0)         # cortical thickness, mm
-    sulcus_depth = rng.uniform(15.0, 20.0)
+    """One subject's brain: shape, size, folding and ventricle width drawn from `rng`.
 
-    def place(p):   # reference-brain mm -> this subject's mm
-        return (centre + (np.asarray(p, np.float32) - REF_CENTRE) * size).astype(np.float32)
-
-    axes = np.array([68.0, 86.0, 60.0], np.float32) * size
-    # the crop that holds the brain; the brainstem runs out of the field of view below
-    box = _Box(spacing, [*(centre[:2] - axes[:2] * 1.08 - 3), ORIGIN_MM[2]], centre + axes * 1.08 + 3, shape)
-    x, y, z = box.x, box.y, box.z
-    sphere = [-70.0] * 3, [70.0] * 3
-
-    # -- cerebrum: an egg, narrower in front, flat below with a midline notch between the
-    #    temporal lobes, the occipital lobes low over the cerebellum, lumpy on the scale of lobes
-    r, u = _directions(x, y, z, centre)
-    below = 0.95 - 0.45 * np.exp(-(u[0] / 0.35) ** 2 - (u[1] / 0.55) ** 2) + 0.25 * np.maximum(-u[1], 0.0)
-    a = (axes[0] * (1.0 - 0.10 * np.maximum(u[1], 0.0)), axes[1], np.where(u[2] > 0, axes[2], axes[2] * below))
-    del below
-    radius = 1.0 / np.sqrt((u[0] / a[0]) ** 2 + (u[1] / a[1]) ** 2 + (u[2] / a[2]) ** 2)
-    del a
-    lobes = _coarse(_on_sphere(_Noise(rng, *sphere, 18.0), centre, 60.0), box, h)
-    depth = radius * (1.0 + 0.035 * lobes) - r
-    del radius, lobes, r
-
-    # sulci: sheets where a smooth function of direction crosses zero, so they stand roughly
-    # perpendicular to the surface; a smooth drift with depth bends them; their depth varies
-    fold = _Noise(rng, *sphere, 1.9)
-    drift = [_coarse(_on_sphere(_Noise(rng, *sphere, 10.0), centre, 60.0), box, h) for _ in range(3)]
-    n = fold(*(60.0 * u[i] + 0.35 * depth * drift[i] for i in range(3)))
-    del drift, u
-    depth_limit = np.clip(sulcus_depth * (1 + 0.3 * _coarse(_on_sphere(_Noise(rng, *sphere, 8.0), centre, 60.0), box, h)), 5, 30)
-    sulci = np.hypot(_sheet_distance(n, spacing), np.maximum(depth - depth_limit, 0.0))
-    del n, depth_limit
-
-    # interhemispheric fissure: the midline, except where the corpus callosum and the
-    # diencephalon join the hemispheres
-    core_c, core_r = place([0, -8, 6]), np.array([38.0, 24.0], np.float32) * size[1:]
-    core = 1.0 - np.sqrt(((y - core_c[1]) / core_r[0]) ** 2 + ((z - core_c[2]) / core_r[1]) ** 2)
-    fissure = np.hypot(np.abs(x - centre[0]), np.maximum(core, 0.0) * core_r[1]) - 0.6
-    # Sylvian fissure: rising backwards from the temporal pole, laterally down to the insula
-    syl_z = place([0, 0, -2])[2] - 0.4 * (y - place([0, 0, 0])[1]) + 3.0 * _Noise(rng, [-100] * 3, [100] * 3, 5.0)(x, y, 0.0)
-    y_out = np.maximum(np.maximum(y - place([0, 18, 0])[1], place([0, -42, 0])[1] - y), 0.0)
-    sylvian = np.sqrt((z - syl_z) ** 2 + np.maximum(35.0 * size[0] - np.abs(x), 0.0) ** 2 + y_out ** 2) - 0.5
-    del core, syl_z, y_out
-
-    # -- cerebellum and brainstem; the cerebral cortex wraps around them too, so their
-    #    surfaces count as CSF boundaries for the cerebrum
-    cb_centre, cb_axes = place([0, -66, -38]), np.array([50.0, 28.0, 21.0], np.float32) * size
-    cb_out = _ellipsoid_distance(x, y, z, cb_centre, cb_axes)   # mm outside the cerebellum
-    stem = _chain([(place(p), np.array(r, np.float32) * size) for p, r in [
-        ([0, -20, -4], [12, 11, 8]), ([0, -24, -18], [14, 13, 10]), ([0, -28, -32], [14, 12, 10]),
-        ([0, -36, -48], [10, 10, 12]), ([0, -42, -66], [8, 8, 12]), ([0, -44, -84], [8, 8, 10])]])
-    stem_dist = _union_distance(box, spacing, stem, 10.0)
-    below_diencephalon = _ramp(place([0, 0, -12])[2] - z, 4.0)   # the midbrain merges upwards
-    stem_csf = np.where(below_diencephalon > 0, stem_dist - t_ext, 99.0)
-
-    boundary = np.minimum.reduce([sulci, fissure, sylvian, cb_out + t_ext, stem_csf])
-    del sulci, fissure, sylvian, stem_csf
-    frac, wm_depth = _cortex(depth, boundary, t_ext, w_sulcus, t_gm, h)
-    del boundary
-    frac["deep"] = np.zeros_like(frac["wm"])
-    outer = _ramp(depth, h)
-    del depth
-    for k in TISSUES:
-        frac[k] *= outer
-    del outer
-
-    # -- deep grey nuclei, hugging the ventricles
-    vx = 11.0 + 5.0 * vent
-    nuclei = []
-    for s in (-1, 1):
-        nuclei += [
-            (place([s * 11, -18, 6]), np.array([8.0, 14.0, 8.5]) * size),                  # thalamus
-            (place([s * (vx + 4.5), 13, 10]), np.array([5.0, 10.0, 8.5]) * size),          # caudate head
-            (place([s * (vx + 5.5), -8, 19]), np.array([3.5, 9.0, 4.0]) * size),           # caudate body
-            (place([s * 26, 2, 1]), np.array([5.5, 14.0, 9.0]) * size),                    # putamen
-            (place([s * 19.5, -3, -1]), np.array([3.5, 8.0, 5.5]) * size),                 # pallidum
-        ]
-    _paint(frac, _ramp(-_union_distance(box, spacing, nuclei, 2.0), h), {"deep": 1.0})
-
-    # -- ventricles: C-shaped lateral ventricles (frontal horn, body, trigone, occipital and
-    #    temporal horns), a slit-like third ventricle; width scales with atrophy
-    def lateral(s):
-        # (x of the medial wall, y, z), radii; horns and bodies sit beside a thin septum
-        w = np.array([vent, 1.0, 0.5 + 0.5 * vent])
-        path = [([2.5, 34, 8], [3.5, 4, 5]), ([1.5, 22, 12], [6, 6, 7]), ([1.5, 4, 15], [8, 6, 6]),
-                ([2, -14, 16], [8, 6, 5.5]), ([4, -30, 15], [8, 6, 6]), ([14, -42, 9], [8, 6, 8]),
-                ([17, -57, 5], [4, 7, 3.5]), ([16, -70, 4], [1.5, 3, 1.5])]
-        temporal = [([24, -42, 9], [7, 6, 7]), ([30, -30, -5], [3.5, 5, 3.5]), ([32, -15, -14], [2.5, 5, 2.5]),
-                    ([30, -3, -20], [1.5, 3, 1.5])]
-        sides = [(place([s * (p[0] + r[0] * vent), p[1], p[2]]), np.array(r) * w * size) for p, r in path]
-        temp = [(place([s * p[0], p[1], p[2]]), np.array(r) * w * size) for p, r in temporal]
-        return _chain(sides) + _chain(temp)
-
-    ventricles = lateral(-1) + lateral(1) + [(place([0, -14, 2]), np.array([1.2 * vent, 13.0, 8.5]) * size)]
-    vent_frac = _ramp(-_union_distance(box, spacing, ventricles, 2.0), h)
+    Each structure is laid over the fractions of the ones before it: the cerebrum with its
+    folded cortex, the deep grey nuclei, the ventricles, the cerebellum, the brainstem and the
+    4th ventricle; then the brain mask and the periventricular caps. The order of the draws
+    from `rng` is part of the output (GENERATOR_VERSION).
+    """
+    p = _draw_proportions(rng, spacing)
+    cb_out = _ellipsoid_distance(p.box.x, p.box.y, p.box.z, *p.cerebellum)   # mm outside the cerebellum
+    stem_dist, below_diencephalon = _brainstem_distance(p)
+    frac, wm_depth = _cerebrum(rng, p, cb_out, stem_dist, below_diencephalon)
+    _paint(frac, _ramp(-_union_distance(p.box, spacing, _deep_nuclei(p), 2.0), spacing), {"deep": 1.0})
+    ventricles = _ventricles(p)
+    vent_frac = _ramp(-_union_distance(p.box, spacing, ventricles, 2.0), spacing)
     _paint(frac, vent_frac, {"csf": 1.0})
-
-    # -- cerebellum (folia: thin transverse sheets around a white-matter core) on its own
-    #    sub-box, then the brainstem, then the 4th ventricle
-    sl, (xc, yc, zc) = box.sub(h, cb_centre - cb_axes - 2 * h, cb_centre + cb_axes + 2 * h)
-    _, cb_u = _directions(xc, yc, zc, cb_centre)
-    cb_depth = -cb_out[sl]
-    folia = _Noise(rng, [-30] * 3, [30] * 3, [12.0, 1.5, 1.5])(*(25.0 * c for c in cb_u))
-    cb_sulci = np.hypot(_sheet_distance(folia, spacing), np.maximum(cb_depth - 8.0, 0.0))
-    del cb_u, folia
-    cb_frac, _ = _cortex(cb_depth, cb_sulci, t_ext, 0.3, 1.4, h)
-    cb_outer = _ramp(cb_depth, h)
-    for k in TISSUES:
-        frac[k][sl] = frac[k][sl] * (1.0 - cb_outer) + cb_outer * cb_frac.get(k, 0.0)
-    infra = np.zeros(box.shape, bool)
-    infra[sl] = cb_outer > 0.5
-    del cb_out, cb_frac, cb_sulci, cb_depth, cb_outer
-    stem_tissue = _ramp(-stem_dist, h)
-    _paint(frac, _ramp(-(stem_dist - t_ext), h) * below_diencephalon, {"csf": 1.0})
-    _paint(frac, stem_tissue, {"wm": 0.75, "deep": 0.25})
-    infra |= stem_tissue * below_diencephalon > 0.5
-    del stem_dist, stem_tissue, below_diencephalon
-    _paint(frac, _ramp(-_ellipsoid_distance(x, y, z, place([0, -46, -30]), np.array([5.0, 3.5, 7.0]) * size), h),
-           {"csf": 1.0})
-
+    infra = _paint_cerebellum(rng, frac, p, cb_out)
+    infra |= _paint_brainstem(frac, p, stem_dist, below_diencephalon)
+    _paint_fourth_ventricle(frac, p)
     brain = sum(frac[k] for k in TISSUES) > 0.5
     for k in TISSUES:
         frac[k] *= brain
+    vent_dist, cap_tip, cap = _periventricular_caps(p, ventricles, vent_frac)
+    return Anatomy(box=p.box, frac=frac, cap=cap, brain=brain, wm_depth=wm_depth.astype(np.float32),
+                   vent_dist=vent_dist, infra=infra, cap_tip=cap_tip)
 
-    # -- distance from the ventricles (computed near them only); caps at the horn tips and a
-    #    thin ependymal rim are bright on FLAIR in healthy brains too (not lesions)
+
+def _draw_proportions(rng, spacing) -> _Proportions:
+    # float32 throughout: numpy would promote float32 maps combined with float64 scalars
+    size = (rng.uniform(0.93, 1.05) * (1.0 + 0.025 * rng.standard_normal(3))).astype(np.float32)   # per axis
+    centre = (REF_CENTRE + rng.normal(0.0, 1.5, 3)).astype(np.float32)
+    vent = float(np.exp(rng.uniform(np.log(0.8), np.log(1.7))))
+    t_ext, w_sulcus, t_gm = rng.uniform(0.9, 2.0), rng.uniform(0.4, 0.9), rng.uniform(2.4, 3.0)
+    sulcus_depth = rng.uniform(15.0, 20.0)
+    axes = np.array([68.0, 86.0, 60.0], np.float32) * size
+    # the crop that holds the brain; the brainstem runs out of the field of view below
+    box = _Box(spacing, [*(centre[:2] - axes[:2] * 1.08 - 3), ORIGIN_MM[2]], centre + axes * 1.08 + 3,
+               grid_shape(spacing))
+    return _Proportions(spacing, size, centre, vent, t_ext, w_sulcus, t_gm, sulcus_depth, axes, box)
+
+
+# -- cerebrum ---------------------------------------------------------------------------------
+def _cerebrum(rng, p, cb_out, stem_dist, below_diencephalon):
+    """Fractions of the cerebrum (its cortex folded by sulci and fissures) and its wm_depth.
+
+    The cerebral cortex wraps around the cerebellum and brainstem too, so their surfaces count
+    as CSF boundaries for the cerebrum.
+    """
+    depth, u = _cerebrum_depth(rng, p)
+    sulci = _sulci(rng, p, depth, u)
+    stem_csf = np.where(below_diencephalon > 0, stem_dist - p.t_ext, 99.0)
+    boundary = np.minimum.reduce([sulci, _interhemispheric_fissure(p), _sylvian_fissure(rng, p),
+                                  cb_out + p.t_ext, stem_csf])
+    frac, wm_depth = _cortex(depth, boundary, p.t_ext, p.w_sulcus, p.t_gm, p.spacing)
+    frac["deep"] = np.zeros_like(frac["wm"])
+    outer = _ramp(depth, p.spacing)
+    for k in TISSUES:
+        frac[k] *= outer
+    return frac, wm_depth
+
+
+def _cerebrum_depth(rng, p):
+    """Depth (mm) below the cerebrum's outer surface, and the unit direction from its centre.
+
+    An egg, narrower in front, flat below with a midline notch between the temporal lobes, the
+    occipital lobes low over the cerebellum, lumpy on the scale of lobes.
+    """
+    r, u = _directions(p.box.x, p.box.y, p.box.z, p.centre)
+    axes = p.axes
+    below = 0.95 - 0.45 * np.exp(-(u[0] / 0.35) ** 2 - (u[1] / 0.55) ** 2) + 0.25 * np.maximum(-u[1], 0.0)
+    a = (axes[0] * (1.0 - 0.10 * np.maximum(u[1], 0.0)), axes[1], np.where(u[2] > 0, axes[2], axes[2] * below))
+    radius = 1.0 / np.sqrt((u[0] / a[0]) ** 2 + (u[1] / a[1]) ** 2 + (u[2] / a[2]) ** 2)
+    lobes = p.field_of_direction(rng, 18.0)
+    return radius * (1.0 + 0.035 * lobes) - r, u
+
+
+def _sulci(rng, p, depth, u):
+    """Distance (mm) to the nearest sulcus.
+
+    Sulci are sheets where a smooth function of direction crosses zero, so they stand roughly
+    perpendicular to the surface; a smooth drift with depth bends them; their depth varies.
+    """
+    fold = _Noise(rng, *_SPHERE_MM, 1.9)
+    drift = [p.field_of_direction(rng, 10.0) for _ in range(3)]
+    n = fold(*(60.0 * u[i] + 0.35 * depth * drift[i] for i in range(3)))
+    depth_limit = np.clip(p.sulcus_depth * (1 + 0.3 * p.field_of_direction(rng, 8.0)), 5, 30)
+    return np.hypot(_sheet_distance(n, p.spacing), np.maximum(depth - depth_limit, 0.0))
+
+
+def _interhemispheric_fissure(p):
+    """Distance (mm) to the midline fissure, which stops where the corpus callosum and the
+    diencephalon join the hemispheres."""
+    x, y, z = p.box.x, p.box.y, p.box.z
+    core_c, core_r = p.place([0, -8, 6]), np.array([38.0, 24.0], np.float32) * p.size[1:]
+    core = 1.0 - np.sqrt(((y - core_c[1]) / core_r[0]) ** 2 + ((z - core_c[2]) / core_r[1]) ** 2)
+    return np.hypot(np.abs(x - p.centre[0]), np.maximum(core, 0.0) * core_r[1]) - 0.6
+
+
+def _sylvian_fissure(rng, p):
+    """Distance (mm) to the Sylvian fissure: rising backwards from the temporal pole, laterally
+    down to the insula."""
+    x, y, z, place = p.box.x, p.box.y, p.box.z, p.place
+    syl_z = place([0, 0, -2])[2] - 0.4 * (y - place([0, 0, 0])[1]) + 3.0 * _Noise(rng, [-100] * 3, [100] * 3, 5.0)(x, y, 0.0)
+    y_out = np.maximum(np.maximum(y - place([0, 18, 0])[1], place([0, -42, 0])[1] - y), 0.0)
+    return np.sqrt((z - syl_z) ** 2 + np.maximum(35.0 * p.size[0] - np.abs(x), 0.0) ** 2 + y_out ** 2) - 0.5
+
+
+# -- deep grey nuclei and ventricles ----------------------------------------------------------
+def _deep_nuclei(p):
+    """Ellipsoids of the deep grey nuclei, hugging the ventricles."""
+    vx = 11.0 + 5.0 * p.vent
+    nuclei = []
+    for s in (-1, 1):
+        nuclei += [
+            (p.place([s * 11, -18, 6]), np.array([8.0, 14.0, 8.5]) * p.size),                  # thalamus
+            (p.place([s * (vx + 4.5), 13, 10]), np.array([5.0, 10.0, 8.5]) * p.size),          # caudate head
+            (p.place([s * (vx + 5.5), -8, 19]), np.array([3.5, 9.0, 4.0]) * p.size),           # caudate body
+            (p.place([s * 26, 2, 1]), np.array([5.5, 14.0, 9.0]) * p.size),                    # putamen
+            (p.place([s * 19.5, -3, -1]), np.array([3.5, 8.0, 5.5]) * p.size),                 # pallidum
+        ]
+    return nuclei
+
+
+def _ventricles(p):
+    """Ellipsoids of the C-shaped lateral ventricles and the slit-like third ventricle; width
+    scales with atrophy."""
+    return _lateral_ventricle(p, -1) + _lateral_ventricle(p, 1) + \
+        [(p.place([0, -14, 2]), np.array([1.2 * p.vent, 13.0, 8.5]) * p.size)]
+
+
+def _lateral_ventricle(p, s):
+    """Frontal horn, body, trigone, occipital and temporal horns on side `s` (-1 left, 1 right)."""
+    vent, size, place = p.vent, p.size, p.place
+    # (x of the medial wall, y, z), radii; horns and bodies sit beside a thin septum
+    w = np.array([vent, 1.0, 0.5 + 0.5 * vent])
+    path = [([2.5, 34, 8], [3.5, 4, 5]), ([1.5, 22, 12], [6, 6, 7]), ([1.5, 4, 15], [8, 6, 6]),
+            ([2, -14, 16], [8, 6, 5.5]), ([4, -30, 15], [8, 6, 6]), ([14, -42, 9], [8, 6, 8]),
+            ([17, -57, 5], [4, 7, 3.5]), ([16, -70, 4], [1.5, 3, 1.5])]
+    temporal = [([24, -42, 9], [7, 6, 7]), ([30, -30, -5], [3.5, 5, 3.5]), ([32, -15, -14], [2.5, 5, 2.5]),
+                ([30, -3, -20], [1.5, 3, 1.5])]
+    sides = [(place([s * (c[0] + r[0] * vent), c[1], c[2]]), np.array(r) * w * size) for c, r in path]
+    temp = [(place([s * c[0], c[1], c[2]]), np.array(r) * w * size) for c, r in temporal]
+    return _chain(sides) + _chain(temp)
+
+
+# -- cerebellum, brainstem, 4th ventricle -----------------------------------------------------
+def _brainstem_distance(p):
+    """Signed distance (mm) to the brainstem, and where it lies below the diencephalon (0..1):
+    the midbrain merges upwards into it."""
+    stem = _chain([(p.place(c), np.array(r, np.float32) * p.size) for c, r in [
+        ([0, -20, -4], [12, 11, 8]), ([0, -24, -18], [14, 13, 10]), ([0, -28, -32], [14, 12, 10]),
+        ([0, -36, -48], [10, 10, 12]), ([0, -42, -66], [8, 8, 12]), ([0, -44, -84], [8, 8, 10])]])
+    stem_dist = _union_distance(p.box, p.spacing, stem, 10.0)
+    return stem_dist, _ramp(p.place([0, 0, -12])[2] - p.box.z, 4.0)
+
+
+def _paint_cerebellum(rng, frac, p, cb_out):
+    """Lay the cerebellum (folia: thin transverse sheets around a white-matter core) over
+    `frac` on its own sub-box; returns where it is (bool, crop shape)."""
+    h = p.spacing
+    cb_centre, cb_axes = p.cerebellum
+    sl, (xc, yc, zc) = p.box.sub(h, cb_centre - cb_axes - 2 * h, cb_centre + cb_axes + 2 * h)
+    _, cb_u = _directions(xc, yc, zc, cb_centre)
+    cb_depth = -cb_out[sl]
+    folia = _Noise(rng, [-30] * 3, [30] * 3, [12.0, 1.5, 1.5])(*(25.0 * c for c in cb_u))
+    cb_sulci = np.hypot(_sheet_distance(folia, h), np.maximum(cb_depth - 8.0, 0.0))
+    cb_frac, _ = _cortex(cb_depth, cb_sulci, p.t_ext, 0.3, 1.4, h)
+    cb_outer = _ramp(cb_depth, h)
+    for k in TISSUES:
+        frac[k][sl] = frac[k][sl] * (1.0 - cb_outer) + cb_outer * cb_frac.get(k, 0.0)
+    infra = np.zeros(p.box.shape, bool)
+    infra[sl] = cb_outer > 0.5
+    return infra
+
+
+def _paint_brainstem(frac, p, stem_dist, below_diencephalon):
+    """Lay the brainstem (WM with some grey nuclei) and its CSF over `frac`; returns where it is."""
+    stem_tissue = _ramp(-stem_dist, p.spacing)
+    _paint(frac, _ramp(-(stem_dist - p.t_ext), p.spacing) * below_diencephalon, {"csf": 1.0})
+    _paint(frac, stem_tissue, {"wm": 0.75, "deep": 0.25})
+    return stem_tissue * below_diencephalon > 0.5
+
+
+def _paint_fourth_ventricle(frac, p):
+    fourth = _ellipsoid_distance(p.box.x, p.box.y, p.box.z, p.place([0, -46, -30]), np.array([5.0, 3.5, 7.0]) * p.size)
+    _paint(frac, _ramp(-fourth, p.spacing), {"csf": 1.0})
+
+
+# -- periventricular caps ---------------------------------------------------------------------
+def _periventricular_caps(p, ventricles, vent_frac):
+    """vent_dist, cap_tip and cap of `Anatomy`.
+
+    The distance is computed near the ventricles only. Caps at the horn tips and a thin
+    ependymal rim are bright on FLAIR in healthy brains too (not lesions).
+    """
+    box, h, vent, place = p.box, p.spacing, p.vent, p.place
     centres = np.array([c for c, _ in ventricles])
     sl, (xv, yv, zv) = box.sub(h, centres.min(0) - 30, centres.max(0) + 30)
     vent_dist = np.full(box.shape, 99.0, np.float32)
-    vent_dist[sl] = ndi.distance_transform_edt(vent_frac[sl] < 0.5, sampling=spacing) - 0.5 * spacing
+    vent_dist[sl] = ndi.distance_transform_edt(vent_frac[sl] < 0.5, sampling=h) - 0.5 * h
     tips = [place([s * (2.5 + 3.5 * vent), 33, 8]) for s in (-1, 1)] + \
            [place([s * (16 + 1.5 * vent), -69, 4]) for s in (-1, 1)]
     cap_tip = np.zeros(box.shape, np.float32)
@@ -400,10 +490,8 @@ def make_anatomy(rng: np.random.Generator, spacing: float) -> Anatomy:
         cap_tip[sl] = np.maximum(cap_tip[sl], np.exp(-((xv - t[0]) ** 2 + (yv - t[1]) ** 2 + (zv - t[2]) ** 2) / (2 * 8.0 ** 2)))
     outside = np.maximum(vent_dist, 0.0)
     cap = np.clip(np.exp(-outside / 1.5) + cap_tip * np.exp(-outside / 7.0), 0, 0.95)
-    cap = (cap * (vent_dist > -0.5 * spacing)).astype(np.float32)
-
-    return Anatomy(box=box, frac=frac, cap=cap, brain=brain, wm_depth=wm_depth.astype(np.float32),
-                   vent_dist=vent_dist, infra=infra, cap_tip=cap_tip)
+    cap = (cap * (vent_dist > -0.5 * h)).astype(np.float32)
+    return vent_dist, cap_tip, cap
 
 
 # --------------------------------------------------------------------------------------------
