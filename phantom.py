@@ -39,7 +39,9 @@ import torch
 from tqdm import tqdm
 
 GENERATOR_VERSION = "2"   # bump whenever the output changes: it keys the cache
-CHANNELS = ("flair", "mprage", "pd", "t2")
+# The four contrasts, named by their ISBI 2015 file tag (trainingNN_TT_<tag>_pp.nii); every
+# per-contrast table and dict in this module is keyed by the tag.
+FILE_TAGS = ("flair", "mprage", "pd", "t2")
 ISBI_TIMEPOINTS = (4, 4, 5, 4, 4)
 
 # --------------------------------------------------------------------------------------------
@@ -735,22 +737,25 @@ class Subject:
     anatomy: Anatomy
     lesions: list
     tissue: dict        # tissue -> (T1, T2, PD), jittered per subject
-    base: dict          # channel -> blurred lesion-free signal on the crop
-    bias: dict          # channel -> subject's bias-field coefficients
+    base: dict          # file tag -> blurred lesion-free signal on the crop
+    bias: dict          # file tag -> subject's bias-field coefficients
 
 
 @dataclass
-class Scan:
-    """One time point on the full grid. images: channel -> float32 (scanner units, 0 outside
-    the brain); masks: (rater 1, rater 2) uint8 {0, 1}; lesion: float32 fraction of lesion tissue;
-    labels (with_labels only): uint8 argmax of LABELS."""
+class SyntheticScan:
+    """One simulated time point on the full grid. images: file tag -> float32 (scanner units,
+    0 outside the brain); masks: (rater 1, rater 2) uint8 {0, 1}; lesion: float32 fraction of
+    lesion tissue; labels (with_labels only): uint8 index into TISSUE_CLASSES of each voxel's
+    largest fraction."""
     images: dict
     masks: tuple
     lesion: np.ndarray
     labels: np.ndarray | None = None
 
 
-LABELS = ("background", "csf", "gm", "deep", "wm", "cap", "lesion")
+# the classes of SyntheticScan.labels: TISSUES with the WM compartment split into plain WM,
+# periventricular cap tissue and lesion
+TISSUE_CLASSES = ("background", "csf", "gm", "deep", "wm", "cap", "lesion")
 
 
 def make_subject(seed: int = 0, subject: int = 1, spacing: float = 1.0, timepoints: int = 4) -> Subject:
@@ -765,7 +770,7 @@ def make_subject(seed: int = 0, subject: int = 1, spacing: float = 1.0, timepoin
     tissue["cap"] = lesion_params(tissue["wm"], tissue["lesion"], CAP_SEVERITY)
     f, cap = anatomy.frac, anatomy.cap
     base, bias = {}, {}
-    for ch in CHANNELS:
+    for ch in FILE_TAGS:
         s = {k: np.float32(signal(ch, *tissue[k])) for k in ("csf", "gm", "deep", "wm", "cap")}
         # cap/rim tissue is a share of the WM compartment
         img = s["csf"] * f["csf"] + s["gm"] * f["gm"] + s["deep"] * f["deep"] + f["wm"] * (s["wm"] + cap * (s["cap"] - s["wm"]))
@@ -774,8 +779,8 @@ def make_subject(seed: int = 0, subject: int = 1, spacing: float = 1.0, timepoin
     return Subject(seed, int(subject), spacing, int(timepoints), anatomy, lesions, tissue, base, bias)
 
 
-def make_scan(subj: Subject, timepoint: int, with_labels: bool = False) -> Scan:
-    """Time point `timepoint` (1-based) of a subject on the full grid (see `Scan`)."""
+def make_scan(subj: Subject, timepoint: int, with_labels: bool = False) -> SyntheticScan:
+    """Time point `timepoint` (1-based) of a subject on the full grid (see `SyntheticScan`)."""
     images, masks, lesion = _simulate(subj, timepoint)
     box, h = subj.anatomy.box, subj.spacing
     labels = None
@@ -784,12 +789,13 @@ def make_scan(subj: Subject, timepoint: int, with_labels: bool = False) -> Scan:
         fr = [1.0 - sum(f.values()), f["csf"], f["gm"], f["deep"],
               (f["wm"] - lesion) * (1 - cap), (f["wm"] - lesion) * cap, lesion]
         labels = _to_grid(np.argmax(np.stack(fr), axis=0).astype(np.uint8), box, h)
-    return Scan({ch: _to_grid(v, box, h) for ch, v in images.items()},
-                tuple(_to_grid(m.astype(np.uint8), box, h) for m in masks), _to_grid(lesion, box, h), labels)
+    return SyntheticScan({ch: _to_grid(v, box, h) for ch, v in images.items()},
+                         tuple(_to_grid(m.astype(np.uint8), box, h) for m in masks), _to_grid(lesion, box, h),
+                         labels)
 
 
 def _simulate(subj: Subject, timepoint: int):
-    """One time point on the subject's crop: images (channel -> float32), the two raters'
+    """One time point on the subject's crop: images (file tag -> float32), the two raters'
     masks (bool) and the lesion-tissue fraction (float32)."""
     if not isinstance(timepoint, (int, np.integer)) or not 1 <= timepoint <= subj.n_timepoints:
         raise ValueError(f"timepoint must be in 1..{subj.n_timepoints}, got {timepoint!r}")
@@ -833,7 +839,7 @@ def _simulate(subj: Subject, timepoint: int):
     les_t1, les_t2, les_pd = lesion_params(subj.tissue["wm"], subj.tissue["lesion"], severity[idx])
 
     images = {}
-    for ch in CHANNELS:
+    for ch in FILE_TAGS:
         s_les = signal(ch, les_t1, les_t2, les_pd).astype(np.float32)
         s_wm, s_cap = (np.float32(signal(ch, *subj.tissue[k])) for k in ("wm", "cap"))
         delta = np.zeros(shape, np.float32)
@@ -894,7 +900,7 @@ def preview(path, seed: int = 0, spacing: float = 1.0, subject: int = 1, timepoi
              ("coronal", lambda v: v[:, k_co, :], (lo[0], hi[0], lo[2], hi[2]), f"y = {lo[1] + k_co * spacing:.0f} mm")]
     fig, axs = plt.subplots(2, 4, figsize=(16, 8.6), facecolor="black")
     for row, (name, cut, extent, where) in enumerate(views):
-        for col, ch in enumerate(CHANNELS):
+        for col, ch in enumerate(FILE_TAGS):
             ax = axs[row, col]
             img = scan.images[ch]
             vmax = np.percentile(img[img > 0], 99.7)
@@ -973,7 +979,7 @@ def generate(out_dir, seed: int = 0, spacing: float = 1.0, subjects: int = 5,
                     f.result()
                 stem = f"training{s:02d}_{t:02d}"
                 pending = []
-                for ch in CHANNELS:
+                for ch in FILE_TAGS:
                     data, slope = _quantise(images[ch])
                     pending.append(pool.submit(_save, _to_grid(data, subj.anatomy.box, spacing),
                                                folder / "preprocessed" / f"{stem}_{ch}_pp{ext}", affine, slope))

@@ -10,7 +10,8 @@ import scipy.ndimage as ndi
 
 import phantom as P
 
-CHANNELS = ("flair", "mprage", "pd", "t2")
+# the file tags of ISBI 2015 (trainingNN_TT_<tag>_pp.nii): the layout tests expect exactly these
+ISBI_FILE_TAGS = ("flair", "mprage", "pd", "t2")
 
 
 def _files(root):
@@ -50,7 +51,7 @@ def test_isbi_layout_names_shapes_affine_and_dtypes(small_set):
     for s, n_tp in ((1, 2), (2, 1)):
         for t in range(1, n_tp + 1):
             stem = f"training/training{s:02d}"
-            expected += [f"{stem}/preprocessed/training{s:02d}_{t:02d}_{ch}_pp.nii" for ch in CHANNELS]
+            expected += [f"{stem}/preprocessed/training{s:02d}_{t:02d}_{ch}_pp.nii" for ch in ISBI_FILE_TAGS]
             expected += [f"{stem}/masks/training{s:02d}_{t:02d}_mask{k}.nii" for k in (1, 2)]
     assert _files(small_set) == sorted(expected + ["phantom.json"])
     assert json.loads((small_set / "phantom.json").read_text())["timepoints"] == [2, 1]
@@ -71,7 +72,7 @@ def test_isbi_layout_names_shapes_affine_and_dtypes(small_set):
 def test_compressed_output_has_the_same_names_plus_gz(tmp_path):
     root = P.generate(tmp_path, seed=3, spacing=6.0, subjects=1, timepoints=1, compress=True, progress=False)
     assert _files(root) == sorted(
-        [f"training/training01/preprocessed/training01_01_{ch}_pp.nii.gz" for ch in CHANNELS]
+        [f"training/training01/preprocessed/training01_01_{ch}_pp.nii.gz" for ch in ISBI_FILE_TAGS]
         + [f"training/training01/masks/training01_01_mask{k}.nii.gz" for k in (1, 2)] + ["phantom.json"])
 
 
@@ -135,7 +136,7 @@ def test_masks_binary_nonempty_inside_brain_mostly_white_matter(scans_2mm):
             assert m.dtype == np.uint8 and set(np.unique(m)) <= {0, 1} and m.sum() > 10
             assert not (m.astype(bool) & ~brain).any()
         labels = scan.labels[scan.masks[0].astype(bool)]
-        in_wm = np.isin(labels, [P.LABELS.index(k) for k in ("wm", "cap", "lesion")]).mean()
+        in_wm = np.isin(labels, [P.TISSUE_CLASSES.index(k) for k in ("wm", "cap", "lesion")]).mean()
         assert in_wm > 0.85
         assert ((scan.lesion > 0) <= (scan.images["flair"] > 0)).all()
 
@@ -144,13 +145,13 @@ def _cnr(scan, channel):
     """(mean lesion core - mean white matter) / std white matter."""
     img = scan.images[channel]
     lesion = scan.lesion > 0.7
-    wm = ndi.binary_erosion(scan.labels == P.LABELS.index("wm")) & ~ndi.binary_dilation(scan.lesion > 0, iterations=2)
+    wm = ndi.binary_erosion(scan.labels == P.TISSUE_CLASSES.index("wm")) & ~ndi.binary_dilation(scan.lesion > 0, iterations=2)
     return (img[lesion].mean() - img[wm].mean()) / img[wm].std()
 
 
 def test_lesion_contrast_to_noise_has_the_physical_sign_and_order(scans_2mm):
     for scan in scans_2mm:
-        cnr = {ch: _cnr(scan, ch) for ch in CHANNELS}
+        cnr = {ch: _cnr(scan, ch) for ch in P.FILE_TAGS}
         assert cnr["flair"] > 2.0 and cnr["t2"] > 2.0, cnr
         assert 0.0 < cnr["pd"] < min(cnr["flair"], cnr["t2"]), cnr
         assert cnr["mprage"] < -0.5, cnr
@@ -158,8 +159,8 @@ def test_lesion_contrast_to_noise_has_the_physical_sign_and_order(scans_2mm):
 
 def test_periventricular_caps_bright_on_flair_but_not_lesions(scans_2mm):
     for scan in scans_2mm:
-        cap = scan.labels == P.LABELS.index("cap")
-        wm = scan.labels == P.LABELS.index("wm")
+        cap = scan.labels == P.TISSUE_CLASSES.index("cap")
+        wm = scan.labels == P.TISSUE_CLASSES.index("wm")
         assert cap.sum() > 20
         assert scan.images["flair"][cap].mean() > scan.images["flair"][wm].mean()
         assert (cap & scan.masks[0].astype(bool)).sum() < 0.05 * cap.sum()
@@ -176,7 +177,7 @@ def test_two_raters_differ_but_overlap(scans_2mm):
 def test_signal_equations_reproduce_the_spec_table():
     """Relative intensities (/WM) of §5.4, computed from the §5.2 tissue parameters."""
     rel = {ch: {k: P.signal(ch, *P.TISSUE_PARAMS[k]) / P.signal(ch, *P.TISSUE_PARAMS["wm"])
-                for k in ("csf", "gm", "lesion")} for ch in CHANNELS}
+                for k in ("csf", "gm", "lesion")} for ch in P.FILE_TAGS}
     assert rel["t2"] == pytest.approx({"csf": 3.06, "gm": 1.52, "lesion": 2.10}, abs=0.01)
     assert rel["pd"] == pytest.approx({"csf": 1.12, "gm": 1.17, "lesion": 1.20}, abs=0.01)
     assert rel["mprage"] == pytest.approx({"csf": 0.19, "gm": 0.62, "lesion": 0.70}, abs=0.01)
