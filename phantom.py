@@ -1,8 +1,11 @@
 """Built-in synthetic longitudinal MS-lesion MRI, written in the ISBI 2015 training layout.
 
 The paper's data (ISBI 2015: 5 subjects, 21 scans, FLAIR/MPRAGE/PD/T2, 181x217x181 at 1 mm,
-two raters' masks) cannot be downloaded by code, so this module simulates a dataset with the
-same structure from MR physics (`../shared/spec/data_metrics.md` §5). One story, top to bottom:
+two raters' masks; Carass et al., NeuroImage 148:77, 2017) cannot be downloaded by code, so
+this module simulates a dataset with the same structure from MR physics, in the manner of the
+BrainWeb simulator (Collins et al., IEEE TMI 17:463, 1998; Kwan, Evans & Pike, IEEE TMI
+18:1085, 1999): partial-volume tissue fractions, each sequence's signal equation, blur, a bias
+field and Rician noise. One story, top to bottom:
 
 1. grid       MNI ICBM 1 mm field of view, any isotropic spacing
 2. anatomy    per subject: cerebrum with a folded cortical ribbon, sulci and fissures, white
@@ -19,6 +22,14 @@ same structure from MR physics (`../shared/spec/data_metrics.md` §5). One story
 
 Coordinates are millimetres in a RAS-like frame: axis 0 = x (left -> right), axis 1 = y
 (posterior -> anterior), axis 2 = z (inferior -> superior), origin (-90, -126, -72) mm.
+
+Sources of the numbers: the grid, noise and bias-field conventions are BrainWeb's (Cocosco et
+al., NeuroImage 5:S425, 1997, and its FAQ); 3 T relaxation times from Wansapura et al., JMRI
+9:531, 1999 and Wright et al., MAGMA 21:121, 2008; the spin-echo and inversion-recovery signal
+equations as in Bernstein, King & Zhou, Handbook of MRI Pulse Sequences, 2004 (FLAIR: Hajnal et
+al., J Comput Assist Tomogr 16:841, 1992); MPRAGE's steady state after Deichmann et al.,
+NeuroImage 12:112, 2000; lesion regions after the McDonald criteria (Thompson et al., Lancet
+Neurol 17:162, 2018); acquisition (3 mm slices for T2w/PDw/FLAIR) from Carass et al. 2017.
 """
 from __future__ import annotations
 
@@ -499,7 +510,7 @@ def _periventricular_caps(p, ventricles, vent_frac):
 # --------------------------------------------------------------------------------------------
 # 3. Lesions
 # --------------------------------------------------------------------------------------------
-LESION_KINDS = {   # share of lesions per region (§5.5: McDonald regions + deep WM, some confluent)
+LESION_KINDS = {   # share per region: McDonald's (Thompson et al. 2018) + deep WM, some confluent
     "periventricular": 0.40, "deep": 0.25, "juxtacortical": 0.20, "infratentorial": 0.10, "confluent": 0.05}
 LESION_DIAMETER_MM = (2.1, 20.0)   # equivalent diameter clip: 5 mm3 .. 4.2 ml
 LESION_LOG_SD = 0.45               # log-normal spread of the equivalent diameter
@@ -622,8 +633,12 @@ def _lesion_surface(lesion, t, x, y, z):
 
 
 # --------------------------------------------------------------------------------------------
-# 4. Tissue parameters at 3 T (§5.2): T1, T2 in ms, PD relative to CSF
+# 4. Tissue parameters at 3 T: T1, T2 in ms, PD relative to CSF
 # --------------------------------------------------------------------------------------------
+# GM and WM lie between the 3 T measurements of Wansapura et al. 1999 (T1 1331 / 832 ms, T2
+# 110 / 80 ms) and Wright et al. 2008 (T1 1607 / 838 ms). CSF: T1 about 4 s and a T2 far
+# longer than BrainWeb's 1.5 T value of 329 ms. Lesions have no consensus value: T1 and T2 are
+# raised over WM (a design choice).
 TISSUE_PARAMS = {
     "csf": (4000.0, 1800.0, 1.00),
     "gm": (1450.0, 100.0, 0.82),
@@ -637,18 +652,18 @@ CAP_SEVERITY = 0.65  # periventricular caps/rims: extra interstitial water, part
 def lesion_params(wm, lesion, severity):
     """T1, T2, PD of WM turned into lesion tissue to `severity` (0..1).
 
-    Water pools in fast exchange average their relaxation *rates*, so 1/T1 and 1/T2 mix
-    linearly; proton density mixes linearly.
+    Water pools in fast exchange average their relaxation *rates* (Zimmerman & Brittin, J Phys
+    Chem 61:1328, 1957), so 1/T1 and 1/T2 mix linearly; proton density mixes linearly.
     """
     mix = lambda a, b: (1 - severity) * a + severity * b
     return 1.0 / mix(1 / wm[0], 1 / lesion[0]), 1.0 / mix(1 / wm[1], 1 / lesion[1]), mix(wm[2], lesion[2])
 
 
 # --------------------------------------------------------------------------------------------
-# 5. Signal equations (§5.3); E1 = exp(-TR/T1), E2 = exp(-TE/T2); times in ms
+# 5. Signal equations; E1 = exp(-TR/T1), E2 = exp(-TE/T2); times in ms
 # --------------------------------------------------------------------------------------------
 PROTOCOLS = {
-    "flair": dict(TR=10000.0, TE=90.0, TI=2500.0),   # IR-FSE; CSF nulled at TI ~ 0.69 T1_csf
+    "flair": dict(TR=10000.0, TE=90.0, TI=2500.0),   # IR-FSE; CSF null: T1 ln(2/(1+E1)) = 2457 ms
     "mprage": dict(TR=2300.0, TI=900.0, flip_deg=9.0, echo_spacing=7.0, echoes=176),
     "pd": dict(TR=4500.0, TE=11.0),
     "t2": dict(TR=4500.0, TE=90.0),
@@ -662,8 +677,9 @@ def signal(channel: str, T1, T2, PD):
         return PD * (1 - np.exp(-p["TR"] / T1)) * np.exp(-p["TE"] / T2)
     if channel == "flair":          # inversion recovery FSE, magnitude
         return PD * np.abs(1 - 2 * np.exp(-p["TI"] / T1) + np.exp(-p["TR"] / T1)) * np.exp(-p["TE"] / T2)
-    # MPRAGE: inversion, free recovery TA, a train of N small flips (spacing tau) centred at TI,
-    # free recovery TD; steady state solved in closed form; signal at the central echo
+    # MPRAGE (Deichmann et al. 2000): inversion, free recovery TA, a train of N small flips
+    # (spacing tau) centred at TI, free recovery TD; steady state solved in closed form; signal
+    # at the central echo
     n, tau = p["echoes"], p["echo_spacing"]
     ca, sa = np.cos(np.radians(p["flip_deg"])), np.sin(np.radians(p["flip_deg"]))
     e_tau = np.exp(-tau / T1)
@@ -681,12 +697,12 @@ def signal(channel: str, T1, T2, PD):
 # 6. Artefacts and scanner units
 # --------------------------------------------------------------------------------------------
 # Gaussian blur sigma (mm, per axis): T2/PD/FLAIR were acquired with 3 mm axial slices
-# (FWHM 3 mm -> sigma 1.27 mm along z); MPRAGE is ~1 mm isotropic.
+# (Carass et al. 2017; FWHM 3 mm -> sigma 1.27 mm along z); MPRAGE is ~1 mm isotropic.
 BLUR_MM = {"flair": (0.5, 0.5, 1.27), "mprage": (0.45, 0.45, 0.45), "pd": (0.5, 0.5, 1.27), "t2": (0.5, 0.5, 1.27)}
 # Rician noise sigma as a fraction of a reference tissue's mean (BrainWeb: WM for T1-weighted,
 # CSF for T2/PD); drawn per scan within +-25 %
 NOISE = {"flair": ("wm", 0.03), "mprage": ("wm", 0.025), "pd": ("csf", 0.025), "t2": ("csf", 0.025)}
-BIAS_LOG_SD = 0.045      # smooth multiplicative field ~0.9..1.1 over the brain (INU 20 %)
+BIAS_LOG_SD = 0.045      # smooth multiplicative field ~0.9..1.1 over the brain (BrainWeb's INU 20 %)
 WM_UNITS = {"flair": 700.0, "mprage": 1.8e5, "pd": 800.0, "t2": 250.0}   # arbitrary scanner units
 
 

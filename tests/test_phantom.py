@@ -106,7 +106,7 @@ def test_subjects_differ_in_anatomy_and_lesions_evolve():
     assert grown.any() and shrunk.any()
 
 
-def test_lesion_statistics_follow_the_spec():
+def test_lesion_counts_sizes_and_orientation_follow_the_plan():
     lesions = [les for s in range(1, 6) for les in P.make_subject(0, s, 4.0, 4).lesions]
     counts = {k: sum(les.kind == k for les in lesions) for k in P.LESION_KINDS}
     assert counts["periventricular"] == max(counts.values())
@@ -174,14 +174,15 @@ def test_two_raters_differ_but_overlap(scans_2mm):
 
 
 # -- MR physics -----------------------------------------------------------------------------
-def test_signal_equations_reproduce_the_spec_table():
-    """Relative intensities (/WM) of §5.4, computed from the §5.2 tissue parameters."""
+def test_signal_equations_give_the_expected_relative_intensities():
+    """Intensities relative to WM under each protocol, pinned to two decimals: lesions bright on
+    T2w, PDw and FLAIR and darker than WM on MPRAGE, CSF dark on MPRAGE and nulled on FLAIR."""
     rel = {ch: {k: P.signal(ch, *P.TISSUE_PARAMS[k]) / P.signal(ch, *P.TISSUE_PARAMS["wm"])
                 for k in ("csf", "gm", "lesion")} for ch in P.FILE_TAGS}
     assert rel["t2"] == pytest.approx({"csf": 3.06, "gm": 1.52, "lesion": 2.10}, abs=0.01)
     assert rel["pd"] == pytest.approx({"csf": 1.12, "gm": 1.17, "lesion": 1.20}, abs=0.01)
     assert rel["mprage"] == pytest.approx({"csf": 0.19, "gm": 0.62, "lesion": 0.70}, abs=0.01)
-    # FLAIR at TR 10 s sits between the table's TR 9 s and 11 s rows; CSF is nulled
+    # FLAIR nulls CSF: TI 2500 ms is near T1 ln(2 / (1 + exp(-TR / T1))) = 2457 ms for CSF at TR 10 s
     assert rel["flair"]["csf"] < 0.1
     assert rel["flair"] == pytest.approx({"csf": rel["flair"]["csf"], "gm": 1.14, "lesion": 1.71}, abs=0.01)
 
