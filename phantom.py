@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -1018,24 +1019,65 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("RESUNET_CACHE") or Path.home() / ".cache" / "resunet3d-ms")
 
 
+_CACHE_STEM = "isbi2015-synthetic"
+
+
+def _partial_mark() -> str:
+    """Infix of this host's temporary cache folders: <final name>.partial-<host>-<pid>-<random>.
+
+    The host is part of the name because a cache folder may be shared between machines, and a
+    pid only says something on the machine that owns it."""
+    return f".partial-{socket.gethostname()}-"
+
+
+def _remove_dead_partials(root: Path) -> None:
+    """Remove the temporary folders in `root` of generations that died without cleaning up
+    (SIGKILL, out of memory, power loss): those made on this host by a process that is gone.
+
+    A concurrent generator's folder stays, and so does one whose pid has been reused since
+    (taken as alive). Only POSIX can ask whether a pid lives without touching the process
+    (on Windows os.kill terminates it), so elsewhere nothing is removed.
+    """
+    if os.name != "posix":
+        return
+    mark = _partial_mark()
+    for path in root.glob(f"{_CACHE_STEM}-*.partial-*"):
+        _, found, rest = path.name.partition(mark)
+        pid = rest.partition("-")[0]
+        if found and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)   # ignore: a concurrent call may remove it first
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)   # signal 0 delivers nothing: it only asks whether the pid exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # it exists, owned by another user
+        return True
+    return True
+
+
 def ensure_cached(cache_dir=None, seed: int = 0, spacing: float = 1.0, progress: bool = True) -> Path:
     """The built-in dataset (21 scans, ISBI 2015 layout, .nii.gz): generated once, then reused.
 
     Lives in `cache_dir` (default `default_cache_root()`) under a folder keyed by seed, spacing
     and GENERATOR_VERSION. It is generated into a temporary sibling and renamed into place at
-    the end, so an interrupted run never leaves a folder that looks complete. Returns the folder
-    that holds `training/`.
+    the end, so an interrupted run never leaves a folder that looks complete; the temporary
+    folders of killed runs are removed by the next call. Returns the folder that holds
+    `training/`.
     """
     seed, spacing = _check_seed(seed), _check_spacing(spacing)
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
-    final = root / f"isbi2015-synthetic-v{GENERATOR_VERSION}-seed{seed}-{spacing:g}mm"
+    final = root / f"{_CACHE_STEM}-v{GENERATOR_VERSION}-seed{seed}-{spacing:g}mm"
+    _remove_dead_partials(root)
     if final.is_dir():
         return final
     root.mkdir(parents=True, exist_ok=True)
     n = sum(ISBI_TIMEPOINTS)
     print(f"Generating the built-in synthetic MS dataset ({n} scans, {spacing:g} mm) into {final} once; "
           f"later runs reuse it", file=sys.stderr, flush=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".partial-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}{_partial_mark()}{os.getpid()}-", dir=root))
     try:
         generate(tmp, seed=seed, spacing=spacing, compress=True, progress=progress)
         try:

@@ -2,6 +2,11 @@
 MR physics, raters, cache and CLI. Coarse grids (2-4 mm) keep the whole file fast."""
 import filecmp
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -222,6 +227,48 @@ def test_interrupted_generation_leaves_no_cache_behind(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         P.ensure_cached(tmp_path, seed=0, spacing=6.0, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+_HANGING_GENERATOR = """
+import sys, time
+import phantom
+
+def hang(out_dir, **kwargs):
+    (out_dir / "training").mkdir()
+    print("generating", flush=True)
+    time.sleep(600)
+
+phantom.generate = hang
+phantom.ensure_cached(sys.argv[1], seed=0, spacing=6.0, progress=False)
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="pids are only checked on POSIX")
+def test_killed_generation_is_cleaned_up_by_the_next_call_but_a_live_one_is_not(tmp_path, monkeypatch):
+    def fast(out_dir, **kwargs):
+        (out_dir / "training").mkdir()
+        return out_dir
+
+    monkeypatch.setattr(P, "generate", fast)
+    child = subprocess.Popen([sys.executable, "-c", _HANGING_GENERATOR, str(tmp_path)], stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": str(Path(P.__file__).parent)})
+    try:
+        assert child.stdout.readline() == "generating\n"
+        partial = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+        assert len(partial) == 1
+        # a concurrent call while the other generator lives: it finishes its own copy and
+        # leaves the other's folder alone
+        root = P.ensure_cached(tmp_path, seed=0, spacing=6.0, progress=False)
+        assert sorted(tmp_path.iterdir()) == sorted([root, partial[0]])
+    finally:
+        child.kill()   # SIGKILL: no finally clause runs in the child
+        child.wait()
+    assert partial[0].is_dir()
+    # a folder of the same pid made on another machine that shares the cache is not ours to judge
+    foreign = tmp_path / partial[0].name.replace(socket.gethostname(), "other-host", 1)
+    foreign.mkdir()
+    assert P.ensure_cached(tmp_path, seed=0, spacing=6.0, progress=False) == root
+    assert sorted(tmp_path.iterdir()) == sorted([root, foreign])
 
 
 def test_cache_root_from_environment(tmp_path, monkeypatch):
