@@ -4,36 +4,54 @@ The paper (Fig. 1, §3.5) crops every scan to its head/brain, z-normalises it, a
 trains on 10 random 144³ patches per scan and epoch, each holding lesion voxels.
 This module does the same, top to bottom:
 
-1. Readers. ``load_dataset(path, channel, label)`` finds the scans of one of three
-   layouts and reads one channel plus its lesion mask per scan:
+1. Readers. ``find_scans(path)`` finds the scans of one of three layouts;
+   ``load_dataset(path, channels, label)`` reads one or more channels plus the lesion
+   masks of every scan:
    - ISBI 2015 training data (the paper's data in all but name; see the protocol):
      ``training/trainingNN/preprocessed/trainingNN_TT_{flair,mprage,pd,t2}_pp.nii[.gz]``
      and ``.../masks/trainingNN_TT_mask{1,2}.nii[.gz]``, anywhere under ``path``.
+     Skull-stripped, 1 mm isotropic, zeros outside the brain.
    - MICCAI 2008, the dataset the paper names: ``<SITE>_train_CaseNN_{FLAIR,T1,T2,lesion}.nhdr``
-     (+ ``.raw``), UNC cases also ``_lesion_byCHB`` (a second rater).
-   - Anything else through a CSV manifest, ``subject,timepoint,<channels...>,mask[,split]``.
-2. Checks. Every bad input raises ``DataError`` naming the file and what to do.
-3. ``prepare``: crop to the non-zero foreground, z-normalise inside it; ``paste`` undoes the crop.
+     (+ ``.raw``), UNC cases also ``_lesion_byCHB`` (a second rater). These scans are
+     NOT skull-stripped and come at 0.5 mm (512³). The reader takes them as they are:
+     the foreground is then every non-zero voxel, i.e. the head and any non-zero noise
+     in the air, so the crop keeps about the whole field of view and the statistics of
+     the z-normalisation include skull, scalp and air. To train on the brain, list the
+     scans in a manifest with a ``brainmask`` column: voxels outside the brain mask are
+     set to 0 first, and the scan is then prepared as a skull-stripped one. With
+     ``spacing=None`` the 0.5 mm grid is kept (all MICCAI scans agree); pass
+     ``spacing=1.0`` to train at the ISBI 2015 resolution (8x fewer voxels).
+   - Anything else through a CSV manifest,
+     ``subject,timepoint,<channels...>,mask[,brainmask][,split]``.
+2. Checks. Every bad input raises ``DataError`` with one line naming the file and what to do.
+3. ``read_scan``: the one function that turns input files into the network's input, for
+   training and prediction alike: reorient to RAS+, resample (optional), crop to the
+   image's foreground, z-normalise each channel. It returns a ``Geometry`` whose
+   ``restore`` puts a network output back into the input file's own grid.
 4. ``PatchSampler``: lesion-centred random patches from scans held on the training device.
 5. ``split_scans``: the paper's scan-level 17:2:2 split, or a subject-level one.
 
-Arrays are indexed (X, Y, Z) in voxels, as nibabel and pynrrd return them.
+Arrays are indexed (X, Y, Z) in voxels, as nibabel and pynrrd return them; images carry
+a leading channel axis, (C, X, Y, Z).
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import re
+import sys
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import reduce
 from pathlib import Path
+from typing import Sequence
 
 import nibabel as nib
 import nrrd
 import numpy as np
 import torch
-import torch.nn.functional as F
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 
 class DataError(Exception):
@@ -43,24 +61,31 @@ class DataError(Exception):
 # --------------------------------------------------------------------------------------------
 # Channels and labels
 
-CHANNELS = {"FLAIR": "flair", "MPRAGE": "mprage", "PDW": "pd", "T2W": "t2"}
+CHANNELS = ("FLAIR", "MPRAGE", "T2W", "PDW")
+"""The paper's channel names, in the order of its Table 2."""
+
+ISBI_TAGS = {"FLAIR": "flair", "MPRAGE": "mprage", "PDW": "pd", "T2W": "t2"}
 """The paper's channel names -> ISBI 2015 file tags (``trainingNN_TT_<tag>_pp.nii``)."""
 
-MICCAI2008_CHANNELS = {"FLAIR": "FLAIR", "T1": "T1", "T2W": "T2"}
+MICCAI2008_TAGS = {"FLAIR": "FLAIR", "T1": "T1", "T2W": "T2"}
 """MICCAI 2008 channels -> file tags. It has a T1 (spin echo), no MPRAGE and no PD; T1 is
 accepted as a channel of its own and is not an alias of MPRAGE: the two are different
 sequences and the paper's MPRAGE row cannot be reproduced on this dataset."""
 
-_ALIASES = {n.lower(): n for n in (*CHANNELS, *MICCAI2008_CHANNELS)}
-_ALIASES.update({t.lower(): n for table in (CHANNELS, MICCAI2008_CHANNELS) for n, t in table.items()})
+_ALIASES = {n.lower(): n for n in (*ISBI_TAGS, *MICCAI2008_TAGS)}
+_ALIASES.update({t.lower(): n for table in (ISBI_TAGS, MICCAI2008_TAGS) for n, t in table.items()})
 
-LABELS = ("mask1", "mask2", "union", "intersection")
+LABEL_CHOICES = ("mask1", "mask2", "union", "intersection")
 """Which rater's mask becomes the label. Default ``mask1``: the paper trains on "one
 ground-truth channel" without naming the rater, so we take the first rater, which keeps
 the label as one person drew it; ``union``/``intersection`` are consensus masks the
 paper never describes. The others are there to measure how much the choice matters
-(the ISBI challenge scores against both raters). For MICCAI 2008, ``mask1`` is the
-``lesion`` file and ``mask2`` the ``lesion_byCHB`` file (UNC cases only)."""
+(the ISBI challenge scores against both raters, which ``Scan.raters`` holds). For
+MICCAI 2008, ``mask1`` is the ``lesion`` file and ``mask2`` the ``lesion_byCHB`` file
+(UNC cases only)."""
+
+BRAINMASK = "brainmask"
+"""The manifest column of an optional brain mask (see the module docstring)."""
 
 
 def channel_name(name: str) -> str | None:
@@ -76,6 +101,46 @@ def _channel_key(name: str) -> str:
     return channel_name(name) or name.strip().upper()
 
 
+def parse_channels(text: str | Sequence[str], available: Sequence[str] | None = None,
+                   where: str | None = None) -> tuple[str, ...]:
+    """Turn ``"FLAIR,T2W"``, ``"all"`` or a sequence of names into a tuple of channel names.
+
+    Names are case-insensitive and may be file tags (``pd``, ``t2``); the order is kept.
+    Without ``available`` the names must be known channels (``CHANNELS`` and MICCAI 2008's
+    ``T1``) and ``"all"`` means ``CHANNELS``; with it (e.g. a dataset's or a manifest's
+    channels) names must be among them, keep their spelling there, and ``"all"`` means
+    all of them, in that order. An unknown, empty or repeated name raises DataError naming
+    it; ``where`` (e.g. the dataset's path) prefixes the message.
+    """
+    items = [t.strip() for t in text.split(",")] if isinstance(text, str) else [str(t).strip() for t in text]
+    known = list(available) if available is not None else [*CHANNELS, "T1"]
+    prefix = f"{where}: " if where else ""
+    if not items or any(not t for t in items):
+        raise DataError(f"{prefix}empty channel name in {text!r}; give names separated by commas, "
+                        f"e.g. FLAIR,T2W, or 'all'.")
+    if len(items) == 1 and items[0].lower() == "all":
+        if available is None:
+            return CHANNELS
+        if not known:
+            raise DataError(f"{prefix}no channels to choose from for 'all'.")
+        return tuple(known)
+    out: list[str] = []
+    for item in items:
+        match = [k for k in known if _channel_key(k) == _channel_key(item)]
+        if not match:
+            hint = "'all' cannot be combined with other names; " if item.lower() == "all" else ""
+            if where:
+                raise DataError(f"{where}: no channel {item!r} in this data; {hint}it has "
+                                f"{', '.join(sorted(known)) or 'none'} (case-insensitive; file tags such as pd, "
+                                "t2 also work).")
+            raise DataError(f"unknown channel {item!r}; {hint}choose from {', '.join(known)} or 'all' "
+                            "(case-insensitive; file tags such as pd, t2 also work).")
+        if match[0] in out:
+            raise DataError(f"{prefix}channel {item!r} is repeated in {text!r}; list each channel once.")
+        out.append(match[0])
+    return tuple(out)
+
+
 # --------------------------------------------------------------------------------------------
 # Layouts: which files make a scan
 
@@ -84,13 +149,15 @@ class _Layout:
     name: str
     raters: tuple[str, ...]  # the mask keys standing for mask1, mask2
     tags: dict[str, str]  # channel name -> its part of the file name
+    channels: tuple[str, ...]  # the order of 'all' (a manifest: its columns)
     expected: str  # how a missing file would be named; formatted with id= and tag=
 
 
-_ISBI = _Layout("ISBI 2015", ("mask1", "mask2"), {n: f"{t}_pp" for n, t in CHANNELS.items()},
+_ISBI = _Layout("ISBI 2015", ("mask1", "mask2"), {n: f"{t}_pp" for n, t in ISBI_TAGS.items()}, CHANNELS,
                 "a file named {id}_{tag}.nii or .nii.gz")
-_MICCAI = _Layout("MICCAI 2008", ("lesion", "lesion_byCHB"), MICCAI2008_CHANNELS, "a file named {id}_{tag}.nhdr")
-_MANIFEST = _Layout("manifest", ("mask",), {}, "a path in column '{tag}' of {path} for scan {id}")
+_MICCAI = _Layout("MICCAI 2008", ("lesion", "lesion_byCHB"), MICCAI2008_TAGS, tuple(MICCAI2008_TAGS),
+                  "a file named {id}_{tag}.nhdr")
+_MANIFEST = _Layout("manifest", ("mask",), {}, (), "a path in column '{tag}' of {path} for scan {id}")
 
 _ISBI_FILE = re.compile(
     r"^(?P<subject>training\d+)_(?P<tp>\d+)_(?P<key>(?:flair|mprage|pd|t2)_pp|mask[12])\.nii(?:\.gz)?$")
@@ -101,7 +168,7 @@ _MICCAI_FILE = re.compile(
 @dataclass
 class Found:
     """One scan's files as found on disk, before reading. ``files`` maps a channel name
-    (FLAIR, MPRAGE, ...; a manifest's own column names) or a rater key to a path."""
+    (FLAIR, MPRAGE, ...; a manifest's own column names), a rater key or ``brainmask`` to a path."""
     subject: str
     timepoint: int
     files: dict[str, Path]
@@ -120,7 +187,16 @@ def find_scans(path: str | os.PathLike) -> tuple[str, dict[str, Found]]:
 
 def _find(path: Path) -> tuple[str, _Layout, dict[str, Found]]:
     if path.suffix.lower() == ".csv":
-        return _MANIFEST.name, _MANIFEST, _read_manifest(path)
+        layout, found = _MANIFEST, _read_manifest(path)
+    else:
+        layout, found = _walk(path)
+    _refuse_shared_images(found, layout)
+    return layout.name, layout, found
+
+
+def _walk(path: Path) -> tuple[_Layout, dict[str, Found]]:
+    if _dangling(path):
+        raise DataError(f"{path}: dangling symlink (it points to {os.readlink(path)}, which does not exist).")
     if not path.exists():
         raise DataError(f"{path}: no such folder. Point --data at the unpacked ISBI 2015 training "
                         "folder, a MICCAI 2008 folder, or a .csv manifest.")
@@ -128,7 +204,7 @@ def _find(path: Path) -> tuple[str, _Layout, dict[str, Found]]:
         raise DataError(f"{path}: not a folder and not a .csv manifest.")
     isbi: dict[str, Found] = {}
     miccai: dict[str, Found] = {}
-    for root, _, names in sorted(os.walk(path, followlinks=True)):
+    for root, _, names in sorted(os.walk(path, followlinks=True, onerror=_walk_error)):
         for name in sorted(names):
             if m := _ISBI_FILE.match(name):
                 key = _key_of(_ISBI, m["key"])
@@ -139,13 +215,26 @@ def _find(path: Path) -> tuple[str, _Layout, dict[str, Found]]:
     if isbi and miccai:
         raise DataError(f"{path}: holds both ISBI 2015 and MICCAI 2008 files; point --data at one of them.")
     if isbi:
-        return _ISBI.name, _ISBI, isbi
+        return _ISBI, isbi
     if miccai:
-        return _MICCAI.name, _MICCAI, miccai
+        return _MICCAI, miccai
     raise DataError(
         f"{path}: empty dataset, no scans found. Expected ISBI 2015 files "
         "(training/trainingNN/preprocessed/trainingNN_TT_flair_pp.nii, .../masks/trainingNN_TT_mask1.nii), "
         "MICCAI 2008 files (CHB_train_CaseNN_FLAIR.nhdr, ..._lesion.nhdr), or a .csv manifest.")
+
+
+def _walk_error(error: OSError) -> None:
+    """os.walk skips a folder it cannot list unless told otherwise; a skipped subject would
+    silently shrink the dataset, so every listing error stops the read."""
+    if isinstance(error, PermissionError):
+        raise DataError(f"{error.filename}: permission denied, cannot list this folder; "
+                        "make it readable (chmod u+rx) or move it out of the dataset.") from error
+    raise DataError(f"{error.filename}: cannot list this folder ({error.strerror or error}).") from error
+
+
+def _dangling(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 def _key_of(layout: _Layout, tag: str) -> str:
@@ -153,6 +242,9 @@ def _key_of(layout: _Layout, tag: str) -> str:
 
 
 def _add(found: dict[str, Found], sid: str, subject: str, tp: int, key: str, file: Path) -> None:
+    if _dangling(file):
+        raise DataError(f"{file}: dangling symlink (it points to {os.readlink(file)}, which does not exist); "
+                        "fix or remove the link.")
     entry = found.setdefault(sid, Found(subject, tp, {}))
     if key in entry.files:
         raise DataError(f"{file} and {entry.files[key]} are both the {key} of scan {sid}; "
@@ -160,28 +252,57 @@ def _add(found: dict[str, Found], sid: str, subject: str, tp: int, key: str, fil
     entry.files[key] = file
 
 
+def _refuse_shared_images(found: dict[str, Found], layout: _Layout) -> None:
+    """One image file under two scan ids would put the same data on both sides of a split.
+    Files are compared by their real path (symlinks and ``..`` resolved). Masks may be
+    shared (e.g. one empty mask for lesion-free scans)."""
+    seen: dict[str, tuple[str, Path]] = {}
+    for sid, entry in found.items():
+        for key, file in entry.files.items():
+            if key in layout.raters or key == BRAINMASK:
+                continue
+            real = os.path.realpath(file)
+            if real in seen and seen[real][0] != sid:
+                other, other_file = seen[real]
+                raise DataError(f"{file}: the same image file is listed for scans {other} and {sid} "
+                                f"(also as {other_file}); it would leak across the split, keep one.")
+            seen.setdefault(real, (sid, file))
+
+
 _SPLITS = ("train", "val", "test")
+_MANIFEST_HEADER = "'subject,timepoint,<channels...>,mask[,brainmask][,split]'"
 
 
 def _read_manifest(csv_path: Path) -> dict[str, Found]:
-    """Rows ``subject,timepoint,<channel columns>,mask[,split]``; relative paths are
-    resolved against the CSV's folder; an empty cell means that file is missing."""
+    """Rows ``subject,timepoint,<channel columns>,mask[,brainmask][,split]``; relative paths
+    are resolved against the CSV's folder; an empty cell means that file is missing. A
+    UTF-8 byte-order mark (Excel writes one) is accepted."""
+    if _dangling(csv_path):
+        raise DataError(f"{csv_path}: dangling symlink (it points to {os.readlink(csv_path)}, which does not exist).")
     try:
-        with open(csv_path, newline="") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError) as e:
+    except FileNotFoundError as e:
+        raise DataError(f"{csv_path}: no such manifest file.") from e
+    except PermissionError as e:
+        raise DataError(f"{csv_path}: permission denied, cannot read the manifest; make it readable.") from e
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{csv_path}: cannot read the manifest ({e}).") from e
     rows = [(line, [c.strip() for c in r]) for line, r in enumerate(rows, start=1) if any(c.strip() for c in r)]
     if not rows:
         raise DataError(f"{csv_path}: empty manifest; expected a header row "
-                        "'subject,timepoint,<channels...>,mask[,split]' and one row per scan.")
+                        f"{_MANIFEST_HEADER} and one row per scan.")
     header = rows[0][1]
     lower = [h.lower() for h in header]
     missing = [c for c in ("subject", "timepoint", "mask") if c not in lower]
     if missing:
         raise DataError(f"{csv_path}: the header row lacks column(s) {', '.join(missing)}; expected "
-                        f"'subject,timepoint,<channels...>,mask[,split]', found '{','.join(header)}'.")
-    channels = [h for h, low in zip(header, lower) if low not in ("subject", "timepoint", "mask", "split")]
+                        f"{_MANIFEST_HEADER}, found '{','.join(header)}'.")
+    special = ("subject", "timepoint", "mask", "split", BRAINMASK)
+    twice = sorted({h for h, low in zip(header, lower) if low in special and lower.count(low) > 1})
+    if twice:
+        raise DataError(f"{csv_path}: column(s) {', '.join(twice)} appear more than once; keep one of each.")
+    channels = [h for h, low in zip(header, lower) if low not in special]
     keys = [_channel_key(c) for c in channels]
     if len(set(keys)) < len(keys):
         twice = [c for c, k in zip(channels, keys) if keys.count(k) > 1]
@@ -206,38 +327,89 @@ def _read_manifest(csv_path: Path) -> dict[str, Found]:
         sid = f"{cells['subject']}_{tp:02d}"
         if sid in found:
             raise DataError(f"{csv_path}, line {line}: subject {cells['subject']} time point {tp} is listed twice.")
-        files = {("mask" if low == "mask" else name): csv_path.parent / Path(cell).expanduser()
+        files = {(low if low in ("mask", BRAINMASK) else name): csv_path.parent / Path(cell).expanduser()
                  for name, low, cell in zip(header, lower, row)
                  if cell and low not in ("subject", "timepoint", "split")}
         found[sid] = Found(cells["subject"], tp, files, split.lower() if split else None)
     return found
 
 
+def _check_splits(found: dict[str, Found], path: Path) -> None:
+    """A manifest's split column must leave none of train, val and test empty (checked
+    when the data are loaded, before any training)."""
+    splits = [e.split for e in found.values()]
+    if not any(splits):
+        return
+    empty = [name for name in _SPLITS if name not in splits]
+    if empty:
+        raise DataError(f"{path}: the split column leaves {' and '.join(empty)} empty; every one of "
+                        f"{', '.join(_SPLITS)} needs at least one scan (or drop the column for a random split).")
+
+
+def dataset_fingerprint(path: str | os.PathLike) -> str:
+    """A short hex digest of the dataset at ``path``: each scan's id, file keys, file
+    names and sizes, and a manifest's split column, for a resume check. It does not read
+    the images, and it does not depend on how ``path`` is spelled (``DIR``, ``DIR/``, a
+    relative or an absolute path give the same digest). Missing files count as size -1."""
+    _, layout, found = _find(Path(path).expanduser())
+    digest = hashlib.sha256(layout.name.encode())
+    for sid in sorted(found):
+        entry = found[sid]
+        digest.update(f"\n{sid}|{entry.split}".encode())
+        for key in sorted(entry.files):
+            file = entry.files[key]
+            try:
+                size = os.stat(file).st_size
+            except OSError:
+                size = -1
+            digest.update(f"|{key}={file.name}:{size}".encode())
+    return digest.hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------------------------
 # Reading one file, with the checks every scan needs
 
+def _check_file(path: Path) -> None:
+    if _dangling(path):
+        raise DataError(f"{path}: dangling symlink (it points to {os.readlink(path)}, which does not exist); "
+                        "fix or remove the link.")
+    if not path.exists():
+        raise DataError(f"{path}: no such file.")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file.")
+
+
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | None]:
-    """Read one 3D volume: NIfTI (``.nii``, ``.nii.gz``) or NRRD (``.nrrd``, ``.nhdr``).
+    """Read one 3D volume as stored: NIfTI (``.nii``, ``.nii.gz``) or NRRD (``.nrrd``, ``.nhdr``).
 
     Returns ``(float32 array (X, Y, Z), 4x4 voxel-to-RAS-mm affine, header)``; header is the
     nibabel header for NIfTI (so predictions can be written into the same space), None for
-    NRRD. Trailing axes of length 1 are dropped; a true 4D image, NaN or inf voxels, or an
-    unreadable file raise DataError.
+    NRRD. Trailing axes of length 1 are dropped; a true 4D image, a complex-valued image,
+    NaN or inf voxels, an unreadable or corrupt file raise DataError. No reorientation,
+    no resampling: ``read_scan`` does those.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file.")
+    _check_file(path)
     name = path.name.lower()
     try:
         if name.endswith((".nii", ".nii.gz")):
             img = nib.load(path)
+            if np.dtype(img.get_data_dtype()).kind == "c":
+                raise DataError(f"{path}: complex-valued image ({img.get_data_dtype()}); expected a real "
+                                "magnitude image. Export the magnitude.")
             data, affine, header = img.get_fdata(dtype=np.float32), img.affine.copy(), img.header
         elif name.endswith((".nrrd", ".nhdr")):
             data, hdr = nrrd.read(str(path))
+            if data.dtype.kind == "c":
+                raise DataError(f"{path}: complex-valued image ({data.dtype}); expected a real magnitude "
+                                "image. Export the magnitude.")
             data, affine, header = data.astype(np.float32), _nrrd_affine(hdr, path), None
         else:
             raise DataError(f"{path}: unsupported file type; expected .nii, .nii.gz, .nrrd or .nhdr.")
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError,
+    except PermissionError as e:
+        raise DataError(f"{e.filename or path}: permission denied, cannot read this file; "
+                        "make it readable (chmod u+r).") from e
+    except (OSError, EOFError, ValueError, TypeError, zlib.error, nib.filebasedimages.ImageFileError,
             nrrd.NRRDError) as e:
         raise DataError(f"{path}: unreadable or corrupt file ({type(e).__name__}: {e}). "
                         "Re-download or re-export it.") from e
@@ -251,6 +423,25 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, nib.Nif
         raise DataError(f"{path}: {int(bad.sum())} NaN or inf voxels; "
                         "fix the file (e.g. set them to 0) before training.")
     return data, affine, header
+
+
+def _read_grid(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """A file's voxel shape and affine from its header alone (no voxel data read)."""
+    _check_file(path)
+    try:
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            img = nib.load(path)
+            return tuple(int(n) for n in img.shape), img.affine.copy()
+        if path.name.lower().endswith((".nrrd", ".nhdr")):
+            hdr = nrrd.read_header(str(path))
+            return tuple(int(n) for n in hdr["sizes"]), _nrrd_affine(hdr, path)
+    except PermissionError as e:
+        raise DataError(f"{path}: permission denied, cannot read this file; make it readable (chmod u+r).") from e
+    except (OSError, EOFError, ValueError, KeyError, zlib.error, nib.filebasedimages.ImageFileError,
+            nrrd.NRRDError) as e:
+        raise DataError(f"{path}: unreadable or corrupt file ({type(e).__name__}: {e}). "
+                        "Re-download or re-export it.") from e
+    raise DataError(f"{path}: unsupported file type; expected .nii, .nii.gz, .nrrd or .nhdr.")
 
 
 _SPACE_SIGNS = {"left": -1.0, "right": 1.0, "posterior": -1.0, "anterior": 1.0,
@@ -280,80 +471,176 @@ def _nrrd_affine(hdr: dict, path: Path) -> np.ndarray:
     return np.diag([*(_SPACE_SIGNS[w] for w in words), 1.0]) @ affine
 
 
-def _read_mask(path: Path, image_path: Path, shape: tuple, affine: np.ndarray) -> np.ndarray:
+def _same_grid(path: Path, shape, affine, ref_path: Path, ref_shape, ref_affine, what: str) -> None:
+    if tuple(shape) != tuple(ref_shape):
+        raise DataError(f"{path} has shape {tuple(shape)} but {ref_path} has {tuple(ref_shape)}; "
+                        f"{what} must be on the same voxel grid.")
+    if not np.allclose(affine, ref_affine, atol=1e-3):
+        raise DataError(f"{path} and {ref_path} have different affines "
+                        f"({np.asarray(affine)[:3].round(3).tolist()} vs {np.asarray(ref_affine)[:3].round(3).tolist()}); "
+                        f"{what} must be on the same voxel grid: resample one onto the other.")
+
+
+def _read_binary(path: Path, image_path: Path, shape: tuple, affine: np.ndarray, what: str) -> np.ndarray:
     mask, mask_affine, _ = read_image(path)
-    if mask.shape != shape:
-        raise DataError(f"{path} has shape {mask.shape} but its image {image_path} has {shape}; "
-                        "a mask must be drawn on the same grid as its image.")
-    if not np.allclose(mask_affine, affine, atol=1e-3):
-        raise DataError(f"{path} and its image {image_path} have different affines "
-                        f"({mask_affine[:3].round(3).tolist()} vs {affine[:3].round(3).tolist()}); "
-                        "resample the mask onto the image grid.")
+    _same_grid(path, mask.shape, mask_affine, image_path, shape, affine, f"a {what} and its image")
     other = (mask != 0) & (mask != 1)
     if other.any():
         raise DataError(f"{path}: not a binary mask, values such as {np.unique(mask[other])[:5].tolist()} "
-                        "besides 0 and 1; binarise it or point at the lesion mask.")
+                        f"besides 0 and 1; binarise it or point at the {what}.")
     return mask.astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
-# Crop to the foreground and z-normalise
+# Geometry: file grid -> canonical (RAS+) grid -> resampled grid -> crop, and back
 
-BACKGROUND = 0.0
-"""Intensity of every voxel outside the foreground after normalisation (and of patch
-padding): the brain mean, as nnU-Net sets it for data normalised inside a non-zero mask."""
+def _spacing_of(affine: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
 
 
-def prepare(image: np.ndarray, mask: np.ndarray | None = None, source: str = "image"
-            ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[tuple[int, int], ...]]:
-    """Crop a scan to its foreground and z-normalise it, for training and prediction alike.
+def _as_spacing(spacing) -> np.ndarray:
+    values = np.broadcast_to(np.asarray(spacing, dtype=float), (3,)) if np.ndim(spacing) == 0 else \
+        np.asarray(spacing, dtype=float)
+    if values.shape != (3,) or not (np.isfinite(values).all() and (values > 0).all()):
+        raise DataError(f"spacing {spacing!r}: expected a positive number of mm or three of them (sx, sy, sz).")
+    return values.astype(float)
 
-    The foreground is every non-zero voxel: for skull-stripped data (ISBI 2015) that is
-    the brain. The crop ``box`` is the bounding box of the foreground and of the lesion
-    mask, ``((x0, x1), (y0, y1), (z0, z1))`` with exclusive stops in the full grid; hand it
-    to ``paste`` to put a prediction back. Foreground voxels become ``(x - mean) / std``
-    with the mean and the unbiased (N - 1) std of the foreground; the rest is set to
-    ``BACKGROUND`` (0.0).
 
-    TorchIO's ``ZNormalization`` (spec §2) differs: with its default ``masking_method=None``,
-    which the paper most likely used, mean and std are taken over every voxel of the
-    cropped box, background zeros included, so brain voxels end with mean > 0 and std < 1
-    and the background with -mean/std, the image minimum. With a mask such as
-    ``masking_method=lambda x: x > 0`` its statistics and brain voxels equal ours, but it
-    still maps the whole image, leaving the background at -mean/std (negative, different
-    per scan) where we hold it at 0. Both use the unbiased std; TorchIO raises
-    RuntimeError where std is 0, we raise DataError.
+@dataclass(frozen=True, eq=False)
+class Geometry:
+    """Where a prepared image came from, and how to put a network output back there.
 
-    ``image``: 3D array (X, Y, Z), any units; ``mask``: binary array of the same shape or
-    None; ``source`` names the scan in error messages. Returns a float32 image tensor, a
-    uint8 mask tensor (or None), and the box.
+    The chain, applied by ``read_scan`` (``apply``) and undone by ``restore``:
+
+    1. the file's grid: ``shape``, ``affine`` (voxel -> RAS mm) and ``header`` (the nibabel
+       header for NIfTI, None for NRRD) -- write predictions with these;
+    2. reorientation to the closest canonical orientation, RAS+ (axis 0 towards Right,
+       1 Anterior, 2 Superior), as nibabel's ``as_closest_canonical`` and TorchIO's
+       ``ToCanonical`` do it: a permutation and flips of the voxel axes, no interpolation.
+       ``ornt`` is nibabel's orientation array (file axis i -> canonical axis
+       ``ornt[i, 0]``, flipped where ``ornt[i, 1] == -1``); ``canonical_shape`` the result;
+    3. resampling on the canonical axes to ``spacing`` mm (when it differs from the file's):
+       ``resampled_shape[d] = round(canonical_shape[d] * file spacing / spacing)``, the
+       new grid centred on the old one (same centre of the field of view), images
+       trilinear and labels nearest-neighbour (``scipy.ndimage.affine_transform``,
+       order 1 / 0, edge values extended). ``zoom[d]`` = canonical voxels per prepared voxel;
+    4. the crop ``box``, ``((x0, x1), (y0, y1), (z0, z1))`` with exclusive stops, in the
+       resampled grid.
+
+    ``prepared_affine`` is the voxel -> RAS mm affine of the cropped, prepared image.
     """
-    image = np.asarray(image)
-    if image.ndim != 3 or not np.isfinite(image).all():
-        raise DataError(f"{source}: expected a finite 3D volume, got shape {image.shape}.")
-    foreground = image != 0
-    region = foreground if mask is None else foreground | (np.asarray(mask) != 0)
-    if not foreground.any():
-        raise DataError(f"{source}: every voxel is 0; expected a skull-stripped scan with a non-zero brain.")
-    box = tuple((int(idx.min()), int(idx.max()) + 1) for idx in np.nonzero(region))
-    crop = tuple(slice(a, b) for a, b in box)
-    image, foreground = image[crop], foreground[crop]
-    values = image[foreground].astype(np.float64)
-    mean, std = values.mean(), (values.std(ddof=1) if values.size > 1 else 0.0)
-    if not std > 0:
-        raise DataError(f"{source}: the foreground has one constant intensity ({mean:g}); "
-                        "cannot z-normalise. Check that this is an MR image.")
-    normalised = np.where(foreground, (image - mean) / std, BACKGROUND).astype(np.float32)
-    mask_t = None if mask is None else torch.from_numpy((np.asarray(mask)[crop] != 0).astype(np.uint8))
-    return torch.from_numpy(normalised), mask_t, box
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    header: nib.Nifti1Header | None
+    ornt: np.ndarray
+    canonical_shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    resampled_shape: tuple[int, int, int]
+    zoom: tuple[float, float, float]
+    box: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, shape, affine=None, header=None, spacing=None) -> "Geometry":
+        """The geometry of a file grid ``shape``/``affine`` (identity when None), reoriented
+        to RAS+ and resampled to ``spacing`` mm (None: the file's own spacing), with a
+        crop box covering the whole resampled grid (``with_box`` narrows it)."""
+        shape = tuple(int(n) for n in shape)
+        affine = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
+        ornt = io_orientation(affine)
+        canonical_shape = tuple(int(n) for n in apply_orientation(np.empty(shape, np.uint8), ornt).shape)
+        canonical_spacing = _spacing_of(affine @ inv_ornt_aff(ornt, shape))
+        target = canonical_spacing if spacing is None else _as_spacing(spacing)
+        if np.allclose(target, canonical_spacing, rtol=1e-5, atol=0):
+            target, resampled = canonical_spacing, canonical_shape
+        else:
+            resampled = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(canonical_shape, canonical_spacing, target))
+        zoom = tuple(float(t / s) for t, s in zip(target, canonical_spacing))
+        return cls(shape, affine, header, ornt, canonical_shape, tuple(float(t) for t in target), resampled, zoom,
+                   tuple((0, n) for n in resampled))
+
+    def with_box(self, box) -> "Geometry":
+        return replace(self, box=tuple((int(a), int(b)) for a, b in box))
+
+    @property
+    def resampled(self) -> bool:
+        return tuple(self.resampled_shape) != tuple(self.canonical_shape) or any(z != 1.0 for z in self.zoom)
+
+    @property
+    def prepared_shape(self) -> tuple[int, int, int]:
+        return tuple(b - a for a, b in self.box)
+
+    @property
+    def canonical_affine(self) -> np.ndarray:
+        return self.affine @ inv_ornt_aff(self.ornt, self.shape)
+
+    def _offsets(self) -> np.ndarray:
+        # canonical coordinate of resampled voxel j: c = zoom * j + offset (centres aligned)
+        n, m, z = (np.asarray(v, dtype=float) for v in (self.canonical_shape, self.resampled_shape, self.zoom))
+        return (n - 1) / 2 - z * (m - 1) / 2
+
+    @property
+    def prepared_affine(self) -> np.ndarray:
+        scale = np.eye(4)
+        scale[:3, :3] = np.diag(self.zoom)
+        scale[:3, 3] = self._offsets() + np.asarray(self.zoom) * [a for a, _ in self.box]
+        return self.canonical_affine @ scale
+
+    def apply(self, volume, order: int = 0, crop: bool = True) -> np.ndarray:
+        """A volume in the file's grid (X, Y, Z) -> the prepared grid: reoriented, resampled
+        with spline ``order`` (0 nearest for labels, 1 linear for images) and, with
+        ``crop``, cropped to ``box``."""
+        volume = np.asarray(volume)
+        if tuple(volume.shape) != tuple(self.shape):
+            raise ValueError(f"volume shape {volume.shape} is not the file grid {self.shape}")
+        out = apply_orientation(volume, self.ornt)
+        if self.resampled:
+            out = _resample(out, self.zoom, self._offsets(), self.resampled_shape, order)
+        out = np.ascontiguousarray(out)
+        return out[tuple(slice(a, b) for a, b in self.box)] if crop else out
+
+    def restore(self, volume, order: int | None = None, fill: float = 0) -> np.ndarray:
+        """A volume in the prepared grid (X, Y, Z), e.g. logits or a mask, as a numpy array
+        in the file's own voxel grid (write it with ``affine`` and ``header``).
+
+        Uncrop, holding ``fill`` outside the box (0 for masks; a very negative logit,
+        e.g. -1e4, for logits), resample back with spline ``order`` (default: 0, nearest,
+        for integer and bool volumes; 1, linear, for floats), reorient back. Integer and
+        bool volumes come back as uint8 (bool) or their own dtype, floats as float32.
+        Where no resampling was done the round trip is exact for any volume.
+        Note: a NIfTI header keeps its own data type; to store a uint8 mask as uint8,
+        write it with ``header.copy()`` after ``set_data_dtype(np.uint8)``.
+        """
+        if isinstance(volume, torch.Tensor):
+            volume = volume.detach().cpu().numpy()
+        volume = np.asarray(volume)
+        if volume.dtype == bool:
+            volume = volume.astype(np.uint8)
+        integer = volume.dtype.kind in "iu"
+        if not integer:
+            volume = volume.astype(np.float32, copy=False)
+        order = (0 if integer else 1) if order is None else order
+        full = paste(volume, self.box, self.resampled_shape, fill=fill)
+        if self.resampled:
+            inverse = tuple(1.0 / z for z in self.zoom)
+            full = _resample(full, inverse, -self._offsets() / np.asarray(self.zoom), self.canonical_shape, order,
+                             fill=fill)
+        inverse_ornt = np.empty_like(self.ornt)
+        inverse_ornt[self.ornt[:, 0].astype(int)] = np.stack([np.arange(3), self.ornt[:, 1]], axis=1)
+        return np.ascontiguousarray(apply_orientation(full, inverse_ornt))
+
+
+def _resample(volume: np.ndarray, zoom, offset, shape, order: int, fill: float = 0.0) -> np.ndarray:
+    """Output voxel j samples input coordinate ``zoom * j + offset`` (per axis)."""
+    from scipy import ndimage
+    return ndimage.affine_transform(volume, np.asarray(zoom, dtype=float), offset=np.asarray(offset, dtype=float),
+                                    output_shape=tuple(shape), order=order, mode="nearest", cval=fill,
+                                    prefilter=False)
 
 
 def paste(cropped: torch.Tensor | np.ndarray, box, full_shape, fill=0):
-    """Put a cropped volume (e.g. a prediction) back into the full grid it was cut from.
-
-    Returns the same kind (tensor on the same device, or array) and dtype as ``cropped``,
-    shaped ``full_shape``, holding ``fill`` outside ``box``.
-    """
+    """Put a cropped volume back into the full grid it was cut from (``Geometry.restore``'s
+    first step). Returns the same kind (tensor on the same device, or array) and dtype as
+    ``cropped``, shaped ``full_shape``, holding ``fill`` outside ``box``."""
     crop = tuple(slice(a, b) for a, b in box)
     if tuple(cropped.shape) != tuple(b - a for a, b in box):
         raise ValueError(f"cropped shape {tuple(cropped.shape)} does not match box {box}")
@@ -366,74 +653,265 @@ def paste(cropped: torch.Tensor | np.ndarray, box, full_shape, fill=0):
 
 
 # --------------------------------------------------------------------------------------------
+# read_scan: files -> the network's input (reorient, resample, crop, z-normalise)
+
+BACKGROUND = 0.0
+"""Intensity of every voxel outside the foreground after ``norm="brain"``: the brain
+mean, as nnU-Net (Isensee et al. 2021) sets it for data normalised inside a non-zero mask."""
+
+NORMS = ("brain", "crop")
+
+
+def read_scan(paths: Sequence[str | os.PathLike], norm: str = "brain", spacing=None,
+              brainmask: str | os.PathLike | None = None
+              ) -> tuple[torch.Tensor, Geometry, tuple[float, ...]]:
+    """Turn one scan's channel files into the network's input, for training and prediction alike.
+
+    ``paths``: one file per channel, in the model's channel order; they must share one
+    voxel grid (shape and affine), else DataError naming the file. Steps:
+
+    1. Reorient to RAS+ (nibabel's ``as_closest_canonical``, TorchIO's ``ToCanonical``).
+    2. Resample to ``spacing`` mm (a number or (sx, sy, sz)), trilinearly; None keeps the
+       file's spacing. See ``Geometry``.
+    3. Foreground: the voxels that are non-zero in any channel (the union, as nnU-Net's
+       non-zero mask), or the non-zero voxels of ``brainmask`` (a binary file on the same
+       grid) when given; voxels outside a brain mask are set to 0 first (skull-stripping).
+       The crop box is the foreground's bounding box: it is built from the image alone,
+       never from a lesion mask, so the network's input cannot depend on the label.
+    4. z-normalise each channel on its own, with the mean and the unbiased (N - 1) std:
+
+       - ``norm="brain"`` (default): statistics over the foreground voxels, which become
+         ``(x - mean) / std``; every other voxel is set to ``BACKGROUND`` (0.0), as
+         nnU-Net normalises inside its non-zero mask.
+       - ``norm="crop"``: TorchIO's ``ZNormalization()`` as the paper most likely called it
+         (default ``masking_method=None``): statistics over every voxel of the cropped box,
+         background zeros included, and the whole box mapped, so brain voxels end with
+         mean > 0 and std < 1 and the background at ``-mean / std`` (the image minimum,
+         different per scan and channel). TorchIO pools the statistics over the channels
+         of a multi-channel image; we take each channel on its own, as TorchIO does for
+         one channel per image.
+
+       A channel with a constant foreground raises DataError (TorchIO raises RuntimeError).
+
+    Returns ``(image, geometry, background)``: a float32 tensor (C, X, Y, Z) in the
+    prepared grid, its ``Geometry``, and per channel the value of the voxels outside the
+    foreground (0.0 for ``norm="brain"``), for padding.
+    """
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    if not paths:
+        raise DataError("read_scan needs at least one channel file.")
+    if norm not in NORMS:
+        raise DataError(f"unknown normalisation {norm!r}; choose one of {', '.join(NORMS)}.")
+    channels, affine, header = [], None, None
+    for path in paths:
+        array, aff, hdr = read_image(path)
+        if affine is None:
+            affine, header = aff, hdr
+        else:
+            _same_grid(path, array.shape, aff, paths[0], channels[0].shape, affine, "the channels of a scan")
+        channels.append(array)
+    geometry = Geometry.of(channels[0].shape, affine, header, spacing)
+    source = paths[0]
+    if brainmask is not None:
+        brain = _read_binary(Path(brainmask), source, channels[0].shape, affine, "brain mask")
+        foreground = geometry.apply(brain, order=0, crop=False) != 0
+        if not foreground.any():
+            raise DataError(f"{brainmask}: the brain mask is empty; expected 1 over the brain.")
+        images = [np.where(foreground, geometry.apply(c, order=1, crop=False), 0) for c in channels]
+    else:
+        images = [geometry.apply(c, order=1, crop=False) for c in channels]
+        foreground = reduce(np.logical_or, (im != 0 for im in images))
+        if not foreground.any():
+            raise DataError(f"{source}: every voxel is 0; expected a skull-stripped scan with a non-zero brain "
+                            "(or give a brain mask).")
+    box = tuple((int(idx.min()), int(idx.max()) + 1) for idx in np.nonzero(foreground))
+    geometry = geometry.with_box(box)
+    crop = tuple(slice(a, b) for a, b in box)
+    foreground = foreground[crop]
+    out, background = [], []
+    for path, image in zip(paths, images):
+        image = image[crop]
+        values = (image[foreground] if norm == "brain" else image).astype(np.float64)
+        mean, std = values.mean(), (values.std(ddof=1) if values.size > 1 else 0.0)
+        if not std > 0:
+            raise DataError(f"{path}: the {'foreground' if norm == 'brain' else 'crop'} has one constant intensity "
+                            f"({mean:g}); cannot z-normalise. Check that this is an MR image.")
+        if norm == "brain":
+            out.append(np.where(foreground, (image - mean) / std, BACKGROUND).astype(np.float32))
+            background.append(BACKGROUND)
+        else:
+            out.append(((image - mean) / std).astype(np.float32))
+            background.append(float(np.float32(-mean / std)))
+    return torch.from_numpy(np.stack(out)), geometry, tuple(background)
+
+
+# --------------------------------------------------------------------------------------------
 # Loading a dataset
 
 @dataclass
 class Scan:
-    """One prepared scan: one channel, its lesion mask, and where both came from.
+    """One prepared scan: its channels, its lesion mask(s), and where they came from.
 
-    ``image``: float32 (X, Y, Z), cropped and z-normalised; ``mask``: uint8 {0, 1}, same
-    shape; ``box``: the crop, per-axis (start, stop) in the full grid of shape
-    ``full_shape``; ``affine``: 4x4 voxel -> RAS mm of the full grid; ``header``: nibabel
-    header of the image (None for NRRD); ``paths``: ``{"image": ..., <rater key>: ...}``;
-    ``split``: train/val/test from a manifest's split column, else None.
+    ``image``: float32 (C, X, Y, Z), always with a channel axis, reoriented, resampled,
+    cropped and z-normalised by ``read_scan``; ``mask``: the label, uint8 {0, 1}
+    (X, Y, Z) on the same grid; ``raters``: each available rater's mask on that grid,
+    keyed ``mask1``/``mask2`` (ISBI 2015: both; MICCAI 2008: ``lesion`` as mask1 and
+    UNC's ``lesion_byCHB`` as mask2; a manifest: its ``mask`` as mask1); ``channels``:
+    the channel names, in ``image`` order; ``background``: per channel, the value outside
+    the foreground (0.0 for ``norm="brain"``); ``geometry``: see ``Geometry``;
+    ``spacing``: (sx, sy, sz) mm of ``image``; ``paths``: ``{"image": first channel,
+    <channel>: ..., <rater key of the label>: ..., "brainmask": ...}``; ``split``:
+    train/val/test from a manifest's split column, else None.
+    ``full_shape``, ``affine``, ``header`` and ``box`` are the geometry's (file grid;
+    the box is in the canonical, resampled grid).
     """
     id: str
     subject: str
     timepoint: int
     image: torch.Tensor
     mask: torch.Tensor
-    box: tuple[tuple[int, int], ...]
-    full_shape: tuple[int, int, int]
-    affine: np.ndarray
-    header: nib.Nifti1Header | None
-    paths: dict[str, str]
+    geometry: Geometry | None = None
+    paths: dict[str, str] = field(default_factory=dict)
+    channels: tuple[str, ...] = ()
+    background: tuple[float, ...] | None = None
+    raters: dict[str, torch.Tensor] = field(default_factory=dict)
     split: str | None = None
+    spacing: tuple[float, float, float] | None = None
+
+    def __post_init__(self):
+        if self.image.ndim != 4:
+            raise ValueError(f"Scan {self.id}: image must be (C, X, Y, Z), got shape {tuple(self.image.shape)}")
+        if tuple(self.mask.shape) != tuple(self.image.shape[1:]):
+            raise ValueError(f"Scan {self.id}: mask shape {tuple(self.mask.shape)} is not the image's "
+                             f"{tuple(self.image.shape[1:])}")
+        if self.geometry is None:
+            self.geometry = Geometry.of(self.image.shape[1:])
+        if self.background is None:
+            self.background = (BACKGROUND,) * self.image.shape[0]
+        if len(self.background) != self.image.shape[0]:
+            raise ValueError(f"Scan {self.id}: {len(self.background)} background values for "
+                             f"{self.image.shape[0]} channels")
+        if self.spacing is None:
+            self.spacing = tuple(self.geometry.spacing)
+
+    @property
+    def full_shape(self) -> tuple[int, int, int]:
+        return self.geometry.shape
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.geometry.affine
+
+    @property
+    def header(self):
+        return self.geometry.header
+
+    @property
+    def box(self):
+        return self.geometry.box
 
 
-def load_dataset(path: str | os.PathLike, channel: str, label: str = "mask1") -> list[Scan]:
-    """Read every scan of one channel at ``path`` and prepare it, sorted by scan id.
+def load_dataset(path: str | os.PathLike, channels: str | Sequence[str], label: str = "mask1",
+                 norm: str = "brain", spacing=None, progress: bool = False) -> list[Scan]:
+    """Read every scan at ``path`` and prepare it with ``read_scan``, sorted by scan id.
 
     ``path``: an ISBI 2015 folder (the one holding ``training/``, or ``training/`` itself),
-    a MICCAI 2008 folder, or a ``.csv`` manifest. ``channel``: FLAIR, MPRAGE, PDW, T2W (or
-    T1 for MICCAI 2008), case-insensitive, or a file tag (``pd``, ``t2``); a manifest also
-    accepts its own column names. ``label``: one of ``LABELS`` (default ``mask1``, see
-    there); a manifest has a single ``mask`` column, so only ``mask1``.
+    a MICCAI 2008 folder, or a ``.csv`` manifest. ``channels``: one name or several
+    (``"FLAIR"``, ``"FLAIR,T2W"``, ``["FLAIR", "T2W"]``, ``"all"``; see ``parse_channels``):
+    FLAIR, MPRAGE, PDW, T2W (or T1 for MICCAI 2008), case-insensitive, or file tags
+    (``pd``, ``t2``); a manifest also accepts its own column names. They are stacked in
+    the given order and each is normalised on its own. ``label``: one of ``LABEL_CHOICES``
+    (default ``mask1``, see there); a manifest has a single ``mask`` column, so only
+    ``mask1``. ``norm``: ``"brain"`` or ``"crop"`` (see ``read_scan``). ``spacing``: None
+    keeps each scan's spacing when all scans agree (to 0.1 %) and otherwise resamples
+    every scan to the dataset's median spacing (per axis, in the RAS+ orientation); a
+    number or (sx, sy, sz) in mm resamples every scan to it. ``progress``: a progress bar
+    on stderr.
+
+    Refused with DataError: a lesion voxel outside the crop box (the crop is built from
+    the image alone, so it would be lost; the mask does not fit its image), a dataset
+    whose label masks are all empty, a manifest split column leaving train, val or test
+    empty.
     """
     path = Path(path).expanduser()
     _, layout, found = _find(path)
+    if norm not in NORMS:
+        raise DataError(f"unknown normalisation {norm!r}; choose one of {', '.join(NORMS)}.")
     raters, combine = _label_raters(label, layout, path)
-    key = _resolve_channel(channel, found, layout, path)
+    keys = _resolve_channels(channels, found, layout, path)
+    _check_splits(found, path)
+    target = _dataset_spacing(found, keys[0], layout, path) if spacing is None else _as_spacing(spacing)
     scans = []
-    for sid in sorted(found):
-        entry = found[sid]
-        image_path = _file(entry, sid, key, "image", layout, path)
-        mask_paths = [_file(entry, sid, r, "mask", layout, path) for r in raters]
-        image, affine, header = read_image(image_path)
-        masks = [_read_mask(p, image_path, image.shape, affine) for p in mask_paths]
-        img_t, mask_t, box = prepare(image, reduce(combine, masks), source=str(image_path))
-        scans.append(Scan(sid, entry.subject, entry.timepoint, img_t, mask_t, box, image.shape, affine,
-                          header, {"image": str(image_path), **{r: str(p) for r, p in zip(raters, mask_paths)}},
-                          entry.split))
+    ids = sorted(found)
+    if progress:
+        from tqdm import tqdm
+        ids = tqdm(ids, desc="reading scans", unit="scan", file=sys.stderr)
+    for sid in ids:
+        scans.append(_load_scan(sid, found[sid], keys, raters, combine, layout, path, norm, target))
+    if not any(s.mask.any() for s in scans):
+        raise DataError(f"{path}: every lesion mask ({label}) is empty in all {len(scans)} scans; a lesion "
+                        "model cannot be trained on it. Check the mask files or the label choice.")
     return scans
 
 
+def _load_scan(sid, entry: Found, keys, raters, combine, layout: _Layout, path: Path, norm, target) -> Scan:
+    image_paths = [_file(entry, sid, k, "image", layout, path) for k in keys]
+    label_paths = [_file(entry, sid, r, "mask", layout, path) for r in raters]
+    brain_path = _file(entry, sid, BRAINMASK, "brain mask", layout, path) if BRAINMASK in entry.files else None
+    image, geometry, background = read_scan(image_paths, norm=norm, spacing=target, brainmask=brain_path)
+    rater_masks = {}
+    for i, key in enumerate(layout.raters):
+        if key not in entry.files:
+            continue
+        file = _file(entry, sid, key, "mask", layout, path)
+        mask = _read_binary(file, image_paths[0], geometry.shape, geometry.affine, "lesion mask")
+        grid = geometry.apply(mask, order=0, crop=False)
+        cropped = np.ascontiguousarray(grid[tuple(slice(a, b) for a, b in geometry.box)])
+        lost = int(grid.sum()) - int(cropped.sum())
+        if lost:
+            raise DataError(f"{file}: {lost} lesion voxel(s) lie outside the crop box of its image "
+                            f"{image_paths[0]} (the bounding box of the image's non-zero voxels"
+                            f"{' or brain mask' if brain_path else ''}); the mask does not fit the image.")
+        rater_masks[f"mask{i + 1}"] = torch.from_numpy(cropped)
+    label_masks = [rater_masks[f"mask{layout.raters.index(r) + 1}"].numpy() for r in raters]
+    mask = torch.from_numpy(np.ascontiguousarray(reduce(combine, label_masks)))
+    paths = {"image": str(image_paths[0]), **{k: str(p) for k, p in zip(keys, image_paths)},
+             **{r: str(p) for r, p in zip(raters, label_paths)}}
+    if brain_path is not None:
+        paths[BRAINMASK] = str(brain_path)
+    return Scan(sid, entry.subject, entry.timepoint, image, mask, geometry, paths, tuple(keys), background,
+                rater_masks, entry.split)
+
+
+def _dataset_spacing(found: dict[str, Found], key: str, layout: _Layout, path: Path):
+    """None where every scan has the same RAS+ spacing (to 0.1 %), else the median spacing
+    per axis; read from the headers of channel ``key`` only."""
+    spacings = []
+    for sid in sorted(found):
+        file = _file(found[sid], sid, key, "image", layout, path)
+        shape, affine = _read_grid(file)
+        spacings.append(Geometry.of(shape[:3], affine).spacing)
+    spacings = np.asarray(spacings)
+    if np.allclose(spacings, spacings[0], rtol=1e-3, atol=0):
+        return None
+    return tuple(float(s) for s in np.median(spacings, axis=0))
+
+
 def _label_raters(label: str, layout: _Layout, path: Path):
-    if label not in LABELS:
-        raise DataError(f"{path}: unknown label {label!r}; choose one of {', '.join(LABELS)}.")
+    if label not in LABEL_CHOICES:
+        raise DataError(f"{path}: unknown label {label!r}; choose one of {', '.join(LABEL_CHOICES)}.")
     if label != "mask1" and len(layout.raters) == 1:
         raise DataError(f"{path}: a manifest has one mask column, so label must be 'mask1', not {label!r}.")
     raters = {"mask1": layout.raters[:1], "mask2": layout.raters[1:]}.get(label, layout.raters)
     return raters, (np.maximum if label == "union" else np.minimum)
 
 
-def _resolve_channel(channel: str, found: dict[str, Found], layout: _Layout, path: Path) -> str:
-    present = sorted({k for e in found.values() for k in e.files if k not in layout.raters})
-    matches = [k for k in present if _channel_key(k) == _channel_key(channel)]
-    if len(matches) != 1:
-        raise DataError(f"{path}: no channel {channel!r} in this {layout.name} data; it has "
-                        f"{', '.join(present) or 'none'} (case-insensitive; file tags such as pd, t2 also work).")
-    return matches[0]
+def _resolve_channels(channels, found: dict[str, Found], layout: _Layout, path: Path) -> tuple[str, ...]:
+    present = list(dict.fromkeys(k for e in found.values() for k in e.files
+                                 if k not in layout.raters and k != BRAINMASK))
+    if layout.channels:
+        present = [c for c in layout.channels if c in present] + [c for c in present if c not in layout.channels]
+    return parse_channels(channels, present, where=f"{path} ({layout.name})")
 
 
 def _file(entry: Found, sid: str, key: str, what: str, layout: _Layout, path: Path) -> Path:
@@ -445,9 +923,32 @@ def _file(entry: Found, sid: str, key: str, what: str, layout: _Layout, path: Pa
                         f"(near {(near or list(entry.files.values()))[0]}).{hint}")
     file = entry.files[key]
     if layout is _MANIFEST and not file.is_file():
+        if _dangling(file):
+            raise DataError(f"{file}: dangling symlink (it points to {os.readlink(file)}, which does not exist), "
+                            f"listed for scan {sid} in {path}; fix or remove the link.")
         raise DataError(f"{file}: no such file, listed for scan {sid} in {path}; "
                         "relative paths are resolved against the manifest's folder.")
     return file
+
+
+def check_scan_sizes(scans: Sequence, min_side: int) -> None:
+    """Refuse scans too small for the network: every prepared image must be at least
+    ``min_side`` voxels along each axis (e.g. the network's size multiple, below which
+    its deepest level would be under one voxel, or instance norm over a single voxel fails).
+    ``scans``: ``Scan`` objects or ``(name, image)`` pairs with images (C, X, Y, Z) as
+    ``read_scan`` returns them. Raises DataError naming the smallest scan."""
+    sizes = []
+    for scan in scans:
+        name, image = (scan.paths.get("image", scan.id), scan.image) if isinstance(scan, Scan) else scan
+        label = f"scan {scan.id} ({name})" if isinstance(scan, Scan) else f"{name}"
+        sizes.append((min(image.shape[-3:]), label, tuple(image.shape[-3:])))
+    if not sizes:
+        return
+    side, label, shape = min(sizes, key=lambda s: s[0])
+    if side < min_side:
+        small = sum(s < min_side for s, _, _ in sizes)
+        raise DataError(f"{label}: {shape} voxels after cropping, smaller than the network's minimum of "
+                        f"{min_side} per side ({small} scan(s) too small); use larger scans or a finer spacing.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,8 +960,8 @@ class PatchSampler:
     ``scans``: prepared ``Scan`` objects; their image and mask tensors are copied to
     ``device`` once, here, and stay there. ``patch_size``: P or (PX, PY, PZ) voxels
     (default 144, the paper's). ``patches_per_scan``: patches per scan and epoch (default
-    10, the paper's). Iterating yields ``len(self)`` pairs ``(image, label)``, both float32
-    ``(1, 1, PX, PY, PZ)`` on ``device``, in random order.
+    10, the paper's). Iterating yields ``len(self)`` pairs ``(image, label)``, float32
+    ``(1, C, PX, PY, PZ)`` and ``(1, 1, PX, PY, PZ)`` on ``device``, in random order.
 
     Centres are drawn as TorchIO's ``LabelSampler`` with label probabilities {0: 0, 1: 1}
     draws them: a lesion voxel, uniformly, so every patch holds lesion and large lesions
@@ -469,7 +970,7 @@ class PatchSampler:
     just enough, so lesions near the edge are trained on too. A scan with no lesion voxel
     gets centres drawn uniformly over its cropped volume instead, so it still contributes
     (lesion-free) patches. A scan smaller than the patch along an axis is padded once,
-    centred, with ``BACKGROUND`` (label 0).
+    centred, each channel with its own ``Scan.background`` (label 0).
 
     Randomness: all draws of an epoch come from ``generator`` at the start of the epoch.
     The generator may live on the CPU or on ``device`` (None: that device's default
@@ -486,20 +987,18 @@ class PatchSampler:
         if len(size) != 3 or min(size) < 1 or patches_per_scan < 1 or not scans:
             raise ValueError(f"need scans, patch_size of 3 positive ints and patches_per_scan >= 1; got "
                              f"{len(scans)} scans, {patch_size}, {patches_per_scan}")
+        if len({s.image.shape[0] for s in scans}) > 1:
+            raise ValueError(f"scans with different channel counts: {sorted({s.image.shape[0] for s in scans})}")
         self.patch_size, self.patches_per_scan = size, patches_per_scan
         self.device, self.generator = torch.device(device), generator
-        self.ids = [s.id for s in scans]
         self.images, self.masks, self.lesions, self.shapes = [], [], [], []
         for scan in scans:
-            pad = [(max(p - n, 0) // 2, max(p - n, 0) - max(p - n, 0) // 2) for p, n in zip(size, scan.image.shape)]
-            flat = [w for before_after in reversed(pad) for w in before_after]  # F.pad wants the last axis first
-            image = F.pad(scan.image.to(self.device, torch.float32), flat, value=BACKGROUND)
-            mask = F.pad(scan.mask.to(self.device, torch.uint8), flat, value=0)
+            image, mask = _pad_to(scan, size, self.device)
             lesion = mask.nonzero()
             self.images.append(image)
             self.masks.append(mask)
             self.lesions.append(lesion if len(lesion) else None)
-            self.shapes.append(torch.tensor(image.shape, device=self.device))
+            self.shapes.append(torch.tensor(mask.shape, device=self.device))
         self._size = torch.tensor(size, device=self.device)
         self._half = self._size // 2
         self._steps = [torch.arange(p, device=self.device) for p in size]
@@ -518,8 +1017,8 @@ class PatchSampler:
             image, mask = self.images[s], self.masks[s]
             for axis, (step, start) in enumerate(zip(self._steps, starts[i])):
                 index = step + start
-                image, mask = image.index_select(axis, index), mask.index_select(axis, index)
-            yield image[None, None], mask[None, None].float()
+                image, mask = image.index_select(axis + 1, index), mask.index_select(axis, index)
+            yield image[None], mask[None, None].float()
 
     def _starts(self, s: int, u: torch.Tensor) -> torch.Tensor:
         """Patch corners for uniforms ``u`` (m, 3) in [0, 1): lesion voxel u[:, 0] of scan s,
@@ -532,38 +1031,63 @@ class PatchSampler:
         return torch.minimum((centre - self._half).clamp_(min=0), shape - self._size)
 
 
+def _pad_to(scan: Scan, size, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scan's image and mask on ``device``, padded (centred) to at least ``size``, each
+    image channel with its own background value, the mask with 0."""
+    shape = tuple(scan.mask.shape)
+    padded = tuple(max(p, n) for p, n in zip(size, shape))
+    image = scan.image.to(device, torch.float32)
+    mask = scan.mask.to(device, torch.uint8)
+    if padded == shape:
+        return image, mask
+    at = tuple(slice((p - n) // 2, (p - n) // 2 + n) for p, n in zip(padded, shape))
+    background = torch.tensor(scan.background, dtype=torch.float32, device=device)
+    out = background.view(-1, 1, 1, 1).expand(image.shape[0], *padded).clone()
+    out[(slice(None), *at)] = image
+    out_mask = torch.zeros(padded, dtype=torch.uint8, device=device)
+    out_mask[at] = mask
+    return out, out_mask
+
+
 # --------------------------------------------------------------------------------------------
 # Train / validation / test splits
 
-def split_scans(scans: list[Scan], mode: str = "scan", ratios=(0.8, 0.1, 0.1), seed: int = 0
+def split_scans(scans: list[Scan], by: str = "scan", ratios=(0.8, 0.1, 0.1), seed: int = 0
                 ) -> dict[str, list[str]]:
-    """Split scan ids into ``{"train": [...], "val": [...], "test": [...]}`` (each sorted).
+    """Split scan ids into ``{"train": [...], "val": [...], "test": [...]}`` (each sorted),
+    the run's ``split_ids``.
 
-    ``mode="scan"`` (default, the paper's): scans are shuffled with ``seed`` and cut by
+    ``by="scan"`` (default, the paper's): scans are shuffled with ``seed`` and cut by
     ``ratios``; 21 ISBI scans give 17 : 2 : 2. Time points of one subject then land on both
     sides, so the test set shares patients' anatomy and lesions with training, and scores
-    are optimistic. ``mode="subject"``: subjects are shuffled and cut instead, every time
+    are optimistic. ``by="subject"``: subjects are shuffled and cut instead, every time
     point following its subject; 5 ISBI subjects give 3 : 1 : 1 subjects.
 
     Rounding: val and test get ``floor(n * ratio + 0.5)`` units each (units are scans or
     subjects), at least 1 where their ratio is > 0; train gets the rest and must keep at
     least one. If every scan carries a ``split`` (a manifest's split column), those are
-    returned as they are and ``mode``, ``ratios`` and ``seed`` are ignored.
+    returned as they are and ``by``, ``ratios`` and ``seed`` are ignored; they must leave
+    none of train, val and test empty (DataError).
     """
     if any(s.split for s in scans):
         if not all(s.split for s in scans):
             raise ValueError("some scans carry a split and others do not")
-        return {name: sorted(s.id for s in scans if s.split == name) for name in _SPLITS}
-    if mode not in ("scan", "subject"):
-        raise ValueError(f"mode must be 'scan' or 'subject', not {mode!r}")
+        split = {name: sorted(s.id for s in scans if s.split == name) for name in _SPLITS}
+        empty = [name for name in _SPLITS if not split[name]]
+        if empty:
+            raise DataError(f"the manifest's split column leaves {' and '.join(empty)} empty; every one of "
+                            f"{', '.join(_SPLITS)} needs at least one scan.")
+        return split
+    if by not in ("scan", "subject"):
+        raise ValueError(f"by must be 'scan' or 'subject', not {by!r}")
     if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6:
         raise ValueError(f"ratios must be three non-negative numbers summing to 1, not {ratios}")
-    unit_of = {s.id: (s.id if mode == "scan" else s.subject) for s in scans}
+    unit_of = {s.id: (s.id if by == "scan" else s.subject) for s in scans}
     units = sorted(set(unit_of.values()))
     n = len(units)
     n_val, n_test = (max(int(np.floor(n * r + 0.5)), 1 if r > 0 else 0) for r in ratios[1:])
     if n - n_val - n_test < 1:
-        raise DataError(f"{n} {mode}s are too few to split {ratios}; need at least "
+        raise DataError(f"{n} {by}s are too few to split {ratios}; need at least "
                         f"{n_val + n_test + 1}.")
     shuffled = [units[i] for i in np.random.default_rng(seed).permutation(n)]
     side = {u: "train" for u in shuffled[:n - n_val - n_test]}

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import data
-from data import DataError, PatchSampler, Scan, find_scans, load_dataset, paste, prepare, read_image, split_scans
+from data import (DataError, Geometry, PatchSampler, Scan, find_scans, load_dataset, paste, read_image, read_scan,
+                  split_scans)
 
 SHAPE = (28, 32, 24)
 AFFINE = np.array([[1.0, 0, 0, -14], [0, 1, 0, -18], [0, 0, 1, -10], [0, 0, 0, 1]])
@@ -92,14 +93,18 @@ def write_manifest(tmp_path, split=True):
 
 
 def full(scan, array):
-    return paste(array, scan.box, scan.full_shape)
+    """A prepared volume of ``scan`` back in its file's grid."""
+    return scan.geometry.restore(array)
 
 
 # ---------------------------------------------------------------------------------------------
 # Readers
 
 def test_channel_names_and_aliases():
-    assert data.CHANNELS == {"FLAIR": "flair", "MPRAGE": "mprage", "PDW": "pd", "T2W": "t2"}
+    assert data.ISBI_TAGS == {"FLAIR": "flair", "MPRAGE": "mprage", "PDW": "pd", "T2W": "t2"}
+    assert data.CHANNELS == ("FLAIR", "MPRAGE", "T2W", "PDW")  # Table 2's order
+    assert data.MICCAI2008_TAGS == {"FLAIR": "FLAIR", "T1": "T1", "T2W": "T2"}
+    assert data.LABEL_CHOICES == ("mask1", "mask2", "union", "intersection")
     for name, expected in [("flair", "FLAIR"), ("Mprage", "MPRAGE"), ("pd", "PDW"), ("PDW", "PDW"),
                            ("t2", "T2W"), ("t2w", "T2W"), ("T1", "T1"), ("dwi", None)]:
         assert data.channel_name(name) == expected
@@ -123,9 +128,9 @@ def test_isbi_reader_finds_every_scan_and_channel(isbi):
     assert s.full_shape == SHAPE and np.allclose(s.affine, AFFINE)
     assert isinstance(s.header, nib.Nifti1Header) and s.split is None
     assert s.image.dtype == torch.float32 and s.mask.dtype == torch.uint8
-    assert s.image.shape == s.mask.shape
+    assert s.image.shape[1:] == s.mask.shape and s.image.shape[0] == 1 and s.channels == ("PDW",)
     # pd is the PDW channel: the same voxels that brain(10 * tp + 2) made non-zero
-    assert np.array_equal(full(s, s.image.numpy()) != 0, brain(22) != 0)
+    assert np.array_equal(full(s, s.image[0].numpy()) != 0, brain(22) != 0)
 
 
 @pytest.mark.parametrize("label, expected", [
@@ -135,7 +140,7 @@ def test_isbi_labels(isbi, label, expected):
     scans = load_dataset(isbi, "FLAIR", label=label)
     assert all(np.array_equal(full(s, s.mask.numpy()), expected) for s in scans)
     raters = {"mask1": {"mask1"}, "mask2": {"mask2"}}.get(label, {"mask1", "mask2"})
-    assert set(scans[0].paths) == {"image"} | raters
+    assert set(scans[0].paths) == {"image", "FLAIR"} | raters
 
 
 def test_miccai2008_reader(miccai):
@@ -180,46 +185,113 @@ def test_manifest_reader(tmp_path):
         load_dataset(csv, "FLAIR", label="union")
 
 
+def test_parse_channels():
+    assert data.parse_channels("FLAIR,T2W") == ("FLAIR", "T2W")
+    assert data.parse_channels(" t2 , flair ") == ("T2W", "FLAIR")  # tags, any case, order kept
+    assert data.parse_channels(["pd"]) == ("PDW",) and data.parse_channels("all") == data.CHANNELS
+    assert data.parse_channels("gado,flair", available=("FLAIR", "GADO")) == ("GADO", "FLAIR")
+    assert data.parse_channels("all", available=("FLAIR", "GADO")) == ("FLAIR", "GADO")
+    for text, named in [("FLAIR,DWI", "'DWI'"), ("FLAIR,flair", "'flair' is repeated"), ("FLAIR,,T2W", "empty"),
+                        ("all,FLAIR", "'all' cannot be combined")]:
+        with pytest.raises(DataError, match=named):
+            data.parse_channels(text)
+
+
+def test_multi_channel_scans_stack_channels_each_normalised_on_its_own(isbi):
+    two = load_dataset(isbi, "FLAIR,t2")
+    flair, t2 = load_dataset(isbi, "FLAIR"), load_dataset(isbi, ["T2W"])
+    for s, f, t in zip(two, flair, t2):
+        assert s.image.shape == (2, *s.mask.shape) and s.channels == ("FLAIR", "T2W")
+        assert torch.equal(s.image[0], f.image[0]) and torch.equal(s.image[1], t.image[0])
+        assert s.paths["FLAIR"].endswith("flair_pp.nii") or s.paths["FLAIR"].endswith("flair_pp.nii.gz")
+        assert s.paths["T2W"] != s.paths["FLAIR"] and s.background == (0.0, 0.0) and s.spacing == (1.0, 1.0, 1.0)
+        for c in range(2):
+            inside = s.image[c][s.image[c] != 0].double()
+            assert abs(inside.mean()) < 1e-5 and abs(inside.std() - 1) < 1e-5
+    assert load_dataset(isbi, "all")[0].channels == ("FLAIR", "MPRAGE", "T2W", "PDW")
+    with pytest.raises(DataError, match="'FLAIR' is repeated"):
+        load_dataset(isbi, "FLAIR,FLAIR")
+
+
+def test_channels_on_different_grids_are_refused(tmp_path):
+    a = save_nii(tmp_path / "flair.nii.gz", brain(0))
+    b = save_nii(tmp_path / "t2.nii.gz", brain(1), AFFINE @ np.diag([1.0, 1, 2, 1]))
+    c = save_nii(tmp_path / "pd.nii.gz", brain(1)[:, :, :-2])
+    for bad, what in [(b, "affines"), (c, "shape")]:
+        with pytest.raises(DataError, match=what) as e:
+            read_scan([a, bad])
+        assert str(bad) in str(e.value) and str(a) in str(e.value)
+
+
+def test_raters_hold_every_available_isbi_rater(isbi):
+    s = load_dataset(isbi, "FLAIR")[0]  # label mask1, yet both raters are there for the ISBI score
+    assert set(s.raters) == {"mask1", "mask2"} and torch.equal(s.raters["mask1"], s.mask)
+    assert all(r.dtype == torch.uint8 and r.shape == s.mask.shape for r in s.raters.values())
+    assert np.array_equal(full(s, s.raters["mask2"]), MASK2)
+
+
+def test_raters_of_miccai2008(miccai):
+    chb, unc = load_dataset(miccai, "FLAIR")
+    assert set(chb.raters) == {"mask1"} and set(unc.raters) == {"mask1", "mask2"}
+    assert np.array_equal(full(unc, unc.raters["mask2"]), MASK2)
+
+
+def test_read_scan_is_what_load_dataset_serves(isbi):
+    s = load_dataset(isbi, "FLAIR,PDW", norm="crop")[1]
+    image, geometry, background = read_scan([s.paths["FLAIR"], s.paths["PDW"]], norm="crop")
+    assert torch.equal(image, s.image) and background == s.background and geometry.box == s.geometry.box
+    assert np.allclose(geometry.affine, AFFINE) and isinstance(geometry.header, nib.Nifti1Header)
+    assert geometry.shape == SHAPE and all(b < 0 for b in background) and background[0] != background[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Crop, paste, normalise
 
-def test_crop_and_paste_round_trip():
+def prepared(tmp_path, image, name="scan.nii.gz", affine=AFFINE, **kw):
+    """``read_scan`` of one channel saved as NIfTI."""
+    return read_scan([save_nii(tmp_path / name, image, affine)], **kw)
+
+
+def test_crop_and_paste_round_trip(tmp_path):
     image = brain(3)
     mask = MASK1.copy()
-    mask[1, 2, 3] = 1  # outside the brain: the crop must still keep it
-    region = np.argwhere((image != 0) | (mask != 0))
-    img_t, mask_t, box = prepare(image, mask)
+    img_t, geometry, background = prepared(tmp_path, image)
+    box = geometry.box
+    region = np.argwhere(image != 0)  # the box is the image's foreground alone, never the mask's
     assert box == tuple(zip(region.min(0).tolist(), (region.max(0) + 1).tolist()))
-    assert img_t.shape == mask_t.shape == tuple(b - a for a, b in box) != SHAPE
+    assert img_t.shape[1:] == tuple(b - a for a, b in box) != SHAPE and background == (0.0,)
+    mask_t = torch.from_numpy(geometry.apply(mask, order=0))
+    assert mask_t.shape == img_t.shape[1:]
     assert np.array_equal(paste(mask_t, box, SHAPE).numpy(), mask)
     assert np.array_equal(paste(mask_t.numpy(), box, SHAPE), mask)
-    back = paste(img_t, box, SHAPE, fill=-7.0)
-    outside_box = paste(torch.zeros(img_t.shape, dtype=torch.bool), box, SHAPE, fill=True)
+    assert np.array_equal(geometry.restore(mask_t), mask) and geometry.restore(mask_t).dtype == np.uint8
+    back = paste(img_t[0], box, SHAPE, fill=-7.0)
+    outside_box = paste(torch.zeros(img_t.shape[1:], dtype=torch.bool), box, SHAPE, fill=True)
     assert back.dtype == torch.float32 and (back[outside_box] == -7).all()
+    assert np.array_equal(geometry.restore(img_t[0], fill=-7.0), back.numpy())
     brain_in, brain_out = image[image != 0], back.numpy()[image != 0]  # undo the normalisation
     assert np.allclose(brain_out * brain_in.std(ddof=1) + brain_in.mean(), brain_in, rtol=1e-5)
     assert (back[~outside_box & torch.from_numpy(image == 0)] == data.BACKGROUND).all()
-    img_only, none, box_only = prepare(image, None)
-    assert none is None and box_only == tuple(zip(np.argwhere(image).min(0), np.argwhere(image).max(0) + 1))
     with pytest.raises(ValueError, match="does not match box"):
-        paste(img_t[1:], box, SHAPE)
+        paste(img_t[0, 1:], box, SHAPE)
 
 
-def test_z_normalisation_inside_the_brain():
+def test_z_normalisation_inside_the_brain(tmp_path):
     image = brain(4) * 1e3 + 5e4  # arbitrary scanner units, far from 0
     image[brain(4) == 0] = 0
-    img_t, _, box = prepare(image, None)
-    crop = image[tuple(slice(a, b) for a, b in box)]
-    brain_voxels = img_t[torch.from_numpy(crop != 0)].double()
+    img_t, geometry, _ = prepared(tmp_path, image)
+    crop = image[tuple(slice(a, b) for a, b in geometry.box)]
+    brain_voxels = img_t[0][torch.from_numpy(crop != 0)].double()
     assert abs(brain_voxels.mean().item()) < 1e-6 and abs(brain_voxels.std().item() - 1) < 1e-6
-    assert (img_t[torch.from_numpy(crop == 0)] == data.BACKGROUND).all()
+    assert (img_t[0][torch.from_numpy(crop == 0)] == data.BACKGROUND).all()
 
 
-def test_z_normalisation_against_torchio():
+def test_z_normalisation_against_torchio(tmp_path):
     """Brain voxels equal TorchIO's ZNormalization with a non-zero mask; the background does not."""
     tio = pytest.importorskip("torchio")
-    img_t, _, box = prepare(brain(5), None)
-    crop = torch.from_numpy(brain(5)[tuple(slice(a, b) for a, b in box)])
+    img_t, geometry, _ = prepared(tmp_path, brain(5))
+    img_t = img_t[0]
+    crop = torch.from_numpy(brain(5)[tuple(slice(a, b) for a, b in geometry.box)])
     theirs = tio.ZNormalization(masking_method=lambda x: x > 0)(crop[None])[0]
     inside = crop > 0
     assert torch.allclose(img_t[inside], theirs[inside], atol=1e-5)
@@ -228,14 +300,25 @@ def test_z_normalisation_against_torchio():
     assert default.mean() > 0.1 and default.std() < 0.9
 
 
+def test_norm_crop_is_torchios_default_znormalization(tmp_path):
+    tio = pytest.importorskip("torchio")
+    img_t, geometry, background = prepared(tmp_path, brain(5), norm="crop")
+    crop = torch.from_numpy(brain(5)[tuple(slice(a, b) for a, b in geometry.box)])
+    theirs = tio.ZNormalization()(crop[None])[0]
+    assert torch.allclose(img_t[0], theirs, atol=1e-5)
+    values = crop.double()
+    assert background[0] == pytest.approx(-(values.mean() / values.std()).item(), rel=1e-6)
+    assert (img_t[0][crop == 0] == background[0]).all() and background[0] < 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Patch sampler
 
-def make_scan(image, mask, sid="s_01", subject="s", timepoint=1, split=None):
-    shape = tuple(image.shape)
-    return Scan(sid, subject, timepoint, torch.as_tensor(image, dtype=torch.float32),
-                torch.as_tensor(mask, dtype=torch.uint8), tuple((0, n) for n in shape), shape,
-                np.eye(4), None, {}, split)
+def make_scan(image, mask, sid="s_01", subject="s", timepoint=1, split=None, background=None):
+    """A Scan from a (X, Y, Z) or (C, X, Y, Z) image, as prepared (identity geometry)."""
+    image = torch.as_tensor(image, dtype=torch.float32)
+    return Scan(sid, subject, timepoint, image if image.ndim == 4 else image[None],
+                torch.as_tensor(mask, dtype=torch.uint8), split=split, background=background)
 
 
 def counting_scan(shape, lesion_at, sid="s_01", offset=0):
@@ -248,9 +331,10 @@ def counting_scan(shape, lesion_at, sid="s_01", offset=0):
 
 def assert_cut_from(scan, offset, image, label):
     """The patch is the block of ``scan`` starting at the voxel its first value names."""
-    start = np.unravel_index(int(image[0, 0, 0, 0, 0]) - offset, scan.image.shape)
+    start = np.unravel_index(int(image[0, 0, 0, 0, 0]) - offset, scan.mask.shape)
     cut = tuple(slice(s, s + p) for s, p in zip(start, image.shape[2:]))
-    assert torch.equal(image[0, 0], scan.image[cut]) and torch.equal(label[0, 0], scan.mask[cut].float())
+    assert torch.equal(image[0], scan.image[(slice(None), *cut)])
+    assert torch.equal(label[0, 0], scan.mask[cut].float())
 
 
 @pytest.mark.parametrize("size", [12, (16, 10, 14)])
@@ -289,8 +373,24 @@ def test_small_scan_is_padded_with_background():
     scan = counting_scan((10, 12, 8), [(4, 5, 3)], offset=1)  # offset 1: no scan voxel equals BACKGROUND
     (image, label), = PatchSampler([scan], patch_size=(16, 12, 10), patches_per_scan=1)
     inner = image[0, 0, 3:13, :, 1:9]  # padded centred: (16-10)//2 = 3, 0, (10-8)//2 = 1
-    assert torch.equal(inner, scan.image) and label[0, 0, 3:13, :, 1:9].sum() == scan.mask.sum() == 8
+    assert torch.equal(inner, scan.image[0]) and label[0, 0, 3:13, :, 1:9].sum() == scan.mask.sum() == 8
     assert (image == data.BACKGROUND).sum() == 16 * 12 * 10 - 10 * 12 * 8
+
+
+def test_multi_channel_patches_pad_with_each_channels_background():
+    shape = (10, 12, 8)
+    image = np.stack([np.full(shape, 5.0), np.full(shape, 7.0)])
+    mask = np.zeros(shape, np.uint8)
+    mask[4, 5, 3] = 1
+    scan = make_scan(image, mask, background=(-1.5, -2.5))
+    (patch, label), = PatchSampler([scan], patch_size=(16, 12, 10), patches_per_scan=1,
+                                   generator=torch.Generator().manual_seed(0))
+    assert patch.shape == (1, 2, 16, 12, 10) and label.shape == (1, 1, 16, 12, 10)
+    inside = torch.zeros(16, 12, 10, dtype=torch.bool)
+    inside[3:13, :, 1:9] = True
+    assert (patch[0, 0][inside] == 5).all() and (patch[0, 1][inside] == 7).all()
+    assert (patch[0, 0][~inside] == -1.5).all() and (patch[0, 1][~inside] == -2.5).all()
+    assert label.sum() == 1 and not hasattr(PatchSampler([scan], 4), "ids")
 
 
 def test_scan_without_lesion_falls_back_to_uniform_centres():
@@ -333,7 +433,7 @@ def test_scan_level_split_is_the_papers_17_2_2():
     split = split_scans(scans, seed=0)
     assert_partition(split, scans)
     assert [len(split[k]) for k in ("train", "val", "test")] == [17, 2, 2]
-    assert split == split_scans(scans, "scan", (0.8, 0.1, 0.1), seed=0)
+    assert split == split_scans(scans, "scan", (0.8, 0.1, 0.1), seed=0) == split_scans(scans, by="scan", seed=0)
     assert split != split_scans(scans, seed=1)
 
 
@@ -341,7 +441,7 @@ def test_subject_level_split_keeps_subjects_together():
     scans = isbi_like_scans()
     subject = {s.id: s.subject for s in scans}
     for seed in range(5):
-        split = split_scans(scans, mode="subject", seed=seed)
+        split = split_scans(scans, by="subject", seed=seed)
         assert_partition(split, scans)
         subjects = [{subject[i] for i in split[k]} for k in ("train", "val", "test")]
         assert [len(x) for x in subjects] == [3, 1, 1]
@@ -353,7 +453,7 @@ def test_subject_level_split_keeps_subjects_together():
 def test_manifest_split_column_overrides(tmp_path):
     scans = load_dataset(write_manifest(tmp_path), "FLAIR")
     expected = {"train": ["pat01_01", "pat01_02"], "val": ["pat02_01", "pat02_02"], "test": ["pat03_01", "pat03_02"]}
-    assert split_scans(scans) == split_scans(scans, mode="subject", seed=3) == expected
+    assert split_scans(scans) == split_scans(scans, by="subject", seed=3) == expected
 
 
 def test_split_rounding_is_half_up_with_at_least_one():
@@ -497,6 +597,7 @@ def test_read_image_for_prediction(tmp_path):
         with pytest.raises(DataError, match=message) as e:
             read_image(bad)
         assert str(bad) in str(e.value)
+    zeros = save_nii(tmp_path / "zeros.nii.gz", np.zeros(SHAPE, np.float32))
     with pytest.raises(DataError, match="every voxel is 0") as e:
-        prepare(np.zeros(SHAPE), None, source=str(path))
-    assert str(path) in str(e.value)
+        read_scan([zeros])
+    assert str(zeros) in str(e.value)
