@@ -279,7 +279,7 @@ class _Proportions:
     t_ext: float          # subarachnoid CSF, mm
     w_sulcus: float       # CSF half-width of a sulcus, mm
     t_gm: float           # cortical thickness, mm
-    sulcus_depth: float   # mm
+    sulcus_depth: float   # typical depth of a sulcus below the surface, mm
     axes: np.ndarray      # cerebrum semi-axes, mm
     box: _Box
 
@@ -325,6 +325,7 @@ def make_anatomy(rng: np.random.Generator, spacing: float) -> Anatomy:
 
 
 def _draw_proportions(rng, spacing) -> _Proportions:
+    """Size, position, ventricle width and cortical dimensions of one subject."""
     # float32 throughout: numpy would promote float32 maps combined with float64 scalars
     size = (rng.uniform(0.93, 1.05) * (1.0 + 0.025 * rng.standard_normal(3))).astype(np.float32)   # per axis
     centre = (REF_CENTRE + rng.normal(0.0, 1.5, 3)).astype(np.float32)
