@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from metrics import BCEDiceLoss
-from model import EncoderBlock, EncoderBlock1, ResidualUNet3D, UNet3D, build_model
+from model import MODELS, EncoderBlock, EncoderBlock1, ResidualUNet3D, UNet3D, build_model, options
 
 
 def n_params(net):
@@ -16,8 +16,7 @@ def tiny(name):
 
 
 def volume(name, batch=1):
-    # 32 voxels leave the residual net's bottleneck 2^3 voxels: instance norm needs more than one.
-    side = 32 if name == "residual" else 16
+    side = MODELS[name].min_side
     return torch.randn(batch, 1, side, side, side)
 
 
@@ -26,9 +25,85 @@ def test_parameter_counts_match_the_spec():
     assert n_params(UNet3D()) == 19_073_665
 
 
+def test_pykao_shared_context_count_and_sharing():
+    # pykao applies each context convolution of encoder blocks 2-4 and the bottleneck twice; block 1 keeps two.
+    net = build_model("residual", shared_context=True)
+    assert n_params(net) == 7_124_112
+    for block in (net.encoder2, net.encoder3, net.encoder4, net.bottleneck.encoder):
+        assert block.context2 is block.context1
+    assert net.encoder1.context2 is not net.encoder1.context1
+    distinct = build_model("residual", base_filters=4)
+    assert distinct.encoder2.context2 is not distinct.encoder2.context1
+
+
+@pytest.mark.parametrize("norm", UNet3D.norms)
+def test_unet_norm_choice_keeps_the_parameter_count(norm):
+    net = build_model("unet", norm=norm)
+    assert n_params(net) == 19_073_665
+    kinds = {type(m) for m in net.modules()} & {nn.BatchNorm3d, nn.InstanceNorm3d, nn.GroupNorm}
+    assert kinds == {{"batch": nn.BatchNorm3d, "instance": nn.InstanceNorm3d, "group": nn.GroupNorm}[norm]}
+    if norm == "group":
+        assert {m.num_groups for m in net.modules() if isinstance(m, nn.GroupNorm)} == {8}
+
+
+def test_group_norm_of_a_narrow_net_divides_its_channels():
+    net = build_model("unet", base_filters=4, norm="group")  # the first layer has 4 channels, not a multiple of 8
+    assert {(m.num_channels, m.num_groups) for m in net.modules() if isinstance(m, nn.GroupNorm)} >= {(4, 4), (8, 8)}
+    net.train()(volume("unet"))
+
+
 def test_build_model_rejects_unknown_names():
     with pytest.raises(ValueError, match="residual"):
         build_model("resunet")
+    with pytest.raises(ValueError, match="unet"):
+        options("resunet")
+
+
+@pytest.mark.parametrize("name, option", [("residual", "norm"), ("unet", "shared_context"), ("unet", "dropout")])
+def test_build_model_rejects_an_option_the_model_does_not_take(name, option):
+    with pytest.raises(ValueError, match=option):
+        build_model(name, **{option: True})
+
+
+def test_build_model_defaults_to_the_papers_widths_and_passes_options_on():
+    assert build_model("residual").encoder1.entry.out_channels == 16
+    assert build_model("unet").analysis1[0].out_channels == 32
+    assert build_model("residual", base_filters=8).encoder1.entry.out_channels == 8
+    net = build_model("residual", base_filters=4, dropout=0.6)
+    assert {m.p for m in net.modules() if isinstance(m, nn.Dropout3d)} == {0.6}
+    assert {m.p for m in build_model("residual").modules() if isinstance(m, nn.Dropout3d)} == {0.3}
+    assert options("residual") == {"out_channels": 1, "dropout": 0.3, "shared_context": False}
+    assert options("unet") == {"out_channels": 1, "norm": "batch"}
+
+
+def test_size_multiple_and_min_side_are_known_without_building():
+    assert MODELS["residual"].size_multiple == 16 and MODELS["unet"].size_multiple == 8
+    assert MODELS["residual"].min_side == 32 and MODELS["unet"].min_side == 16
+
+
+@pytest.mark.parametrize("name", ["residual", "unet"])
+def test_min_side_is_the_smallest_multiple_that_trains_at_batch_one(name):
+    net = tiny(name).train()
+    side = MODELS[name].min_side
+    assert side % MODELS[name].size_multiple == 0
+    net(torch.randn(1, 1, side, side, side))
+    smaller = side - MODELS[name].size_multiple
+    with pytest.raises(ValueError, match="more than 1"):  # one voxel at the coarsest level: no statistics
+        net(torch.randn(1, 1, smaller, smaller, smaller))
+
+
+@pytest.mark.parametrize("name", ["residual", "unet"])
+def test_multi_channel_input(name):
+    torch.manual_seed(0)
+    net = build_model(name, in_channels=3, base_filters=4).eval()
+    side = MODELS[name].min_side
+    x = torch.randn(1, 3, side, side, side)
+    out = net(x)
+    assert out.shape == (1, 1, *x.shape[2:])
+    for c in range(3):  # every channel reaches the output
+        changed = x.clone()
+        changed[:, c] += 1
+        assert not torch.allclose(net(changed), out)
 
 
 @pytest.mark.parametrize("name", ["residual", "unet"])
@@ -50,6 +125,18 @@ def test_padding_does_not_change_what_a_multiple_sees(name):
 
 
 @pytest.mark.parametrize("name", ["residual", "unet"])
+def test_pad_value_fills_the_padding_and_only_the_padding(name):
+    net = tiny(name).eval()
+    background = -0.8  # e.g. a scan z-scored over the whole crop: its background is not 0
+    x = torch.randn(1, 1, 30, 32, 25)
+    padded = torch.nn.functional.pad(x, (0, 7, 0, 0, 0, 2), value=background)
+    torch.testing.assert_close(net(x, pad_value=background), net(padded)[..., :30, :32, :25])
+    assert not torch.allclose(net(x, pad_value=background), net(x))
+    whole = torch.randn(1, 1, 32, 32, 32)  # a multiple of either network's size multiple: nothing is padded
+    torch.testing.assert_close(net(whole, pad_value=background), net(whole))
+
+
+@pytest.mark.parametrize("name", ["residual", "unet"])
 def test_every_parameter_gets_a_gradient(name):
     net = tiny(name).train()
     x = volume(name, batch=2)
@@ -65,8 +152,8 @@ def test_encoder_block1_adds_the_first_convolution_to_the_third():
     x = torch.randn(1, 1, 8, 8, 8)
     _, skip = block(x)
     with torch.no_grad():
-        r = block.conv1(x)
-        without = block.conv3(nn.functional.leaky_relu(block.conv2(nn.functional.leaky_relu(r, 0.01)), 0.01))
+        r = block.entry(x)
+        without = block.context2(nn.functional.leaky_relu(block.context1(nn.functional.leaky_relu(r, 0.01)), 0.01))
     torch.testing.assert_close(skip, nn.functional.leaky_relu(without + r, 0.01))
     assert not torch.allclose(skip, nn.functional.leaky_relu(without, 0.01))
 
@@ -75,7 +162,7 @@ def test_encoder_block_residual_add_carries_the_strided_convolution():
     # Zero the residual branch's last conv: the block must still pass the strided conv's output through.
     torch.manual_seed(0)
     block = EncoderBlock(2, 4, dropout=0.0).eval()
-    nn.init.zeros_(block.conv2.weight)
+    nn.init.zeros_(block.context2.weight)
     x = torch.randn(1, 2, 8, 8, 8)
     expected = nn.functional.leaky_relu(block.norm_out(block.down(x)), 0.01)
     torch.testing.assert_close(block(x), expected)
@@ -91,9 +178,11 @@ def test_deep_supervision_heads_reach_the_output():
     assert not torch.allclose(before, net(x))
 
 
-@pytest.mark.parametrize("name", ["residual", "unet"])
-def test_only_dropout_and_batchnorm_differ_between_train_and_eval(name):
-    net = tiny(name)
+@pytest.mark.parametrize("name, norm", [("residual", None), ("unet", "batch"), ("unet", "instance"),
+                                        ("unet", "group")])
+def test_only_dropout_and_batchnorm_differ_between_train_and_eval(name, norm):
+    torch.manual_seed(0)
+    net = build_model(name, base_filters=4, **({"norm": norm} if norm else {}))
     x = volume(name)
     for m in net.modules():  # switch off the two legitimate sources of difference
         if isinstance(m, nn.Dropout3d):
