@@ -312,6 +312,142 @@ def test_norm_crop_is_torchios_default_znormalization(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Orientation, voxel size, the crop
+
+def reoriented(image, affine, codes):
+    """The same voxels stored in orientation ``codes`` (e.g. "LAS"), world positions unchanged."""
+    from nibabel.orientations import axcodes2ornt, ornt_transform
+    img = nib.Nifti1Image(np.asarray(image), affine)
+    start = axcodes2ornt(nib.aff2axcodes(affine))
+    return img.as_reoriented(ornt_transform(start, axcodes2ornt(codes)))
+
+
+@pytest.mark.parametrize("codes", ["LAS", "LPS", "PIL", "SRA"])
+def test_every_orientation_gives_the_same_prepared_scan(tmp_path, codes):
+    """RAS, LAS, LPS and axis-permuted copies of one scan: one network input, one mask in world space."""
+    ras_image, ras_geometry, _ = prepared(tmp_path, brain(6), "ras.nii.gz")
+    assert nib.aff2axcodes(ras_geometry.prepared_affine) == ("R", "A", "S")
+    copy, copy_mask = reoriented(brain(6), AFFINE, codes), reoriented(MASK1, AFFINE, codes)
+    assert nib.aff2axcodes(copy.affine) == tuple(codes)
+    image, geometry, _ = prepared(tmp_path, copy.get_fdata(dtype=np.float32), "copy.nii.gz", copy.affine)
+    assert torch.equal(image, ras_image) and np.allclose(geometry.prepared_affine, ras_geometry.prepared_affine)
+    mask = geometry.apply(np.asarray(copy_mask.dataobj), order=0)
+    assert np.array_equal(mask, ras_geometry.apply(MASK1, order=0))
+    back = geometry.restore(mask)  # written back in the copy's own grid
+    assert back.shape == copy.shape and np.array_equal(back, np.asarray(copy_mask.dataobj))
+    assert np.allclose(geometry.affine, copy.affine)
+
+
+def oblique_affine(zooms=(1.0, 1.0, 3.0)):
+    """Voxel -> mm: axes permuted and flipped (PSR), rotated 17 degrees about z, anisotropic."""
+    angle = np.deg2rad(17)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    permute = np.array([[0, 0, 1], [-1, 0, 0], [0, 1, 0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ permute @ np.diag(zooms)
+    affine[:3, 3] = [5.0, -7.0, 11.0]
+    return affine
+
+
+def oblique_scan(tmp_path):
+    """A small ellipsoid head (12 x 32 x 28 voxels, 3 mm along axis 0) and a lesion in it."""
+    shape = (12, 32, 28)
+    x, y, z = np.indices(shape)
+    inside = ((x - 6) / 5) ** 2 + ((y - 15) / 13) ** 2 + ((z - 14) / 11) ** 2 <= 1
+    image = np.where(inside, np.random.default_rng(0).uniform(50, 150, shape), 0).astype(np.float32)
+    mask = np.zeros(shape, np.uint8)
+    mask[5:7, 12:16, 10:13] = 1
+    mask[8, 20, 15] = 1
+    affine = oblique_affine((3.0, 1.0, 1.0))
+    return save_nii(tmp_path / "oblique.nii.gz", image, affine), save_nii(tmp_path / "mask.nii.gz", mask, affine), \
+        image, mask, affine
+
+
+@pytest.mark.parametrize("spacing", [None, 1.0, (1.0, 0.5, 1.0)])
+def test_oblique_anisotropic_permuted_round_trip(tmp_path, spacing):
+    image_path, _, image, mask, affine = oblique_scan(tmp_path)
+    prepared_image, geometry, _ = read_scan([image_path], spacing=spacing)
+    canonical_zooms = (1.0, 3.0, 1.0)  # the 3 mm file axis 0 points posterior: canonical axis 1
+    assert np.allclose(geometry.spacing, canonical_zooms if spacing is None else np.broadcast_to(spacing, 3))
+    assert np.allclose(np.linalg.norm(geometry.prepared_affine[:3, :3], axis=0), geometry.spacing)
+    cut = geometry.apply(mask, order=0)
+    assert cut.shape == prepared_image.shape[1:] and cut.sum() >= mask.sum()
+    back = geometry.restore(torch.from_numpy(cut))
+    assert back.dtype == np.uint8 and np.array_equal(back, mask)  # exact, in the file's own grid
+    # every lesion voxel of the prepared grid lies, in world mm, inside a lesion voxel of the file
+    world = geometry.prepared_affine @ np.c_[np.argwhere(cut), np.ones(int(cut.sum()))].T
+    voxel = np.rint(np.linalg.solve(affine, world)[:3]).astype(int)
+    assert mask[tuple(voxel)].all()
+    logits = geometry.restore(torch.from_numpy(np.where(cut > 0, 5.0, -5.0).astype(np.float32)), fill=-1e4)
+    assert logits.dtype == np.float32 and np.array_equal(logits > 0, mask.astype(bool))
+    restored = geometry.restore(prepared_image[0])  # linear back: the brain's voxels keep their rank
+    if spacing is None:
+        assert np.array_equal(restored != 0, image != 0)
+
+
+def test_spacing_none_resamples_mixed_spacings_to_the_median(tmp_path):
+    rows = ["subject,timepoint,FLAIR,mask"]
+    for i, zoom in enumerate((1.0, 1.0, 2.0)):  # z spacing 1, 1, 2 mm: median 1
+        affine = AFFINE @ np.diag([1.0, 1.0, zoom, 1.0])
+        save_nii(tmp_path / f"f{i}.nii.gz", brain(i), affine)
+        save_nii(tmp_path / f"m{i}.nii.gz", MASK1, affine)
+        rows.append(f"s{i},1,f{i}.nii.gz,m{i}.nii.gz")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    scans = load_dataset(tmp_path / "m.csv", "FLAIR")
+    assert [s.spacing for s in scans] == [(1.0, 1.0, 1.0)] * 3
+    assert scans[0].geometry.resampled_shape == SHAPE and scans[2].geometry.resampled_shape == (28, 32, 48)
+    assert np.array_equal(full(scans[2], scans[2].mask), MASK1)  # upsampled by 2, back exactly
+    coarse = load_dataset(tmp_path / "m.csv", "FLAIR", spacing=2.0)
+    assert [s.spacing for s in coarse] == [(2.0, 2.0, 2.0)] * 3
+    assert coarse[0].geometry.resampled_shape == (14, 16, 12) and coarse[2].geometry.resampled_shape == (14, 16, 24)
+
+
+def test_crop_box_comes_from_the_image_not_the_mask(isbi):
+    mask = MASK1.copy()
+    mask[5, 7, 5] = 1  # inside the box (a corner), on a zero voxel of the image: kept
+    assert all(brain(s)[5, 7, 5] == 0 for s in (0, 10, 20))
+    for path in isbi.glob("training/*/masks/*_mask1.nii*"):
+        save_nii(path, mask)
+    scans = load_dataset(isbi, "FLAIR")
+    region = np.argwhere(brain(10) != 0)
+    assert scans[0].geometry.box == tuple(zip(region.min(0).tolist(), (region.max(0) + 1).tolist()))
+    assert all(np.array_equal(full(s, s.mask), mask) for s in scans)
+    mask[1, 2, 3] = 1  # outside the image's box: refused, it would be lost
+    bad = isbi / MASKS / "training01_02_mask1.nii"
+    save_nii(bad, mask)
+    with pytest.raises(DataError, match="1 lesion voxel.*outside the crop box") as e:
+        load_dataset(isbi, "FLAIR")
+    assert str(bad) in str(e.value) and "training01_02_flair_pp.nii" in str(e.value)
+
+
+def test_manifest_brainmask_crops_and_normalises_inside_the_brain(tmp_path):
+    """MICCAI-2008-like: a head with skull around the brain; the brain mask strips it."""
+    head = brain(1) + 0
+    x, y, z = np.indices(SHAPE)
+    head[head == 0] = 500.0 * ((np.abs(x - 13) < 13) & (np.abs(y - 16) < 15) & (np.abs(z - 12) < 11))[head == 0]
+    brainmask = (brain(1) != 0).astype(np.uint8)
+    save_nii(tmp_path / "flair.nii.gz", head)
+    save_nii(tmp_path / "brain.nii.gz", brainmask)
+    save_nii(tmp_path / "mask.nii.gz", MASK1)
+    (tmp_path / "m.csv").write_text("subject,timepoint,FLAIR,mask,BrainMask\np1,1,flair.nii.gz,mask.nii.gz,brain.nii.gz\n")
+    (scan,) = load_dataset(tmp_path / "m.csv", "FLAIR")
+    assert scan.paths["brainmask"].endswith("brain.nii.gz") and scan.channels == ("FLAIR",)
+    region = np.argwhere(brainmask)
+    assert scan.geometry.box == tuple(zip(region.min(0).tolist(), (region.max(0) + 1).tolist()))
+    restored = full(scan, scan.image[0])
+    assert (restored[brainmask == 0] == 0).all()  # the skull is gone
+    inside = restored[brainmask != 0].astype(np.float64)
+    assert abs(inside.mean()) < 1e-5 and abs(inside.std(ddof=1) - 1) < 1e-5
+    (plain,) = load_dataset(write_one(tmp_path), "FLAIR")  # without it, the whole head is the foreground
+    assert plain.image.shape[1:] != scan.image.shape[1:]
+
+
+def write_one(tmp_path):
+    (tmp_path / "plain.csv").write_text("subject,timepoint,FLAIR,mask\np1,1,flair.nii.gz,mask.nii.gz\n")
+    return tmp_path / "plain.csv"
+
+
+# ---------------------------------------------------------------------------------------------
 # Patch sampler
 
 def make_scan(image, mask, sid="s_01", subject="s", timepoint=1, split=None, background=None):
