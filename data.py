@@ -939,9 +939,12 @@ def check_scan_sizes(scans: Sequence, min_side: int) -> None:
     ``read_scan`` returns them. Raises DataError naming the smallest scan."""
     sizes = []
     for scan in scans:
-        name, image = (scan.paths.get("image", scan.id), scan.image) if isinstance(scan, Scan) else scan
-        label = f"scan {scan.id} ({name})" if isinstance(scan, Scan) else f"{name}"
-        sizes.append((min(image.shape[-3:]), label, tuple(image.shape[-3:])))
+        if isinstance(scan, Scan):
+            image = scan.image
+            label = f"scan {scan.id}" + (f" ({scan.paths['image']})" if "image" in scan.paths else "")
+        else:
+            label, image = scan
+        sizes.append((min(image.shape[-3:]), str(label), tuple(int(n) for n in image.shape[-3:])))
     if not sizes:
         return
     side, label, shape = min(sizes, key=lambda s: s[0])

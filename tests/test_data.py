@@ -1,5 +1,7 @@
 """data.py on tiny volumes written to a temporary folder in each layout."""
 
+import os
+
 import nibabel as nib
 import nrrd
 import numpy as np
@@ -737,3 +739,135 @@ def test_read_image_for_prediction(tmp_path):
     with pytest.raises(DataError, match="every voxel is 0") as e:
         read_scan([zeros])
     assert str(zeros) in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening: datasets
+
+def test_manifest_split_leaving_a_part_empty_is_refused_at_load(tmp_path):
+    csv = write_manifest(tmp_path)
+    csv.write_text(csv.read_text().replace(",val\n", ",train\n"))
+    with pytest.raises(DataError, match="leaves val empty") as e:
+        load_dataset(csv, "FLAIR")
+    assert str(csv) in str(e.value)
+    scans = [make_scan(np.ones((2, 2, 2)), np.ones((2, 2, 2)), f"s{i}_01", split=("train", "test")[i]) for i in (0, 1)]
+    with pytest.raises(DataError, match="leaves val empty"):
+        split_scans(scans)
+
+
+def test_manifest_with_a_utf8_bom_is_read(tmp_path):
+    csv = write_manifest(tmp_path)
+    csv.write_bytes(b"\xef\xbb\xbf" + csv.read_bytes())  # as Excel writes it
+    assert len(load_dataset(csv, "FLAIR")) == 6
+
+
+@pytest.mark.parametrize("how", ["same path", "symlink"])
+def test_the_same_image_under_two_scan_ids_is_refused(tmp_path, how):
+    csv = write_manifest(tmp_path)
+    twin = "scans/pat01/T1/flair.nii.gz"
+    if how == "symlink":
+        (tmp_path / "link.nii.gz").symlink_to(tmp_path / twin)
+        twin = "link.nii.gz"
+    csv.write_text(csv.read_text().replace("scans/pat02/T1/flair.nii.gz", twin))
+    with pytest.raises(DataError, match="same image file is listed for scans pat01_01 and pat02_01") as e:
+        load_dataset(csv, "FLAIR")
+    assert str(tmp_path / twin) in str(e.value)
+
+
+def test_unreadable_folder_is_permission_denied_not_skipped(isbi, monkeypatch):
+    """Tests run as root, who can read everything: the refusal is simulated at os.scandir."""
+    locked = isbi / "training" / "training02"
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match="permission denied") as e:
+        find_scans(isbi)
+    assert str(locked) in str(e.value)
+
+
+def test_unreadable_file_is_permission_denied_not_corrupt(isbi, monkeypatch):
+    locked = isbi / PRE / "training01_02_flair_pp.nii"
+    real_load = nib.load
+
+    def load(path, *args, **kw):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_load(path, *args, **kw)
+    monkeypatch.setattr(nib, "load", load)
+    with pytest.raises(DataError, match="permission denied") as e:
+        load_dataset(isbi, "FLAIR")
+    assert str(locked) in str(e.value) and "corrupt" not in str(e.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file_for_real(isbi):
+    locked = isbi / PRE / "training01_02_flair_pp.nii"
+    locked.chmod(0)
+    try:
+        with pytest.raises(DataError, match="permission denied") as e:
+            load_dataset(isbi, "FLAIR")
+        assert str(locked) in str(e.value)
+    finally:
+        locked.chmod(0o644)
+
+
+def test_dangling_symlink_is_named_as_such(isbi, tmp_path):
+    flair = isbi / PRE / "training01_02_flair_pp.nii"
+    flair.unlink()
+    flair.symlink_to(isbi / "gone.nii")
+    with pytest.raises(DataError, match="dangling symlink") as e:
+        load_dataset(isbi, "FLAIR")
+    assert str(flair) in str(e.value) and "gone.nii" in str(e.value)
+
+
+def test_dangling_symlink_in_a_manifest(tmp_path):
+    csv = write_manifest(tmp_path)
+    flair = tmp_path / "scans/pat02/T1/flair.nii.gz"
+    flair.unlink()
+    flair.symlink_to(tmp_path / "elsewhere.nii.gz")
+    with pytest.raises(DataError, match="dangling symlink") as e:
+        load_dataset(csv, "FLAIR")
+    assert str(flair) in str(e.value) and str(csv) in str(e.value)
+
+
+def test_a_dataset_whose_masks_are_all_empty_is_refused(isbi):
+    for path in isbi.glob("training/*/masks/*_mask1.nii*"):
+        save_nii(path, np.zeros(SHAPE, np.uint8))
+    with pytest.raises(DataError, match="every lesion mask \\(mask1\\) is empty in all 4 scans") as e:
+        load_dataset(isbi, "FLAIR")
+    assert str(isbi) in str(e.value)
+    assert len(load_dataset(isbi, "FLAIR", label="mask2")) == 4  # the other rater still has lesions
+
+
+def test_a_complex_valued_image_is_refused(isbi):
+    flair = isbi / PRE / "training01_02_flair_pp.nii"
+    save_nii(flair, brain(0).astype(np.complex64))
+    with pytest.raises(DataError, match="complex-valued") as e:
+        load_dataset(isbi, "FLAIR")
+    assert str(flair) in str(e.value)
+
+
+def test_check_scan_sizes_names_the_smallest_scan(tmp_path):
+    scans = [make_scan(np.ones((1, 20, 20, 20)), np.zeros((20, 20, 20)), "big_01"),
+             make_scan(np.ones((1, 8, 12, 9)), np.zeros((8, 12, 9)), "small_01"),
+             make_scan(np.ones((1, 12, 12, 12)), np.zeros((12, 12, 12)), "mid_01")]
+    data.check_scan_sizes(scans, 8)
+    with pytest.raises(DataError, match="^scan small_01: \\(8, 12, 9\\) voxels.*minimum of 13.*2 scan"):
+        data.check_scan_sizes(scans, 13)
+    image, _, _ = prepared(tmp_path, brain(0))
+    data.check_scan_sizes([("new.nii.gz", image)], 8)
+    with pytest.raises(DataError, match="new.nii.gz"):
+        data.check_scan_sizes([("new.nii.gz", image)], 64)
+
+
+def test_dataset_fingerprint(isbi, monkeypatch):
+    fp = data.dataset_fingerprint(isbi)
+    assert len(fp) == 16 and fp == data.dataset_fingerprint(str(isbi) + "/") == data.dataset_fingerprint(isbi / "training")
+    monkeypatch.chdir(isbi.parent)
+    assert data.dataset_fingerprint(isbi.name) == fp
+    save_nii(isbi / PRE / "training01_02_flair_pp.nii", brain(0)[:, :, :-1])  # another size
+    assert data.dataset_fingerprint(isbi) != fp
