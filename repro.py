@@ -1,43 +1,30 @@
-"""Reproduce the paper: train and evaluate one cell of Table 2, all eight cells, or predict a new scan.
+"""Reproduce Choi et al. 2021: train and test one cell of Table 2, all eight cells, or segment new scans.
 
-    python repro.py --model residual --channel FLAIR          # one cell, paper protocol (§4.2, Table 1)
-    python repro.py --quick                                   # a CPU preset: 2 mm data, small patches
-    python repro.py --table2                                  # 2 models x 4 channels, beside the paper's
-    python repro.py predict --checkpoint runs/.../best.pt --input flair.nii.gz --output mask.nii.gz
+    python repro.py --model residual --channel FLAIR     # one cell, the paper's protocol (§4.2, Table 1)
+    python repro.py --quick                              # the CPU preset (train.QUICK): 2 mm data, 48³ patches
+    python repro.py --table2 --quick                     # 2 networks x 4 channels, beside the paper's numbers
+    python repro.py --table2 --quick --seeds 0,1,2 --channel FLAIR   # one column, three seeds
+    python repro.py predict --checkpoint runs/residual-FLAIR-seed0-quick/best.pt --input scan.nii.gz --output mask.nii.gz
 
-Without --data the built-in synthetic MS dataset (phantom.py) is generated once into a cache and used.
-
-One training run, top to bottom: read and prepare the scans (crop to the brain, z-normalise), split them
-(17:2:2 scans as the paper, or by subject), then per epoch 10 random lesion-centred 144^3 patches per
-training scan, each augmented on the device (Flip, Motion, Bias field, Noise, Affine, Elastic), one Adam
-step per patch (batch size 1) on the BCE-Dice loss; after each epoch the validation scans are predicted
-whole and the best-validation-loss checkpoint is kept; training stops early when the validation loss has
-not improved for 5 epochs. The best checkpoint then predicts the test scans (sigmoid > 0.5), which are
-scored (DSC, IoU, lesion-wise metrics) and written back as NIfTI in their original grid.
+The protocol and the training loop are in train.py, every prediction in infer.py; this file is the command
+line and Table 2. Without --data the built-in synthetic MS dataset (phantom.py) is generated once into a
+cache: $RESUNET_CACHE, else ~/.cache/resunet3d.
 """
 import argparse
-import csv
+import ctypes
 import json
-import math
 import os
-import platform
+import statistics
 import sys
-import time
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
-import augment
 import data
-import metrics
-import phantom
-from model import build_model
-
-PAPER = dict(epochs=100, patience=5, lr=1e-4, weight_decay=1e-10, patch_size=144, patches_per_scan=10, spacing=1.0)
-# --quick: 2 mm data and 64^3 patches, so that the residual net trains in minutes on two CPU cores.
-QUICK = dict(epochs=12, patience=4, lr=1e-3, weight_decay=1e-10, patch_size=64, patches_per_scan=2, spacing=2.0)
+import infer
+import train
+from train import MODEL_NAMES, PAPER, QUICK, Protocol, UsageError
 
 # Table 2 of the paper (test set): DSC and mean IoU.
 PAPER_TABLE2 = {
@@ -46,563 +33,289 @@ PAPER_TABLE2 = {
     ("residual", "FLAIR"): (0.7068, 0.5279), ("residual", "MPRAGE"): (0.5234, 0.3390),
     ("residual", "T2W"): (0.5177, 0.3360), ("residual", "PDW"): (0.4476, 0.2767),
 }
-MODEL_NAMES = {"residual": "Residual 3D U-Net", "unet": "3D U-Net"}
-CHANNELS = ("FLAIR", "MPRAGE", "T2W", "PDW")
-# A resumed run must match these settings of the interrupted one; epochs and patience may change.
-SAME_ON_RESUME = ("model", "channel", "data", "label", "split", "seed", "lr", "weight_decay", "patch_size",
-                  "patches_per_scan", "base_filters", "spacing", "amp", "augment")
-OUTPUTS = ("config.json", "history.csv", "metrics.json", "best.pt", "last.pt", "fig6.png", "fig7.png")
-
-
-class UsageError(Exception):
-    """A bad command line or output folder; reported as one line, exit status 2."""
+USAGE = ("python repro.py [--model M] [--channel C] [--data PATH] [--quick] [--table2] [options]\n"
+         "       python repro.py predict --checkpoint best.pt --input SCAN... --output MASK_OR_FOLDER [options]")
 
 
 # --------------------------------------------------------------------------------------------
-# Command line
+# Command line -> Protocol
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="residual", choices=sorted(MODEL_NAMES), help="network (default residual)")
-    p.add_argument("--channel", default="FLAIR", help="FLAIR, MPRAGE, T2W or PDW (default FLAIR)")
-    p.add_argument("--data", help="ISBI 2015 folder, MICCAI 2008 folder or CSV manifest (default: built-in)")
-    p.add_argument("--label", default="mask1", choices=data.LABELS, help="which rater's mask (default mask1)")
-    p.add_argument("--split", default="scan", choices=("scan", "subject"), help="paper: scan (default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, help="most epochs (paper 100)")
-    p.add_argument("--patience", type=int, help="early-stopping patience in epochs (paper 5)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (paper 1e-4)")
-    p.add_argument("--weight-decay", type=float, help="Adam L2 weight decay (paper 1e-10)")
-    p.add_argument("--patch-size", type=int, help="training patch side in voxels (paper 144)")
-    p.add_argument("--patches-per-scan", type=int, help="patches per training scan and epoch (paper 10)")
-    p.add_argument("--base-filters", type=int, help="first level's channels (residual 16, unet 32)")
-    p.add_argument("--spacing", type=float, help="built-in data voxel size in mm (1; --quick 2)")
-    p.add_argument("--window", type=int, help="sliding-window side for whole-scan inference (default: whole scan)")
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="train without augmentation")
-    p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available)")
-    p.add_argument("--out", help="output folder (default runs/<model>-<channel>-seed<k>[-quick])")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out")
-    p.add_argument("--quick", action="store_true", help="CPU preset: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    p.add_argument("--table2", action="store_true", help="run all 8 cells and write table2.md/.csv")
-    args = p.parse_args(argv)
-    if args.data and args.spacing is not None:
-        raise UsageError("--spacing applies to the built-in dataset only; real data are read as they are")
-    preset = QUICK if args.quick else PAPER
-    for key, value in preset.items():
-        if getattr(args, key) is None and not (key == "spacing" and args.data):
-            setattr(args, key, value)
-    if args.base_filters is None:
-        args.base_filters = 16 if args.model == "residual" else 32
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for key in ("epochs", "patience", "patch_size", "patches_per_scan", "base_filters"):
-        if getattr(args, key) < 1:
-            raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    if args.window is not None and args.window < 16:
-        raise UsageError(f"--window must be at least 16 voxels, got {args.window}")
-    manifest = bool(args.data) and args.data.lower().endswith(".csv")  # may name channels of its own (GADO)
-    if data.channel_name(args.channel) is None and not manifest:
-        raise UsageError(f"unknown channel {args.channel!r}: expected one of {', '.join(CHANNELS)} (or T1 for "
-                         "MICCAI 2008)")
-    args.channel = data.channel_name(args.channel) or args.channel
-    return args
-
-
-def parse_predict_args(argv):
-    p = argparse.ArgumentParser(prog="repro.py predict", description="Segment one new scan with a trained model.")
-    p.add_argument("--checkpoint", required=True, help="best.pt (or last.pt) written by a training run")
-    p.add_argument("--input", required=True, help="the scan, NIfTI or NRRD, the checkpoint's channel")
-    p.add_argument("--output", required=True, help="the mask to write, NIfTI (.nii or .nii.gz)")
-    p.add_argument("--model", choices=sorted(MODEL_NAMES), help="check that the checkpoint holds this model")
-    p.add_argument("--threshold", type=float, default=0.5, help="on the sigmoid (default 0.5)")
-    p.add_argument("--window", type=int, help="sliding-window side (default: whole scan)")
-    p.add_argument("--no-amp", dest="amp", action="store_false")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available)")
-    args = p.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return args
-
-
-def check_device(name):
+def seeds_list(text):
     try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UsageError(f"--device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu")
-    return device
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds such as 0,1,2, got {text!r}") from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
+    return seeds
 
 
-def check_out(args):
-    """Refuse an existing or unwritable output folder before anything is computed or written."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UsageError(f"--out {out}: cannot write into {parent}")
-    has_results = out.is_dir() and any((out / name).exists() for name in OUTPUTS)
-    if args.resume and not (out / "last.pt").exists():
-        raise UsageError(f"--resume: {out / 'last.pt'} does not exist; start the run without --resume")
-    if has_results and not (args.resume or args.overwrite):
-        raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to "
-                         "replace it, or choose another --out")
+def parser():
+    d = PAPER
+    p = argparse.ArgumentParser(prog="repro.py", usage=USAGE, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)  # only what was given overrides the preset
+    run = p.add_argument_group("what to train (a resumed run must keep these)")
+    run.add_argument("--model", choices=sorted(MODEL_NAMES), help=f"network (default {d.model})")
+    run.add_argument("--channel", dest="channels", metavar="C[,C...]",
+                     help="FLAIR, MPRAGE, T2W or PDW (T1 for MICCAI 2008), or several stacked as input channels, "
+                          "e.g. FLAIR,T2W, or 'all' (default FLAIR)")
+    run.add_argument("--data", help="ISBI 2015 folder, MICCAI 2008 folder or CSV manifest (default: the built-in "
+                                    "synthetic data, cached in $RESUNET_CACHE or ~/.cache/resunet3d)")
+    run.add_argument("--label", choices=data.LABEL_CHOICES, help=f"which rater's mask (default {d.label})")
+    run.add_argument("--split", choices=("scan", "subject"), help="split by scan (the paper's, default) or subject")
+    run.add_argument("--seed", type=int, help="split, weights, patches and augmentation (default 0)")
+    run.add_argument("--spacing", type=float, help="voxel size in mm: the built-in data are generated at it, "
+                                                   "real data resampled to it (default: the data's own; --quick 2)")
+    run.add_argument("--norm", choices=("brain", "crop"), help="z-score over the brain (default) or the whole crop "
+                                                              "(TorchIO's ZNormalization)")
+    run.add_argument("--patch-size", type=int, help=f"training patch side in voxels (paper {d.patch_size})")
+    run.add_argument("--patches-per-scan", type=int, help=f"per training scan and epoch (paper {d.patches_per_scan})")
+    run.add_argument("--no-augment", dest="augment", action="store_false", help="train without augmentation")
+    run.add_argument("--mixup", type=float, metavar="ALPHA", help="mix-up with Beta(ALPHA, ALPHA) (default off)")
+    run.add_argument("--base-filters", type=int, help="first level's channels (residual 16, unet 32)")
+    run.add_argument("--dropout", type=float, help=f"residual net's dropout (default {d.dropout}; pykao 0.6)")
+    run.add_argument("--shared-context", action="store_true", help="pykao's shared context convolution")
+    run.add_argument("--unet-norm", choices=("batch", "instance", "group"), help="the 3D U-Net's norm (default batch)")
+    run.add_argument("--lr", type=float, help=f"Adam learning rate (paper {d.lr:g})")
+    run.add_argument("--weight-decay", type=float, help=f"Adam L2 weight decay (paper {d.weight_decay:g})")
+    run.add_argument("--no-amp", dest="amp", action="store_false",
+                     help="fp32 throughout (default: bf16 autocast where the CPU or GPU has bf16)")
+    how = p.add_argument_group("how long, and how it is evaluated")
+    how.add_argument("--epochs", type=int, help=f"most epochs (paper {d.epochs})")
+    how.add_argument("--patience", type=int, help=f"early-stopping patience in epochs (paper {d.patience})")
+    how.add_argument("--window", type=int, help="sliding-window side for inference (default: whole scans)")
+    how.add_argument("--tta", action="store_true", help="test-time mirroring over 8 flips (default off)")
+    how.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available)")
+    out = p.add_argument_group("the run")
+    out.add_argument("--quick", action="store_true", help="the CPU preset: " + ", ".join(
+        f"{f.name}={getattr(QUICK, f.name)}" for f in fields(Protocol) if getattr(QUICK, f.name) != getattr(PAPER, f.name)))
+    out.add_argument("--out", help="output folder (default runs/<model>-<channel>-seed<k>[-quick], or "
+                                   "runs/table2[-quick] with --table2)")
+    out.add_argument("--resume", action="store_true", help="continue an interrupted run from its last.pt")
+    out.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out")
+    out.add_argument("--table2", action="store_true", help="all 8 cells (or the --channel columns), table2.md/.csv")
+    out.add_argument("--seeds", type=seeds_list, help="with --table2: each cell under each seed, e.g. 0,1,2 "
+                                                     "(replaces --seed; mean ± sd in table2.md)")
+    return p
 
 
-# --------------------------------------------------------------------------------------------
-# Small utilities
-
-def atomic(path, write):
-    """Write through a temporary sibling and rename, so that a crash never leaves half a file behind."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")  # same suffix: nibabel and matplotlib pick the format by it
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path, obj):
-    atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def autocast(device, amp):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
-
-
-def duration(seconds):
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
-def versions():
-    import nibabel
-    import scipy
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "scipy": scipy.__version__, "nibabel": nibabel.__version__}
+def parse(argv):
+    """The command line as (Protocol, the run's options); nothing read or written yet."""
+    args = vars(parser().parse_args(argv))
+    run = {k: args.pop(k, False) for k in ("quick", "out", "resume", "overwrite", "table2", "seeds")}
+    if "channels" in args:
+        manifest = str(args.get("data", "")).lower().endswith(".csv")  # may name channels of its own (GADO)
+        names = [n.strip() for n in args["channels"].split(",")]
+        args["channels"] = data.parse_channels(names, available=names if manifest else None, where="--channel")
+    if run["seeds"] and not run["table2"]:
+        raise UsageError("--seeds applies to --table2; a single run takes --seed")
+    if run["seeds"] and "seed" in args:
+        raise UsageError("--seeds replaces --seed; give one of them")
+    base = QUICK if run["quick"] else PAPER
+    config = Path(run["out"] or "") / "config.json"
+    if run["resume"] and not run["table2"] and run["out"] and config.is_file():
+        try:  # a resumed run continues with its own settings; those given again must match them
+            saved = json.loads(config.read_text())["protocol"]
+            base = Protocol(**{**saved, "channels": tuple(saved["channels"])})
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(f"--resume: {config} was not written by repro.py; start again with --overwrite") from None
+    return replace(base, **args), run
 
 
-def voxel_mm(scan):
-    """Voxel size in mm along each array axis, from the scan's affine."""
-    return tuple(float(s) for s in np.linalg.norm(scan.affine[:3, :3], axis=0))
-
-
-def describe_device(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def make_deterministic(device):
-    """Same --seed, same machine, same result: cuDNN's autotuner and atomics-based kernels off on CUDA."""
-    if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Whole-scan inference
-
-def gaussian_weights(size, device):
-    """nnU-Net's tile weighting: a Gaussian of sigma = side / 8 per axis, so that tile centres dominate."""
-    axes = []
-    for n in size:
-        x = torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2
-        axes.append(torch.exp(-0.5 * (x / (n / 8)) ** 2))
-    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    return (w / w.max()).clamp_min(1e-3)
-
-
-@torch.no_grad()
-def predict_logits(model, image, window=None, overlap=0.5, amp=True):
-    """Logits of a whole cropped scan (X, Y, Z) on the model's device, float32.
-
-    With no window, or a scan that fits in it, the scan goes through in one pass (the network pads it to its
-    multiple). Otherwise tiles of `window` voxels overlapping by `overlap` cover it and their logits are
-    blended with Gaussian weights (sigma = window / 8), as nnU-Net does, so that tile borders leave no seams.
-    """
-    device = image.device
-    if window is None or all(n <= window for n in image.shape):
-        with autocast(device, amp):
-            return model(image[None, None])[0, 0].float()
-    size = [min(window, n) for n in image.shape]
-    starts = []
-    for n, w in zip(image.shape, size):
-        count = math.ceil((n - w) / (w * (1 - overlap))) + 1
-        starts.append(sorted({round(i * (n - w) / max(count - 1, 1)) for i in range(count)}))
-    weights = gaussian_weights(size, device)
-    total = torch.zeros(image.shape, device=device)
-    norm = torch.zeros(image.shape, device=device)
-    for x in starts[0]:
-        for y in starts[1]:
-            for z in starts[2]:
-                tile = (slice(x, x + size[0]), slice(y, y + size[1]), slice(z, z + size[2]))
-                with autocast(device, amp):
-                    logits = model(image[tile][None, None])[0, 0].float()
-                total[tile] += logits * weights
-                norm[tile] += weights
-    return total / norm
-
-
-def evaluate(model, scans, args, device):
-    """Validation: mean BCE-Dice loss and mean DSC over whole scans, without augmentation."""
-    model.eval()
-    loss_fn = metrics.BCEDiceLoss()
-    losses, dscs = [], []
-    for scan in scans:
-        image, truth = scan.image.to(device), scan.mask.to(device)
-        logits = predict_logits(model, image, args.window, amp=args.amp)
-        losses.append(loss_fn(logits, truth))
-        dscs.append(metrics.dice(logits > 0, truth))
-    return torch.stack(losses).mean().item(), torch.stack(dscs).mean().item()
-
-
-# --------------------------------------------------------------------------------------------
-# Training
-
-def load_data(args):
-    """The scans of the chosen channel, from --data or the built-in dataset; also a line naming the dataset."""
-    if args.data:
-        if not Path(args.data).exists():
-            raise data.DataError(f"--data {args.data}: no such file or folder; point it at the ISBI 2015 "
-                                 "training folder, a MICCAI 2008 folder or a CSV manifest")
-        root, (layout, _) = Path(args.data), data.find_scans(args.data)
-        dataset = f"{layout} ({root})"
-        if (root / "phantom.json").exists():  # a copy written by phantom.py: never call it ISBI 2015
-            info = json.loads((root / "phantom.json").read_text())
-            dataset = f"synthetic MS data (phantom.py, seed {info['seed']}, {info['spacing_mm']:g} mm) at {root}"
-    else:
-        root = phantom.ensure_cached(seed=0, spacing=args.spacing)
-        dataset = f"built-in synthetic MS data (phantom.py, seed 0, {args.spacing:g} mm)"
-    print(f"Reading {args.channel} scans from {root} ...", flush=True)
-    scans = data.load_dataset(root, args.channel, args.label)
-    if not scans:
-        raise data.DataError(f"{root}: no scans found")
-    return scans, dataset
-
-
-def check_patch(args, scans):
-    multiple = 16 if args.model == "residual" else 8
-    if args.patch_size % multiple or args.patch_size < 2 * multiple:
-        raise UsageError(f"--patch-size {args.patch_size}: the {MODEL_NAMES[args.model]} needs a multiple of "
-                         f"{multiple} of at least {2 * multiple}")
-    if all(args.patch_size > n for scan in scans for n in scan.image.shape):
-        largest = max(max(scan.image.shape) for scan in scans)
-        raise UsageError(f"--patch-size {args.patch_size} is larger than every cropped scan (the largest side "
-                         f"is {largest} voxels); choose a smaller patch")
-
-
-def estimate_step(model, loss_fn, args, device):
-    """Seconds of one training step, timed on a blank patch without touching weights, optimizer or RNG."""
-    model.eval()  # no dropout draws, no batch-norm statistics updated
-    x = torch.zeros(1, 1, *(args.patch_size,) * 3, device=device)
-    seconds = []
-    for _ in range(2):  # the first step pays for allocation and kernel selection
-        start = time.perf_counter()
-        with autocast(device, args.amp):
-            loss = loss_fn(model(x), x)
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    model.zero_grad(set_to_none=True)
-    return seconds[-1]
-
-
-def train(args):
-    """Train and test one cell of Table 2; returns its metrics dict."""
-    device = check_device(args.device)
-    check_out(args)
-    scans, dataset = load_data(args)
-    check_patch(args, scans)
-    split = data.split_scans(scans, args.split, seed=args.seed)
-    by_id = {s.id: s for s in scans}
-    train_scans, val_scans, test_scans = ([by_id[i] for i in split[k]] for k in ("train", "val", "test"))
-    out = Path(args.out)
-    config = {**{k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "table2")},
-              "dataset": dataset, "split_ids": split, "device_name": describe_device(device),
-              "versions": versions(), "command": " ".join(sys.argv)}
-    if args.resume:
-        old = json.loads((out / "config.json").read_text())
-        changed = [k for k in SAME_ON_RESUME if old.get(k) != config[k]]
-        if changed:
-            raise UsageError(f"--resume: {out} was run with other settings: " + ", ".join(
-                f"{k}={old.get(k)!r} (now {config[k]!r})" for k in changed))
-    elif args.overwrite:
-        for name in OUTPUTS:
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "predictions").mkdir(exist_ok=True)
-    write_json(out / "config.json", config)
-
-    make_deterministic(device)
-    torch.manual_seed(args.seed)  # weights and dropout
-    generator = torch.Generator(device).manual_seed(args.seed)  # patches and augmentation, on the device
-    model = build_model(args.model, base_filters=args.base_filters).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    loss_fn = metrics.BCEDiceLoss()
-    sampler = data.PatchSampler(train_scans, args.patch_size, args.patches_per_scan, device, generator)
-    transform = augment.paper_augmentation(spacing=voxel_mm(train_scans[0])) if args.augment else None
-    state = {"epoch": 0, "history": [], "best_loss": math.inf, "best_epoch": 0, "bad_epochs": 0}
-    if args.resume:
-        last = torch.load(out / "last.pt", map_location=device, weights_only=False)
-        model.load_state_dict(last["model"])
-        optimizer.load_state_dict(last["optimizer"])
-        state = last["state"]
-        torch.set_rng_state(last["rng"]["torch"])
-        generator.set_state(last["rng"]["generator"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(last["rng"]["cuda"], device)
-        print(f"Resuming {out} after epoch {state['epoch']}.")
-
-    step = estimate_step(model, loss_fn, args, device)
-    print(f"{MODEL_NAMES[args.model]} on {args.channel}, {dataset}; {len(train_scans)}:{len(val_scans)}:"
-          f"{len(test_scans)} scans ({args.split} split); {describe_device(device)}.\n"
-          f"One step takes about {step:.2f} s, so an epoch of {len(sampler)} patches about "
-          f"{duration(step * len(sampler))} and {args.epochs} epochs at most "
-          f"{duration(step * len(sampler) * args.epochs)} plus validation (early stopping usually ends sooner).",
-          flush=True)
-
-    epochs = tqdm(range(state["epoch"], args.epochs), desc="epochs", initial=state["epoch"], total=args.epochs)
-    for epoch in epochs:
-        if state["bad_epochs"] >= args.patience:
-            break
-        start = time.perf_counter()
-        model.train()
-        total = torch.zeros((), device=device)
-        steps = tqdm(sampler, desc=f"epoch {epoch + 1}", leave=False)
-        for i, (image, label) in enumerate(steps, 1):
-            if transform is not None:
-                image, label = transform(image, label, generator=generator)
-            with autocast(device, args.amp):
-                loss = loss_fn(model(image), label)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            if i % 10 == 0 or i == len(sampler):  # a host sync only every 10 steps
-                steps.set_postfix(loss=f"{total.item() / i:.4f}")
-        val_loss, val_dsc = evaluate(model, val_scans, args, device)
-        state["history"].append({"epoch": epoch + 1, "train_loss": total.item() / len(sampler),
-                                 "val_loss": val_loss, "val_dsc": val_dsc,
-                                 "seconds": round(time.perf_counter() - start, 2)})
-        if val_loss < state["best_loss"]:
-            state.update(best_loss=val_loss, best_epoch=epoch + 1, bad_epochs=0)
-            atomic(out / "best.pt", lambda tmp: torch.save({"model": model.state_dict(), "config": config,
-                                                            "epoch": epoch + 1}, tmp))
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
-        rng = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        atomic(out / "last.pt", lambda tmp: torch.save({"model": model.state_dict(), "optimizer":
-                                                        optimizer.state_dict(), "state": state, "rng": rng,
-                                                        "config": config}, tmp))
-        write_csv(out / "history.csv", state["history"])
-        epochs.set_postfix(val_loss=f"{val_loss:.4f}", val_dsc=f"{val_dsc:.3f}", best=state["best_epoch"])
-
-    model.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=False)["model"])
-    results = test(model, test_scans, args, device, out)
-    results.update(dataset=dataset, model=args.model, channel=args.channel, split=split,
-                   best_epoch=state["best_epoch"], epochs_run=state["epoch"],
-                   early_stopped=state["bad_epochs"] >= args.patience)
-    write_json(out / "metrics.json", results)
-    plot_history(out / "fig6.png", state["history"], f"{MODEL_NAMES[args.model]}, {args.channel}")
-    plot_slices(out / "fig7.png", test_scans, {MODEL_NAMES[args.model]: out}, args.channel)
-    mean = results["mean"]
-    print(f"Test ({len(test_scans)} scans, best epoch {state['best_epoch']} of {state['epoch']}): "
-          f"DSC {mean['dsc']:.4f}, IoU {mean['iou']:.4f}, lesion TPR {mean['ltpr']:.3f}, "
-          f"lesion FPR {mean['lfpr']:.3f}. Results in {out}/")
-    return results
-
-
-def write_csv(path, rows):
-    """Rows of dicts (one header, from the first row) to a CSV file, atomically."""
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    atomic(path, write)
-
-
-# --------------------------------------------------------------------------------------------
-# Testing
-
-def test(model, scans, args, device, out):
-    """Score the test scans with the best checkpoint and write their masks in the original grid."""
-    import nibabel as nib
-    model.eval()
-    per_scan = {}
-    for scan in tqdm(scans, desc="test", leave=False):
-        truth = scan.mask.to(device)
-        pred = predict_logits(model, scan.image.to(device), args.window, amp=args.amp) > 0
-        per_scan[scan.id] = {
-            "dsc": metrics.dice(pred, truth).item(), "iou": metrics.iou(pred, truth).item(),
-            "ppv": metrics.precision(pred, truth).item(), "tpr": metrics.sensitivity(pred, truth).item(),
-            "rvd": metrics.relative_volume_difference(pred, truth).item(),
-            **metrics.lesion_metrics(pred, truth), "hd95_mm": metrics.hausdorff95(pred, truth, voxel_mm(scan)),
-            "isbi_score": metrics.isbi_score(pred, truth),
-        }
-        full = data.paste(pred.to(torch.uint8).cpu().numpy(), scan.box, scan.full_shape)
-        image = nib.Nifti1Image(full, scan.affine, scan.header)
-        image.set_data_dtype(np.uint8)
-        atomic(out / "predictions" / f"{scan.id}_pred.nii.gz", lambda tmp: nib.save(image, tmp))
-    keys = [k for k, v in next(iter(per_scan.values())).items() if isinstance(v, float)]
-    return {"scans": per_scan, "mean": {k: float(np.mean([s[k] for s in per_scan.values()])) for k in keys}}
-
-
-# --------------------------------------------------------------------------------------------
-# Figures like the paper's
-
-def plot_history(path, history, title):
-    """Fig. 6: loss and validation DSC per epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_dsc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    val_loss = [h["val_loss"] for h in history]
-    best = epochs[int(np.argmin(val_loss))]
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], ".-", label="train")
-    ax_loss.plot(epochs, val_loss, ".-", label="validation")
-    ax_loss.axvline(best, color="gray", linestyle=":", label=f"best (epoch {best})")
-    ax_loss.set(xlabel="epoch", ylabel="BCE-Dice loss", title=f"Loss ({title})")
-    ax_loss.legend()
-    ax_dsc.plot(epochs, [h["val_dsc"] for h in history], ".-", color="C2")
-    ax_dsc.axvline(best, color="gray", linestyle=":")
-    ax_dsc.set(xlabel="epoch", ylabel="DSC", ylim=(0, 1), title="Validation DSC")
-    fig.tight_layout()
-    atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
-
-
-def plot_slices(path, scans, runs, channel):
-    """Fig. 7: per test scan, the axial slice with the most lesion: image, ground truth, each run's prediction."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import nibabel as nib
-    red = matplotlib.colors.ListedColormap(["red"])
-    columns = 2 + len(runs)
-    fig, axes = plt.subplots(len(scans), columns, figsize=(2.6 * columns, 2.8 * len(scans)), squeeze=False)
-    for row, scan in zip(axes, scans):
-        z = int(scan.mask.sum(dim=(0, 1)).argmax())
-        crop = tuple(slice(a, b) for a, b in scan.box)
-        image = np.rot90(scan.image[:, :, z].numpy())
-        panels = [(None, f"{scan.id} {channel}"), (scan.mask[:, :, z].numpy(), "ground truth")]
-        for name, run in runs.items():
-            pred = np.asarray(nib.load(Path(run) / "predictions" / f"{scan.id}_pred.nii.gz").dataobj)[crop]
-            panels.append((pred[:, :, z], name))
-        for ax, (mask, title) in zip(row, panels):
-            ax.imshow(image, cmap="gray")
-            if mask is not None:  # the mask in red over the image, as the paper's figure
-                ax.imshow(np.ma.masked_equal(np.rot90(mask), 0), cmap=red, alpha=0.7)
-            ax.set_title(title, fontsize=8)
-            ax.axis("off")
-    fig.tight_layout()
-    atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
+def default_out(protocol, quick):
+    return f"runs/{protocol.model}-{'+'.join(protocol.channels)}-seed{protocol.seed}{'-quick' if quick else ''}"
 
 
 # --------------------------------------------------------------------------------------------
 # Table 2
 
-def table2(args, argv):
-    """Train and test the 8 cells (2 models x 4 channels) into --out/<model>-<channel>/, then write the table.
-
-    A cell that already has metrics.json is reused and one with last.pt is resumed, so an interrupted
-    --table2 continues where it stopped.
-    """
-    out = Path(args.out or f"runs/table2-seed{args.seed}{'-quick' if args.quick else ''}")
+def table2(base, run, explicit_channels):
+    """Train and test every cell (2 networks x 4 channels, x seeds) into <out>/seed<k>/<model>-<channel>/,
+    then write table2.md and table2.csv. A cell with metrics.json is reused, one with last.pt resumed, so
+    an interrupted --table2 continues where it stopped."""
+    out = Path(run["out"] or f"runs/table2{'-quick' if run['quick'] else ''}")
+    seeds = run["seeds"] or [base.seed]
+    channels = base.channels if explicit_channels else data.CHANNELS
+    cells = [(s, m, c) for s in seeds for m in ("unet", "residual") for c in channels]
+    for seed, model, channel in cells:  # all settings checked before the first cell trains
+        train.check_protocol(replace(base, model=model, channels=(channel,), seed=seed))
     rows = []
-    for model_name in ("unet", "residual"):
-        for channel in CHANNELS:
-            cell = out / f"{model_name}-{channel}"
-            if (cell / "metrics.json").exists() and not args.overwrite:
-                results = json.loads((cell / "metrics.json").read_text())
-            else:
-                cell_argv = [a for a in argv if a not in ("--table2",)]
-                cell_args = parse_args(cell_argv + ["--model", model_name, "--channel", channel])
-                cell_args.out = str(cell)
-                cell_args.resume = (cell / "last.pt").exists() and not args.overwrite
-                results = train(cell_args)
-            paper_dsc, paper_iou = PAPER_TABLE2[(model_name, channel)]
-            rows.append({"model": MODEL_NAMES[model_name], "channel": channel, "paper_dsc": paper_dsc,
-                         "paper_iou": paper_iou, "dsc": results["mean"]["dsc"], "iou": results["mean"]["iou"],
-                         "test_scans": len(results["scans"]), "dataset": results["dataset"]})
-    write_table2(out, rows)
-    flair = {MODEL_NAMES[m]: out / f"{m}-FLAIR" for m in ("residual", "unet")}
-    if all((run / "metrics.json").exists() for run in flair.values()):
-        scans, _ = load_data(parse_args([a for a in argv if a != "--table2"] + ["--channel", "FLAIR"]))
-        test_ids = json.loads((flair[MODEL_NAMES["residual"]] / "metrics.json").read_text())["split"]["test"]
-        plot_slices(out / "fig7.png", [s for s in scans if s.id in test_ids], flair, "FLAIR")
+    for seed, model, channel in cells:
+        protocol = replace(base, model=model, channels=(channel,), seed=seed)
+        results = run_cell(protocol, out / f"seed{seed}" / f"{model}-{channel}", run["overwrite"])
+        rows.append({"seed": seed, "model": model, "channel": channel, "dsc": results["mean"]["dsc"],
+                     "iou": results["mean"]["iou"], "test_scans": len(results["scans"]),
+                     "dataset": results["dataset"], "report": f"seed{seed}/{model}-{channel}/report.md"})
+    write_table2(out, rows, seeds, channels)
     print(f"Table 2 written to {out}/table2.md and table2.csv")
 
 
-def write_table2(out, rows):
-    datasets = sorted({r["dataset"] for r in rows})
+def run_cell(protocol, cell, overwrite):
+    """One cell: reused when finished with the same settings, resumed when interrupted, else trained."""
+    if (cell / "metrics.json").exists() and not overwrite:
+        old = json.loads((cell / "config.json").read_text())["protocol"]
+        changed = [k for k in train.SAME_ON_RESUME if old.get(k) != asdict(protocol)[k] and k != "channels"]
+        if changed or tuple(old["channels"]) != protocol.channels:
+            raise UsageError(f"{cell} holds a cell run with other settings ({', '.join(changed) or 'channels'}); "
+                             "pass --overwrite to rerun it, or choose another --out")
+        return json.loads((cell / "metrics.json").read_text())
+    resume = (cell / "last.pt").exists() and not overwrite
+    return train.train(protocol, cell, resume=resume, overwrite=overwrite)
+
+
+def mean_sd(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def write_table2(out, rows, seeds, channels):
+    """table2.md (ours beside the paper's: mean ± sd over seeds and each seed's value; the findings) and
+    table2.csv (one row per cell and seed)."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["model"], r["channel"]), []).append(r)
+    fmt = lambda m, s: f"{m:.4f} ± {s:.4f}" if len(seeds) > 1 else f"{m:.4f}"  # noqa: E731
     lines = ["# Table 2: test DSC and IoU, ours beside the paper's", "",
-             f"Ours: {'; '.join(datasets)}. Paper: ISBI 2015 training data (called MICCAI 2008 in the paper), "
-             "scan-level 17:2:2 split.", "",
-             "| model | channel | paper DSC | our DSC | paper IoU | our IoU | test scans |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['model']} | {r['channel']} | {r['paper_dsc']:.4f} | {r['dsc']:.4f} | {r['paper_iou']:.4f} | "
-              f"{r['iou']:.4f} | {r['test_scans']} |" for r in rows]
-    atomic(out / "table2.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
-    write_csv(out / "table2.csv", rows)
+             f"Ours: {'; '.join(sorted({r['dataset'] for r in rows}))}; seeds {', '.join(map(str, seeds))} "
+             f"(mean ± sample sd over {len(seeds)} seed{'s' * (len(seeds) > 1)}). Paper: ISBI 2015 training data, "
+             "scan-level 17:2:2 split, one run.", "",
+             "| model | channel | paper DSC | our DSC | per seed | paper IoU | our IoU | test scans | report |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    means = {}
+    for (model, channel), cell in by.items():
+        dsc, iou = mean_sd([r["dsc"] for r in cell]), mean_sd([r["iou"] for r in cell])
+        means[(model, channel)] = dsc
+        paper = PAPER_TABLE2.get((model, channel), (float("nan"),) * 2)
+        lines.append(f"| {MODEL_NAMES[model]} | {channel} | {paper[0]:.4f} | {fmt(*dsc)} | "
+                     f"{', '.join(format(r['dsc'], '.3f') for r in cell)} | {paper[1]:.4f} | {fmt(*iou)} | "
+                     f"{cell[0]['test_scans']} | " + " ".join(f"[seed {r['seed']}]({r['report']})" for r in cell) + " |")
+    lines += ["", "## The paper's findings, on our data", "", *findings(means, channels, len(seeds))]
+    infer.atomic(out / "table2.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    train.write_csv(out / "table2.csv", rows)
+
+
+def findings(means, channels, n):
+    """The paper's two findings (§4.3), judged on the seed means, each with its spread."""
+    lines, seeds = [], f"{n} seed{'s' * (n > 1)}"
+    def show(key):
+        return f"{means[key][0]:.4f} ± {means[key][1]:.4f}"
+    for model in ("residual", "unet"):
+        cells = {c: means[(model, c)] for c in channels if (model, c) in means}
+        if len(cells) > 1:
+            best = max(cells, key=lambda c: cells[c][0])
+            holds = "holds" if best == "FLAIR" else "does not hold"
+            lines.append(f"- FLAIR is the best channel for the {MODEL_NAMES[model]}: **{holds}** on the means of "
+                         f"{seeds}; best is {best} ({show((model, best))})" +
+                         (f", FLAIR {show((model, 'FLAIR'))}." if best != "FLAIR" and (model, "FLAIR") in means else "."))
+    if ("residual", "FLAIR") in means and ("unet", "FLAIR") in means:
+        holds = "holds" if means[("residual", "FLAIR")][0] > means[("unet", "FLAIR")][0] else "does not hold"
+        lines.append(f"- The residual net beats the plain one on FLAIR: **{holds}** on the means of {seeds}: "
+                     f"{show(('residual', 'FLAIR'))} against {show(('unet', 'FLAIR'))} (paper 0.7068 against 0.6470).")
+    return lines or ["- Too few cells ran to judge either finding."]
 
 
 # --------------------------------------------------------------------------------------------
-# Predict
+# predict
 
-def predict(args):
-    """Segment one new scan: the training preprocessing, whole-scan inference, the mask in the input's grid."""
-    import nibabel as nib
-    device = check_device(args.device)
-    if not Path(args.checkpoint).is_file():
-        raise UsageError(f"--checkpoint {args.checkpoint}: no such file")
-    if not str(args.output).endswith((".nii", ".nii.gz")):
-        raise UsageError(f"--output {args.output}: expected a NIfTI file name ending in .nii or .nii.gz")
+def predict_parser():
+    p = argparse.ArgumentParser(
+        prog="repro.py predict", description="Segment new scans with a trained model. Each scan is read as in "
+        "training: reoriented to RAS, resampled to the checkpoint's voxel size (unless --no-resample), cropped to "
+        "its non-zero brain and z-normalised; it should be skull-stripped like the training data. The mask comes "
+        "back in the input's own grid, orientation, affine and header.")
+    p.add_argument("--checkpoint", required=True, help="best.pt (or last.pt) written by a training run")
+    p.add_argument("--input", required=True, nargs="+", metavar="SCAN",
+                   help="NIfTI or NRRD files, or one folder of them; a multi-channel model takes one file per "
+                        "channel in its order, or a CSV manifest with one column per channel")
+    p.add_argument("--output", required=True, help="the mask, NIfTI, for one scan; a folder for several (masks "
+                                                   "named <input>_mask.nii.gz)")
+    p.add_argument("--model", choices=sorted(MODEL_NAMES), help="check that the checkpoint holds this model")
+    p.add_argument("--threshold", type=float, default=0.5, help="on the sigmoid, in (0, 1) (default 0.5)")
+    p.add_argument("--window", type=int, help="sliding-window side in voxels (default: whole scan)")
+    p.add_argument("--tta", action="store_true", help="average the logits over the 8 mirrorings (nnU-Net's TTA)")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write the sigmoid as float32 NIfTI (<mask>_prob.nii.gz)")
+    p.add_argument("--no-resample", dest="resample", action="store_false",
+                   help="predict at the scan's own voxel size, not the checkpoint's")
+    p.add_argument("--overwrite", action="store_true", help="replace existing masks")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 (default bf16 where supported)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available)")
+    return p
+
+
+def predict(argv):
+    args = predict_parser().parse_args(argv)
+    device = train.resolve_device(args.device)
+    if args.model:
+        facts = infer.read_checkpoint(args.checkpoint)["facts"]
+        if facts["network"]["name"] != args.model:
+            raise UsageError(f"--checkpoint {args.checkpoint} holds a {MODEL_NAMES[facts['network']['name']]}, "
+                             f"not a {MODEL_NAMES[args.model]}")
+    if args.window is not None and args.window < 16:
+        raise UsageError(f"--window must be at least 16 voxels, got {args.window}")
+    return infer.predict(args.checkpoint, args.input, args.output, args.threshold, args.window, args.tta,
+                         args.save_probabilities, args.resample, args.overwrite, args.amp, device)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+def make_deterministic():
+    """Same --seed, same machine, same result: cuDNN's autotuner and atomics-based kernels off on CUDA.
+    Process-wide, so set once here at the entry point and never inside the library functions."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def keep_freed_memory():
+    """Let glibc keep freed blocks up to 256 MB in the heap instead of returning them to the kernel: each
+    training step and each whole-scan prediction frees and reallocates the same large activations, and
+    glibc's defaults hand those to mmap/munmap every time, which shows as minor page faults and system time."""
     try:
-        checkpoint = torch.load(args.checkpoint, map_location=device, weights_only=False)
-        config = checkpoint["config"]
-    except Exception as e:
-        raise UsageError(f"--checkpoint {args.checkpoint}: not a checkpoint written by repro.py ({e})") from None
-    if args.model and args.model != config["model"]:
-        raise UsageError(f"--checkpoint {args.checkpoint} holds a {MODEL_NAMES[config['model']]}, not a "
-                         f"{MODEL_NAMES[args.model]}")
-    model = build_model(config["model"], base_filters=config["base_filters"]).to(device)
-    model.load_state_dict(checkpoint["model"])
-    array, affine, header = data.read_image(args.input)
-    image, _, box = data.prepare(array, source=str(args.input))
-    logits = predict_logits(model.eval(), image.to(device), args.window, amp=args.amp)
-    mask = data.paste((torch.sigmoid(logits) > args.threshold).to(torch.uint8).cpu().numpy(), box, array.shape)
-    out = nib.Nifti1Image(mask, affine, header)
-    out.set_data_dtype(np.uint8)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    atomic(args.output, lambda tmp: nib.save(out, tmp))
-    print(f"{args.output}: {int(mask.sum())} lesion voxels ({config['channel']} {MODEL_NAMES[config['model']]}, "
-          f"trained on {config['dataset']})")
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    libc.mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD: glibc's maximum (32 MB); larger blocks still mmap
+    libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep up to 256 MB of free heap
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    make_deterministic()
+    keep_freed_memory()
+    protocol, out = None, None
     try:
         if argv[:1] == ["predict"]:
-            predict(parse_predict_args(argv[1:]))
-            return 0
-        args = parse_args(argv)
-        if args.table2:
-            table2(args, argv)
+            return predict(argv[1:])
+        protocol, run = parse(argv)
+        if run["table2"]:
+            table2(protocol, run, explicit_channels="--channel" in argv)
         else:
-            args.out = args.out or f"runs/{args.model}-{args.channel}-seed{args.seed}{'-quick' if args.quick else ''}"
-            train(args)
+            out = run["out"] or default_out(protocol, run["quick"])
+            train.train(protocol, out, resume=run["resume"], overwrite=run["overwrite"])
     except (UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except train.Diverged as e:
+        print(f"error: {train.ACTIVE.get('out')}: {e}; the last good checkpoint and history.csv are kept. Try a "
+              f"lower --lr (this run: {protocol.lr:g}).", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(interrupted_message(), file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted_message():
+    run = train.ACTIVE.get("out")
+    if run is None:
+        return "interrupted before a run started; nothing was written"
+    history = Path(run) / "history.csv"
+    epochs = max(len(history.read_text().splitlines()) - 1, 0) if history.exists() else 0
+    if not epochs:
+        return f"interrupted: {run} has no finished epoch; start the run again (a plain rerun replaces it)"
+    return f"interrupted: {run} was last saved after epoch {epochs}; continue with: python repro.py --out {run} --resume"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,337 @@
+"""Every prediction: a prepared scan in, logits out, the one threshold, the mask back in the scan's own grid.
+
+Validation, the test of a training run and the ``predict`` command all go through here, so the three can
+never disagree (nnU-Net keeps the same seam between its trainer and its predictor):
+
+    logits = predict_logits(model, image, window=..., tta=...)   # whole scan, or Gaussian-blended tiles
+    mask = segment(logits)                                        # sigmoid > 0.5, the only threshold
+    write_volume(path, mask, geometry)                            # the input file's own grid and header
+
+``image`` is what ``data.read_scan`` or ``data.load_dataset`` prepared: float32 (C, X, Y, Z), cropped to
+the brain, z-normalised, canonically oriented. ``geometry`` (a ``data.Geometry``) undoes all of that.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import os
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+from model import build_model
+
+
+class UsageError(Exception):
+    """A bad setting, input or output: reported as one line naming the flag or file, exit status 2."""
+
+
+def amp_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast is a real speed-up on ``device``: a CUDA GPU with bf16 support, or a CPU
+    with native bf16 instructions (AVX-512 BF16 or AMX), as oneDNN reports them. Asked of torch, not
+    guessed from the processor's name; elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast(device: torch.device, amp: bool):
+    """bf16 autocast where ``amp`` is asked for and the device supports it (see ``amp_supported``)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and amp_supported(device))
+
+
+def gaussian_weights(size, device) -> torch.Tensor:
+    """nnU-Net's tile weighting: a Gaussian of sigma = side / 8 per axis, so that tile centres dominate."""
+    axes = []
+    for n in size:
+        x = torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2
+        axes.append(torch.exp(-0.5 * (x / (n / 8)) ** 2))
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return (w / w.max()).clamp_min(1e-3)
+
+
+def tile_starts(shape, window, overlap=0.5):
+    """Tile corners along each axis: tiles of ``window`` voxels (at most the side) overlapping by at least
+    ``overlap``, the first at 0 and the last at the far edge."""
+    starts = []
+    for n in shape:
+        w = min(window, n)
+        count = math.ceil((n - w) / (w * (1 - overlap))) + 1
+        starts.append(sorted({round(i * (n - w) / max(count - 1, 1)) for i in range(count)}))
+    return starts
+
+
+FLIPS = [axes for k in range(4) for axes in itertools.combinations((2, 3, 4), k)]
+"""The 8 mirrorings of a (B, C, X, Y, Z) tensor over its three spatial axes, identity first."""
+
+
+def _forward(model, x, amp, tta):
+    """Logits of one (1, C, ...) input, float32; with ``tta`` the mean of the logits over the 8 mirrorings
+    (nnU-Net v2 also averages logits, before the sigmoid)."""
+    device = x.device
+    if not tta:
+        with autocast(device, amp):
+            return model(x).float()
+    total = torch.zeros(x.shape[:1] + (1,) + x.shape[2:], device=device)
+    for axes in FLIPS:
+        with autocast(device, amp):
+            y = model(x.flip(axes) if axes else x).float()
+        total += y.flip(axes) if axes else y
+    return total / len(FLIPS)
+
+
+@torch.inference_mode()
+def predict_logits(model, image, window=None, overlap=0.5, amp=True, tta=False) -> torch.Tensor:
+    """Logits (X, Y, Z), float32, of one prepared scan ``image`` (C, X, Y, Z) on the model's device.
+
+    ``window`` None, or a scan that fits in it: the scan goes through in one pass (the network pads it to
+    its multiple), as the paper predicts whole crops. Otherwise tiles of ``window`` voxels overlapping by
+    ``overlap`` (default 0.5) cover it and their logits are blended with Gaussian weights (sigma = window /
+    8), as nnU-Net does, so that tile borders leave no seams. ``tta``: mirroring at test time (8 flips).
+    Runs under ``torch.inference_mode``: no autograd graph, no saved activations.
+    """
+    model.eval()
+    if window is None or all(n <= window for n in image.shape[1:]):
+        return _forward(model, image[None], amp, tta)[0, 0]
+    shape = image.shape[1:]
+    size = [min(window, n) for n in shape]
+    weights = gaussian_weights(size, image.device)
+    total = torch.zeros(shape, device=image.device)
+    norm = torch.zeros(shape, device=image.device)
+    for x, y, z in itertools.product(*tile_starts(shape, window, overlap)):
+        tile = (slice(x, x + size[0]), slice(y, y + size[1]), slice(z, z + size[2]))
+        total[tile] += _forward(model, image[(slice(None),) + tile][None], amp, tta)[0, 0] * weights
+        norm[tile] += weights
+    return total / norm
+
+
+def segment(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """The lesion mask: sigmoid(logits) > ``threshold`` (the paper's 0.5), as a bool tensor.
+
+    Compared on the logits, logit(threshold) = log(t / (1 - t)), which is 0 for 0.5: exact, and no
+    sigmoid over the volume. This is the project's only threshold.
+    """
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    return logits > math.log(threshold / (1 - threshold))
+
+
+# A logit so negative that its sigmoid is 0 in float32: outside the crop box there is no brain.
+OUTSIDE_LOGIT = -100.0
+
+
+def atomic(path, write):
+    """Write through a temporary sibling and rename, so that a crash never leaves half a file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same suffix: writers pick the format by it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def to_input_grid(logits: torch.Tensor, geometry) -> torch.Tensor:
+    """Logits of the prepared grid (cropped, canonical, resampled) brought back to the input file's own
+    voxel grid: uncropped with ``OUTSIDE_LOGIT``, resampled linearly, reoriented back (``data.Geometry``).
+    Thresholding after this step, as nnU-Net does, keeps lesion borders smooth across a resampling."""
+    return torch.from_numpy(geometry.restore(logits.float().cpu().numpy(), order=1, fill=OUTSIDE_LOGIT))
+
+
+def write_nifti(path, array: np.ndarray, geometry):
+    """Save an array of the input file's grid with that file's affine and header, atomically."""
+    image = nib.Nifti1Image(array, geometry.affine, geometry.header)
+    image.set_data_dtype(array.dtype)
+    atomic(path, lambda tmp: nib.save(image, tmp))
+
+
+def write_prediction(path, logits, geometry, threshold=0.5, probabilities=None) -> int:
+    """Write the mask of ``logits`` (prepared grid) to ``path`` in the input's grid, and the sigmoid as
+    float32 to ``probabilities`` if given; returns the number of lesion voxels."""
+    full = to_input_grid(logits, geometry)
+    mask = segment(full, threshold).numpy().astype(np.uint8)
+    if probabilities is not None:
+        write_nifti(probabilities, torch.sigmoid(full).numpy().astype(np.float32), geometry)
+    write_nifti(path, mask, geometry)
+    return int(mask.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# A trained model, and the predict command
+
+def read_checkpoint(path, device="cpu") -> dict:
+    """A checkpoint written by a training run, or UsageError saying what is wrong with the file."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a folder, expected a checkpoint file (best.pt)") from None
+    except Exception as e:
+        raise UsageError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}); it is truncated or not "
+                         "written by repro.py") from None
+    if not isinstance(checkpoint, dict) or "facts" not in checkpoint or "model" not in checkpoint:
+        raise UsageError(f"{path}: not a checkpoint written by repro.py")
+    return checkpoint
+
+
+def load_model(path, device):
+    """The network of a checkpoint, in eval mode on ``device``, and the facts of its run."""
+    checkpoint = read_checkpoint(path, device)
+    facts = checkpoint["facts"]
+    model = build_model(**facts["network"]).to(device)
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), facts
+
+
+SCAN_SUFFIXES = (".nii", ".nii.gz", ".nhdr", ".nrrd")
+
+
+def is_scan(path: Path) -> bool:
+    return path.name.lower().endswith(SCAN_SUFFIXES) and not path.name.startswith(".")
+
+
+def scan_stem(path: Path) -> str:
+    name = path.name
+    return next(name[: -len(s)] for s in sorted(SCAN_SUFFIXES, key=len, reverse=True) if name.lower().endswith(s))
+
+
+def list_cases(inputs, channels) -> list[list[Path]]:
+    """The scans to predict, each a list of one file per channel of the model.
+
+    One channel: files, or one folder of NIfTI/NRRD files. Several channels: the channels of one scan as
+    that many files in the model's order, or a CSV manifest with one column per channel name.
+    """
+    paths = [Path(p) for p in inputs]
+    for path in paths:
+        if path.is_symlink() and not path.exists():
+            raise UsageError(f"--input {path}: a dangling symlink")
+        if not path.exists():
+            raise UsageError(f"--input {path}: no such file or folder")
+        if not os.access(path, os.R_OK):
+            raise UsageError(f"--input {path}: permission denied")
+    if len(channels) > 1:
+        if len(paths) == 1 and paths[0].suffix.lower() == ".csv":
+            cases = read_case_manifest(paths[0], channels)
+        elif len(paths) == len(channels) and all(p.is_file() for p in paths):
+            cases = [paths]
+        else:
+            raise UsageError(f"--input: the model takes {len(channels)} channels ({', '.join(channels)}): give one "
+                             f"file per channel in that order, or a CSV manifest with those columns; got "
+                             f"{len(paths)} input(s)")
+    elif len(paths) == 1 and paths[0].is_dir():
+        cases = [[p] for p in sorted(paths[0].iterdir()) if is_scan(p)]
+        if not cases:
+            raise UsageError(f"--input {paths[0]}: the folder holds no NIfTI or NRRD scan")
+    else:
+        for path in paths:
+            if path.is_dir():
+                raise UsageError(f"--input {path}: a folder must be the only --input")
+            if not is_scan(path):
+                raise UsageError(f"--input {path}: expected a NIfTI (.nii, .nii.gz) or NRRD (.nrrd, .nhdr) file")
+        cases = [[p] for p in paths]
+    seen = {}
+    for case in cases:
+        for path in case:
+            key = os.path.realpath(path)
+            if key in seen:
+                raise UsageError(f"--input {path}: listed twice (also as {seen[key]})")
+            seen[key] = path
+    return cases
+
+
+def read_case_manifest(path: Path, channels) -> list[list[Path]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    header = list(rows[0]) if rows else []
+    missing = [c for c in channels if c not in header]
+    if missing:
+        raise UsageError(f"--input {path}: needs one column per channel of the model ({', '.join(channels)}); "
+                         f"missing {', '.join(missing)}")
+    cases = [[(path.parent / row[c]).resolve() if not Path(row[c]).is_absolute() else Path(row[c])
+              for c in channels] for row in rows]
+    for line, case in enumerate(cases, 2):
+        for file in case:
+            if not file.is_file():
+                raise UsageError(f"--input {path}, line {line}: {file}: no such file")
+    if not cases:
+        raise UsageError(f"--input {path}: the manifest lists no scan")
+    return cases
+
+
+def plan_outputs(cases, output, overwrite, save_probabilities) -> list[tuple[Path, Path | None]]:
+    """Where each case's mask (and probability map) goes; refuses anything that would lose data."""
+    output = Path(output)
+    parent = output.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--output {output}: {parent} is a file, not a folder")
+    if len(cases) == 1 and not output.is_dir():
+        if not output.name.endswith((".nii", ".nii.gz")):
+            raise UsageError(f"--output {output}: expected a NIfTI file name ending in .nii or .nii.gz (or an "
+                             "existing folder)")
+        stem = output.name[: -len(".nii.gz")] if output.name.endswith(".nii.gz") else output.name[: -len(".nii")]
+        plan = [(output, output.with_name(f"{stem}_prob.nii.gz") if save_probabilities else None)]
+    else:
+        if output.exists() and not output.is_dir():
+            raise UsageError(f"--output {output}: {len(cases)} scans need a folder, and this is a file")
+        if output.name.endswith((".nii", ".nii.gz")):
+            raise UsageError(f"--output {output}: {len(cases)} scans need a folder, not a NIfTI file name")
+        plan = [(output / f"{scan_stem(c[0])}_mask.nii.gz",
+                 output / f"{scan_stem(c[0])}_prob.nii.gz" if save_probabilities else None) for c in cases]
+    inputs = {os.path.realpath(p) for case in cases for p in case}
+    targets = [t for pair in plan for t in pair if t is not None]
+    if len({os.path.realpath(t) for t in targets}) < len(targets):
+        raise UsageError(f"--output {output}: two inputs would write the same mask (their names agree)")
+    for target in targets:
+        if os.path.realpath(target) in inputs or any(target.exists() and os.path.samefile(target, p)
+                                                     for case in cases for p in case):
+            raise UsageError(f"--output {target}: is one of the inputs; it would be overwritten")
+        if target.exists() and not overwrite:
+            raise UsageError(f"--output {target}: exists; pass --overwrite to replace it")
+        if target.is_dir():
+            raise UsageError(f"--output {target}: is a folder")
+    return plan
+
+
+def predict(checkpoint, inputs, output, threshold=0.5, window=None, tta=False, save_probabilities=False,
+            resample=True, overwrite=False, amp=True, device="cpu") -> int:
+    """The ``predict`` command: segment scans with a trained model; returns the exit status (1 if a scan
+    failed during prediction; the others are written)."""
+    if not 0 < threshold < 1:
+        raise UsageError(f"--threshold must be in (0, 1), got {threshold}")
+    model, facts = load_model(checkpoint, device)
+    channels = facts["channels"]
+    cases = list_cases(inputs, channels)
+    plan = plan_outputs(cases, output, overwrite, save_probabilities)
+    spacing = facts["spacing_mm"] if resample else None
+    for case in cases:  # every input read and checked before the model runs
+        try:
+            data.read_scan(case, norm=facts["norm"], spacing=spacing)
+        except data.DataError as e:
+            raise UsageError(f"--input {e}") from None
+    failed = []
+    bar = tqdm(list(zip(cases, plan)), desc="scans", disable=len(cases) == 1 or not os.isatty(2))
+    for case, (mask_path, prob_path) in bar:
+        try:
+            image, geometry, _ = data.read_scan(case, norm=facts["norm"], spacing=spacing)
+            logits = predict_logits(model, image.to(device), window, amp=amp, tta=tta)
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            voxels = write_prediction(mask_path, logits, geometry, threshold, prob_path)
+            print(f"{mask_path}: {voxels} lesion voxels")
+        except Exception as e:  # one bad scan must not cost the others
+            failed.append(case[0])
+            print(f"error: {case[0]}: prediction failed ({type(e).__name__}: {str(e).splitlines()[0]})",
+                  file=sys.stderr)
+    if failed:
+        print(f"error: {len(failed)} of {len(cases)} scans failed: {', '.join(map(str, failed))}",
+              file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,162 @@
+import csv
+import json
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import infer
+import repro
+import train
+from conftest import TINY
+
+
+def history(out):
+    with open(out / "history.csv") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_a_run_writes_every_file(finished):
+    for name in train.OUTPUTS:
+        assert (finished / name).exists(), name
+    config = json.loads((finished / "config.json").read_text())
+    ids = [i for part in config["split_ids"].values() for i in part]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 6
+    assert [len(config["split_ids"][k]) for k in ("train", "val", "test")] == [4, 1, 1]
+    assert config["protocol"]["lr"] == 1e-4 and config["protocol"]["model"] == "residual"
+    assert config["versions"]["torch"] and config["data_fingerprint"]
+    assert config["dataset"].startswith("synthetic MS data (phantom.py")
+    assert len(history(finished)) == 2
+    results = json.loads((finished / "metrics.json").read_text())
+    assert set(results["scans"]) == set(config["split_ids"]["test"])
+    assert 0 <= results["mean"]["dsc"] <= 1 and 0 <= results["mean"]["iou"] <= results["mean"]["dsc"]
+    for key in ("ltpr", "lfpr", "hd95_mm", "ppv", "tpr"):
+        assert key in results["mean"]
+
+
+def test_config_records_the_protocol_that_ran(finished):
+    config = json.loads((finished / "config.json").read_text())
+    protocol = train.Protocol(**{**config["protocol"], "channels": tuple(config["protocol"]["channels"])})
+    assert protocol.patch_size == 32 and protocol.epochs == 2 and protocol.base_filters == 4
+    assert "command" not in config  # sys.argv is not what ran under --table2 or main(argv)
+
+
+def test_predictions_are_in_the_original_grid(finished, dataset):
+    test_id = json.loads((finished / "config.json").read_text())["split_ids"]["test"][0]
+    subject = test_id.split("_")[0]
+    source = nib.load(dataset / "training" / subject / "preprocessed" / f"{test_id}_flair_pp.nii")
+    pred = nib.load(finished / "predictions" / f"{test_id}_pred.nii.gz")
+    assert pred.shape == source.shape
+    np.testing.assert_allclose(pred.affine, source.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+
+
+def test_interrupted_run_resumed_matches_uninterrupted(finished, dataset, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "interrupted"
+    validate, calls = train.validate, []
+
+    def interrupt_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "validate", interrupt_in_epoch_two)
+    assert repro.main(["--data", str(dataset), "--out", str(out), *TINY]) == 130
+    err = capsys.readouterr().err
+    assert "last saved after epoch 1" in err and "--resume" in err and "Traceback" not in err
+    assert len(history(out)) == 1 and not (out / "metrics.json").exists()
+    monkeypatch.setattr(train, "validate", validate)
+    assert repro.main(["--data", str(dataset), "--out", str(out), *TINY, "--resume"]) == 0
+    assert history(out) == history(finished)
+    ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (out, finished))
+    assert ours == theirs
+
+
+def test_resume_needs_only_the_folder(finished, dataset, tmp_path, monkeypatch):
+    out = tmp_path / "short"
+    assert repro.main(["--data", str(dataset), "--out", str(out), *TINY, "--epochs", "1"]) == 0
+    # --resume with --out alone continues with config.json's settings; --epochs may grow.
+    assert repro.main(["--out", str(out), "--resume", "--epochs", "2"]) == 0
+    assert history(out) == history(finished)
+
+
+def test_same_seed_same_weights(finished, dataset, tmp_path):
+    out = tmp_path / "again"
+    assert repro.main(["--data", str(dataset), "--out", str(out), *TINY, "--epochs", "1"]) == 0
+    first = torch.load(finished / "last.pt", weights_only=False)
+    assert history(out)[0] == history(finished)[0]
+    again = torch.load(out / "last.pt", weights_only=False)
+    assert again["history"][0]["train_loss"] == first["history"][0]["train_loss"]
+
+
+def test_a_failed_start_is_replaced_by_a_plain_rerun(dataset, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "failed"
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_one_epoch", die)
+    assert repro.main(["--data", str(dataset), "--out", str(out), *TINY]) == 130
+    assert "no finished epoch" in capsys.readouterr().err
+    assert repro.main(["--data", str(dataset), "--out", str(out), *TINY, "--resume"]) == 2
+    assert "start the run without --resume" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert repro.main(["--data", str(dataset), "--out", str(out), *TINY, "--epochs", "1"]) == 0
+    assert "replacing a run that stopped before its first epoch" in capsys.readouterr().out
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_what_was_good(dataset, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "nan"
+    validate, calls = train.validate, []
+
+    def nan_in_epoch_two(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return validate(model, *args, **kwargs)
+
+    monkeypatch.setattr(train, "validate", nan_in_epoch_two)
+    assert repro.main(["--data", str(dataset), "--out", str(out), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "validation loss is nan" in err and "--lr" in err and "Traceback" not in err
+    assert (out / "best.pt").exists() and len(history(out)) == 1
+    best = torch.load(out / "best.pt", weights_only=False)
+    assert all(torch.isfinite(p).all() for p in best["model"].values())
+
+
+def test_the_log_without_a_terminal_is_one_plain_line_per_epoch(finished):
+    log = (finished / "train.log").read_text()
+    assert "\r" not in log
+    assert len(re.findall(r"^epoch \d+/2: train loss [\d.]+, val loss [\d.]+, val DSC [\d.]+, .*ETA", log, re.M)) == 2
+
+
+def test_report_names_files_that_exist(finished):
+    report = (finished / "report.md").read_text()
+    embedded = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert set(embedded) == {"fig6.png", "fig7.png"}
+    for name in embedded:
+        assert (finished / name).is_file()
+    assert "Dataset: synthetic MS data" in report and "| **mean** |" in report
+
+
+def test_early_stopping_records_improvements():
+    stopper = train.EarlyStopping(patience=2)
+    assert stopper.record(1.0) and not stopper.record(1.0) and stopper.record(0.5)
+    assert not stopper.record(0.6) and not stopper.stop and not stopper.record(0.7) and stopper.stop
+    assert (stopper.epoch, stopper.best_epoch, stopper.best_loss) == (5, 3, 0.5)
+
+
+@pytest.mark.skipif(not infer.amp_supported(torch.device("cpu")), reason="this CPU has no native bf16")
+def test_bf16_autocast_on_a_cpu_that_has_it(dataset, tmp_path):
+    out = tmp_path / "bf16"
+    assert repro.main(["--data", str(dataset), "--out", str(out), *TINY, "--epochs", "1"]) == 0
+    assert json.loads((out / "config.json").read_text())["precision"] == "bf16 autocast"
+    net = torch.nn.Conv3d(1, 1, 3)
+    with infer.autocast(torch.device("cpu"), True):
+        assert net(torch.zeros(1, 1, 4, 4, 4)).dtype == torch.bfloat16
+    with infer.autocast(torch.device("cpu"), False):
+        assert net(torch.zeros(1, 1, 4, 4, 4)).dtype == torch.float32

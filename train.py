@@ -1,0 +1,539 @@
+"""The paper's training protocol, declared once, and one training run of it, told top to bottom.
+
+    protocol = replace(PAPER, model="unet", channels=("T2W",))
+    results = train(protocol, "runs/unet-T2W-seed0")
+
+``Protocol`` holds every setting with its paper value and source (Choi et al. 2021, §4.2 and Table 1), or
+says that the paper leaves it open and what we chose. ``QUICK`` is the CPU preset built from it. ``train``
+reads the scans, splits them, then per epoch trains on lesion-centred patches (``train_one_epoch``) and
+scores the validation scans (``validate``), checkpoints, and stops early; the best checkpoint is then tested
+(``test``) and the run reported (``report.md``). Inference of every kind lives in ``infer.py``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import augment
+import data
+import figures
+import infer
+import metrics
+import phantom
+from model import MODELS, build_model
+
+
+UsageError = infer.UsageError
+
+
+class Diverged(Exception):
+    """A non-finite loss: the run stops, its last good checkpoint and history.csv stay."""
+
+
+def _same(default):
+    """A setting that a resumed run must share with the interrupted one (it shapes what was learned)."""
+    return field(default=default, metadata={"same_on_resume": True})
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One cell of Table 2 and how it is trained; the defaults are the paper's protocol."""
+    model: str = _same("residual")         # §3: "residual" (Fig. 2) or "unet" (Çiçek et al. 2016, the baseline)
+    channels: tuple = _same(("FLAIR",))    # §4.1: one MRI channel per cell; several at once is §5's future work
+    data: str | None = _same(None)         # ISBI 2015 / MICCAI 2008 folder or CSV manifest; None: built-in data
+    label: str = _same("mask1")            # open ("one ground truth"): we train on rater 1's masks
+    split: str = _same("scan")             # §4.1: 17:2:2 by scan; "subject" keeps each patient on one side (ours)
+    seed: int = _same(0)                   # open: one seed draws the split, the weights, patches and augmentation
+    spacing: float | None = _same(None)    # mm; open. None: the data's own (built-in: generated at 1 mm, ISBI's)
+    norm: str = _same("brain")             # open: z-score over brain voxels ("brain") or the whole crop ("crop")
+    patch_size: int = _same(144)           # §4.2: 144³ training patches
+    patches_per_scan: int = _same(10)      # §4.2: 10 lesion-centred patches per training scan and epoch
+    augment: bool = _same(True)            # §3.5: TorchIO's six transforms, each with p = 0.5 (p is open)
+    mixup: float = _same(0.0)              # §5's future work: mix-up's Beta(α, α); 0 is off, the paper's
+    base_filters: int | None = _same(None)  # Fig. 2: 16 for the residual net; 32 for Çiçek's; None: the model's
+    dropout: float = _same(0.3)            # open: Isensee et al. 2017's 0.3 (pykao's port ships 0.6)
+    shared_context: bool = _same(False)    # pykao's port applies one context convolution twice; off: Isensee's
+    unet_norm: str = _same("batch")        # Çiçek et al. 2016: batch norm; "instance"/"group" for the ablation
+    lr: float = _same(1e-4)                # Table 1: Adam with learning rate 1e-4
+    weight_decay: float = _same(1e-10)     # Table 1: weight decay 1e-10
+    amp: bool = _same(True)                # not the paper's (fp32): bf16 autocast where the device has bf16
+    epochs: int = 100                      # Table 1: at most 100 epochs
+    patience: int = 5                      # Table 1: stop after 5 epochs without a lower validation loss
+    window: int | None = None              # inference tile side in voxels; None: whole scans, as the paper
+    tta: bool = False                      # test-time mirroring (nnU-Net's 8 flips); off: the paper's
+    device: str | None = None              # None: cuda when present, else cpu; a resumed run may move
+
+
+PAPER = Protocol()
+# The CPU preset: 2 mm data and small patches, so that the whole of Table 2 trains in an hour on two cores.
+# lr 1e-3: with 12 epochs of 2 patches per scan, 1e-4 does not converge; both networks get the same settings.
+QUICK = replace(PAPER, spacing=2.0, patch_size=48, patches_per_scan=2, epochs=12, patience=4, lr=1e-3)
+
+ACTIVE = {}  # the run folder this process is writing, for the entry point's message on Ctrl-C
+SAME_ON_RESUME = tuple(f.name for f in fields(Protocol) if f.metadata.get("same_on_resume"))
+SPLITS = ("train", "val", "test")
+MODEL_NAMES = {"residual": "Residual 3D U-Net", "unet": "3D U-Net"}
+
+# Everything a run writes into its folder: cleanup, --overwrite and the tests use this one list.
+OUTPUTS = ("config.json", "history.csv", "train.log", "metrics.json", "report.md", "best.pt", "last.pt",
+           "fig6.png", "fig7.png", "predictions")
+
+
+# --------------------------------------------------------------------------------------------
+# One run, top to bottom
+
+def train(protocol: Protocol, out, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train and test one cell of Table 2 into the folder ``out``; returns its metrics."""
+    device = check_protocol(protocol)
+    out = Path(out)
+    check_out(out, resume, overwrite)
+    scans, dataset, fingerprint = load_scans(protocol)
+    split_ids = data.split_scans(scans, by=protocol.split, seed=protocol.seed)
+    train_scans, val_scans, test_scans = ([s for s in scans if s.id in split_ids[k]] for k in SPLITS)
+    check_sizes(protocol, scans)
+    facts = run_facts(protocol, scans, dataset, fingerprint, split_ids, device)
+    log = open_run(out, protocol, facts, resume, overwrite)
+
+    torch.manual_seed(protocol.seed)  # the initial weights and dropout
+    model = build_model(**network(protocol)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=protocol.lr, weight_decay=protocol.weight_decay)
+    generator = torch.Generator().manual_seed(protocol.seed)  # patches and augmentation, drawn on the host
+    sampler = data.PatchSampler(train_scans, protocol.patch_size, protocol.patches_per_scan, device, generator)
+    augmentations = make_augmentations(protocol, train_scans)
+    stopper, history = EarlyStopping(protocol.patience), []
+    if resume:
+        stopper, history = load_checkpoint(out / "last.pt", model, optimizer, generator, device)
+        log(f"Resuming {out} after epoch {stopper.epoch}.")
+    log(describe_run(protocol, dataset, split_ids, device, len(sampler)))
+
+    for epoch in range(stopper.epoch, protocol.epochs):
+        if stopper.stop:
+            break
+        start = time.perf_counter()
+        train_loss = train_one_epoch(model, optimizer, sampler, augmentations, protocol, generator, device)
+        val_loss, val_dsc = validate(model, val_scans, protocol, device)
+        improved = stopper.record(val_loss)
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_dsc": val_dsc,
+                        "seconds": round(time.perf_counter() - start, 2)})
+        if improved:
+            save_checkpoint(out / "best.pt", model, facts)
+        save_checkpoint(out / "last.pt", model, facts, optimizer, generator, stopper, history)
+        write_csv(out / "history.csv", history)
+        log.epoch(history[-1], stopper, protocol.epochs)
+
+    load_checkpoint(out / "best.pt", model, device=device)
+    results, masks = test(model, test_scans, protocol, device, out)
+    results.update(dataset=dataset, model=protocol.model, channels=list(protocol.channels), split_ids=split_ids,
+                   best_epoch=stopper.best_epoch, epochs_run=stopper.epoch, early_stopped=stopper.stop)
+    write_json(out / "metrics.json", results)
+    report(out, protocol, facts, history, results, test_scans, masks)
+    mean = results["mean"]
+    log(f"Test ({len(test_scans)} scans, best epoch {stopper.best_epoch} of {stopper.epoch}): DSC {mean['dsc']:.4f}, "
+        f"IoU {mean['iou']:.4f}, lesion TPR {mean['ltpr']:.3f}, lesion FPR {mean['lfpr']:.3f}. Results in {out}/")
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# The epoch: training and validation
+
+def train_one_epoch(model, optimizer, sampler, augmentations, protocol, generator, device) -> float:
+    """One pass over the epoch's patches, one Adam step per patch (the paper's batch size of 1)."""
+    model.train()
+    loss_fn = metrics.BCEDiceLoss()
+    total = torch.zeros((), device=device)
+    steps = progress(sampler, "patches")
+    for i, batch in enumerate(steps, 1):
+        image, label, scan = batch if len(batch) == 3 else (*batch, 0)  # TEMP-DEV
+        if augmentations is not None:
+            image, label = augmentations[scan](image, label, generator=generator)
+        with infer.autocast(device, protocol.amp):
+            loss = loss_fn(model(image), label)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+        if i % 10 == 0 or i == len(sampler):  # a host sync only every 10 steps
+            mean = total.item() / i
+            if not math.isfinite(mean):
+                raise Diverged(f"the training loss became {mean} within the last 10 steps")
+            if hasattr(steps, "set_postfix"):
+                steps.set_postfix(loss=f"{mean:.4f}")
+    return total.item() / len(sampler)
+
+
+def make_augmentations(protocol, scans):
+    """Per training scan, the paper's six transforms (augment.paper_augmentation) at that scan's voxel size
+    in mm, padding with its own background; scans that agree share one pipeline."""
+    if not protocol.augment:
+        return None
+    pipelines = {}
+    for s in scans:
+        key = (tuple(s.spacing), tuple(s.background))
+        pipelines.setdefault(key, augment.paper_augmentation(spacing=key[0]))  # TEMP-DEV
+    return [pipelines[(tuple(s.spacing), tuple(s.background))] for s in scans]
+
+
+def validate(model, scans, protocol, device) -> tuple[float, float]:
+    """Mean BCE-Dice loss and mean DSC over the validation scans, predicted as the test predicts them."""
+    loss_fn = metrics.BCEDiceLoss()
+    losses, dscs = [], []
+    for scan in scans:
+        truth = scan.mask.to(device)
+        logits = infer.predict_logits(model, scan.image.to(device), protocol.window, amp=protocol.amp)
+        losses.append(loss_fn(logits, truth))
+        dscs.append(metrics.dice(infer.segment(logits), truth))
+    loss = torch.stack(losses).mean().item()
+    if not math.isfinite(loss):
+        raise Diverged(f"the validation loss is {loss}")
+    return loss, torch.stack(dscs).mean().item()
+
+
+@dataclass
+class EarlyStopping:
+    """Table 1's early stopping: stop once the validation loss has not improved for ``patience`` epochs."""
+    patience: int
+    epoch: int = 0                 # epochs recorded so far
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    def record(self, val_loss: float) -> bool:
+        """Record one epoch's validation loss; True when it is the best so far."""
+        self.epoch += 1
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.bad_epochs = val_loss, self.epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints: the model alone (best.pt) or everything a resume needs (last.pt)
+
+def save_checkpoint(path, model, facts, optimizer=None, generator=None, stopper=None, history=None):
+    """best.pt holds the weights and the run's facts (what ``predict`` needs); last.pt adds the optimizer,
+    the early-stopping state, the history and every random state, so that a resumed run is exact."""
+    checkpoint = {"model": model.state_dict(), "facts": facts}
+    if optimizer is not None:
+        checkpoint.update(optimizer=optimizer.state_dict(), stopper=asdict(stopper), history=history,
+                          rng={"torch": torch.get_rng_state(), "generator": generator.get_state(),
+                               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+    atomic_save(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path, model, optimizer=None, generator=None, device="cpu"):
+    """Load ``save_checkpoint``'s file into ``model`` (and the rest, for last.pt); returns
+    (EarlyStopping, history) for last.pt."""
+    checkpoint = infer.read_checkpoint(path, device)
+    model.load_state_dict(checkpoint["model"])
+    if optimizer is None:
+        return None
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    generator.set_state(checkpoint["rng"]["generator"])
+    if checkpoint["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    return EarlyStopping(**checkpoint["stopper"]), checkpoint["history"]
+
+
+def network(protocol) -> dict:
+    """The keyword arguments of ``build_model`` for the protocol's network: its own options only. Stored in
+    every checkpoint, so that ``infer.load_model`` rebuilds the same network."""
+    options = ({"dropout": protocol.dropout, "shared_context": protocol.shared_context}
+               if protocol.model == "residual" else {"norm": protocol.unet_norm})
+    return {"name": protocol.model, "in_channels": len(protocol.channels), "base_filters": protocol.base_filters,
+            **options}
+
+
+# --------------------------------------------------------------------------------------------
+# Test and report
+
+def test(model, scans, protocol, device, out) -> dict:
+    """Score the test scans with the best checkpoint and write their masks in their original grids."""
+    per_scan, masks = {}, {}
+    (out / "predictions").mkdir(exist_ok=True)
+    for scan in progress(scans, "test"):
+        logits = infer.predict_logits(model, scan.image.to(device), protocol.window, amp=protocol.amp,
+                                      tta=protocol.tta)
+        pred = infer.segment(logits)
+        per_scan[scan.id] = metrics.scan_scores(pred, scan.mask.to(device), scan.spacing,
+                                                raters=[r.to(device) for r in scan.raters.values()] or None)
+        infer.write_prediction(out / "predictions" / f"{scan.id}_pred.nii.gz", logits, scan.geometry)
+        masks[scan.id] = pred.cpu()
+    return {"scans": per_scan, "mean": metrics.summarise(per_scan)}, masks
+
+
+def report(out, protocol, facts, history, results, test_scans, masks):
+    """Fig. 6, Fig. 7 and report.md: the one file a user opens to see what happened."""
+    title = f"{MODEL_NAMES[protocol.model]}, {'+'.join(protocol.channels)}"
+    figures.history(out / "fig6.png", history, title)
+    figures.slices(out / "fig7.png", test_scans, {MODEL_NAMES[protocol.model]: masks}, "+".join(protocol.channels))
+    settings = {k: v for k, v in asdict(protocol).items() if k not in ("device",)}
+    keys = metrics.REPORTED
+    lines = [f"# {title}", "", f"Dataset: {facts['dataset']}.", f"Device: {facts['device_name']}; "
+             f"precision {facts['precision']}.", "", "## Settings", "",
+             "| setting | value |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in settings.items()], "",
+             f"## Test ({len(results['scans'])} scans; best epoch {results['best_epoch']} of "
+             f"{results['epochs_run']})", "", "| scan | " + " | ".join(keys) + " |",
+             "|" + " --- |" * (len(keys) + 1)]
+    cell = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    lines += [f"| {sid} | " + " | ".join(cell(s[k]) for k in keys) + " |" for sid, s in results["scans"].items()]
+    lines += ["| **mean** | " + " | ".join(cell(results["mean"][k]) for k in keys) + " |", "",
+              "## Figures", "", "Fig. 6, loss and validation DSC per epoch: ![fig6](fig6.png)", "",
+              "Fig. 7, the test scans' most lesioned slice: ![fig7](fig7.png)", ""]
+    atomic_save(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines)))
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before anything is created
+
+def check_protocol(protocol) -> torch.device:
+    """Every setting, before any file is read or written; returns the device."""
+    if protocol.model not in MODELS:
+        raise UsageError(f"--model {protocol.model!r}: expected one of {', '.join(sorted(MODELS))}")
+    for name in ("epochs", "patience", "patch_size", "patches_per_scan"):
+        if getattr(protocol, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(protocol, name)}")
+    if protocol.base_filters is not None and protocol.base_filters < 1:
+        raise UsageError(f"--base-filters must be at least 1, got {protocol.base_filters}")
+    if not (math.isfinite(protocol.lr) and protocol.lr > 0):
+        raise UsageError(f"--lr must be a finite number > 0, got {protocol.lr}")
+    if not (math.isfinite(protocol.weight_decay) and protocol.weight_decay >= 0):
+        raise UsageError(f"--weight-decay must be a finite number >= 0, got {protocol.weight_decay}")
+    if protocol.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {protocol.seed}")
+    if not (math.isfinite(protocol.mixup) and protocol.mixup >= 0):
+        raise UsageError(f"--mixup must be a finite number > 0, got {protocol.mixup}")
+    if not 0 <= protocol.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {protocol.dropout}")
+    if protocol.spacing is not None and not (math.isfinite(protocol.spacing) and protocol.spacing > 0):
+        raise UsageError(f"--spacing must be a number of mm > 0, got {protocol.spacing}")
+    net = MODELS[protocol.model]
+    multiple, smallest = net.size_multiple, net.min_side
+    if protocol.patch_size % multiple or protocol.patch_size < smallest:
+        raise UsageError(f"--patch-size {protocol.patch_size}: the {MODEL_NAMES[protocol.model]} needs a multiple "
+                         f"of {multiple} of at least {smallest}")
+    if protocol.window is not None and protocol.window < smallest:
+        raise UsageError(f"--window must be at least {smallest} voxels for the {MODEL_NAMES[protocol.model]}, "
+                         f"got {protocol.window}")
+    return resolve_device(protocol.device)
+
+
+def resolve_device(name) -> torch.device:
+    """cpu, cuda or cuda:N (None: cuda when present); anything else is refused by name."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_sizes(protocol, scans):
+    """A patch no scan can hold, or a scan the network cannot take, is refused before training."""
+    if all(protocol.patch_size > n for scan in scans for n in scan.image.shape[1:]):
+        largest = max(max(scan.image.shape[1:]) for scan in scans)
+        raise UsageError(f"--patch-size {protocol.patch_size} is larger than every cropped scan (the largest side "
+                         f"is {largest} voxels); choose a smaller patch")
+    data.check_scan_sizes(scans, MODELS[protocol.model].min_side)
+
+
+def load_scans(protocol):
+    """The scans of the protocol's channels, from --data or the built-in dataset; a line naming the data; and
+    the data files' fingerprint, which a resume must find unchanged."""
+    spacing = protocol.spacing
+    if protocol.data:
+        root = Path(protocol.data)
+        if not root.exists():
+            raise UsageError(f"--data {protocol.data}: no such file or folder; point it at the ISBI 2015 training "
+                             "folder, a MICCAI 2008 folder or a CSV manifest")
+        layout, _ = data.find_scans(root)
+        dataset = f"{layout} ({root})"
+        if (root / "phantom.json").exists():  # a copy written by phantom.py: never call it ISBI 2015
+            info = json.loads((root / "phantom.json").read_text())
+            dataset = f"synthetic MS data (phantom.py, seed {info['seed']}, {info['spacing_mm']:g} mm) at {root}"
+    else:
+        built_in = spacing or 1.0
+        root = phantom.ensure_cached(seed=0, spacing=built_in)
+        dataset = f"built-in synthetic MS data (phantom.py, seed 0, {built_in:g} mm)"
+        spacing = None  # generated at that spacing
+    scans = data.load_dataset(root, protocol.channels, protocol.label, norm=protocol.norm, spacing=spacing)
+    return scans, dataset, data.dataset_fingerprint(root)
+
+
+# --------------------------------------------------------------------------------------------
+# The run folder
+
+def check_out(out: Path, resume: bool, overwrite: bool):
+    """Refuse an unusable output folder before anything is read or written."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"--out {out}: cannot write into {parent}")
+    if resume:
+        if not (out / "last.pt").exists():
+            raise UsageError(f"--resume: {out / 'last.pt'} does not exist (no epoch finished); start the run "
+                             "without --resume")
+        if not (out / "config.json").exists():
+            raise UsageError(f"--resume: {out / 'config.json'} is missing; start again with --overwrite")
+    elif started(out) and not overwrite:
+        raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to "
+                         "replace it, or choose another --out")
+
+
+def started(out: Path) -> bool:
+    """A run counts once its first epoch is saved; a failed start (config.json, no last.pt) is replaced."""
+    return (out / "last.pt").exists() or (out / "metrics.json").exists()
+
+
+def open_run(out, protocol, facts, resume, overwrite):
+    """Create or reopen the run folder: refuse a resume whose settings or data differ, clear what a
+    replaced run or a killed process left, write config.json; returns the run's log."""
+    if resume:
+        old = json.loads((out / "config.json").read_text())
+        changed = [k for k in SAME_ON_RESUME if old["protocol"].get(k) != facts["protocol"][k]]
+        changed += [k for k in ("split_ids", "data_fingerprint") if old.get(k) != facts[k]]
+        if changed:
+            raise UsageError(f"--resume: {out} was run with other settings or data: " + ", ".join(
+                f"{k}={old['protocol'].get(k, old.get(k))!r} (now {facts['protocol'].get(k, facts.get(k))!r})"
+                for k in changed))
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob(".tmp-*"):  # left by a process killed while writing
+        tmp.unlink()
+    if not resume:
+        replaced = [name for name in OUTPUTS if (out / name).exists()]
+        if replaced and not overwrite:
+            print(f"{out}: replacing a run that stopped before its first epoch ({', '.join(replaced)})")
+        remove_outputs(out)
+    write_json(out / "config.json", facts)
+    ACTIVE["out"] = out
+    return Log(out / "train.log")
+
+
+def remove_outputs(out: Path):
+    """Delete every file of OUTPUTS in ``out`` (predictions included); nothing else."""
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            for file in path.iterdir():
+                file.unlink()
+            path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
+
+
+def run_facts(protocol, scans, dataset, fingerprint, split_ids, device) -> dict:
+    """config.json: the protocol that ran, plus the facts of this run."""
+    import nibabel
+    import scipy
+    return {"protocol": json.loads(json.dumps(asdict(protocol))), "dataset": dataset, "split_ids": split_ids,
+            "data_fingerprint": fingerprint, "network": network(protocol),
+            "channels": list(protocol.channels), "spacing_mm": list(scans[0].spacing), "norm": protocol.norm,
+            "device_name": describe_device(device),
+            "precision": "bf16 autocast" if protocol.amp and infer.amp_supported(device) else "fp32",
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                         "scipy": scipy.__version__, "nibabel": nibabel.__version__}}
+
+
+def describe_device(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def describe_run(protocol, dataset, split_ids, device, patches) -> str:
+    n = [len(split_ids[k]) for k in SPLITS]
+    return (f"{MODEL_NAMES[protocol.model]} on {'+'.join(protocol.channels)}, {dataset}; {n[0]}:{n[1]}:{n[2]} scans "
+            f"({protocol.split} split); {describe_device(device)}; {patches} patches per epoch, at most "
+            f"{protocol.epochs} epochs.")
+
+
+# --------------------------------------------------------------------------------------------
+# Output: the log, progress bars, atomic files
+
+class Log:
+    """Lines to the terminal and to train.log. On a terminal the epochs show as progress bars; otherwise
+    (nohup, a cluster job) one plain line per epoch, so that the log holds no carriage returns."""
+
+    def __init__(self, path):
+        self.path, self.start = Path(path), time.perf_counter()
+
+    def __call__(self, line):
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+    def epoch(self, row, stopper, epochs):
+        elapsed = time.perf_counter() - self.start
+        left = min(epochs - stopper.epoch, stopper.patience - stopper.bad_epochs)  # the most that can remain
+        self(f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+             f"val DSC {row['val_dsc']:.4f}, {row['seconds']:.0f} s; best epoch {stopper.best_epoch}; "
+             f"ETA at most {duration(left * elapsed / max(stopper.epoch, 1))}")
+
+
+def progress(items, desc):
+    """A progress bar on a terminal, the plain iterable otherwise."""
+    return tqdm(items, desc=desc, leave=False) if sys.stderr.isatty() else items
+
+
+def duration(seconds) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def atomic_save(path, write):
+    """infer.atomic, with a full disk told apart from a bug."""
+    try:
+        infer.atomic(path, write)
+    except OSError as e:
+        if e.errno == 28 or "No space left" in str(e) or "enforce fail" in str(e) and disk_full(path):
+            raise UsageError(f"no space left on device while writing {path}") from None
+        raise
+    except RuntimeError as e:  # torch.save reports a failed write as a RuntimeError of its C++ writer
+        if disk_full(path):
+            raise UsageError(f"no space left on device while writing {path}") from None
+        raise UsageError(f"could not write {path}: {str(e).splitlines()[0]}") from None
+
+
+def disk_full(path) -> bool:
+    stats = os.statvfs(Path(path).parent)
+    return stats.f_bavail * stats.f_frsize < 64 << 20
+
+
+def write_json(path, obj):
+    """Strict JSON (no NaN or Infinity: undefined values are null), atomically."""
+    atomic_save(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n"))
+
+
+def write_csv(path, rows):
+    """Rows of dicts (one header, from the first row) to a CSV file, atomically."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_save(path, write)
