@@ -1,4 +1,4 @@
-"""The loss (BCE-Dice) and the evaluation metrics: DSC, IoU, voxel-wise and lesion-wise scores, HD95, ISBI score.
+"""The loss (BCE-Dice) and the evaluation metrics: DSC, IoU, voxel-wise and lesion-wise scores, HD95, ISBI scores.
 
 Voxel-wise metrics take binary masks as torch tensors of any shape and dtype (bool, uint8, float {0, 1})
 on any device and return 0-d float tensors on that device: no host copy, so they can run inside a loop.
@@ -6,10 +6,18 @@ When a score's denominator is zero, it is 1 if both masks are empty and 0 otherw
 against an empty truth is perfect, anything else against nothing is not.
 
 Lesion-wise metrics need connected components, which come from scipy.ndimage on the host: they run once per
-scan at evaluation time, never in the training loop. A lesion is a connected component (ISBI 2015 rules,
-spec/data_metrics.md §1.4); a component counts as detected on any shared voxel. Connectivity is 6 (faces),
-18 (faces and edges, the ISBI 2015 evaluation code's skimage connectivity=2 and our default) or 26.
+scan at evaluation time, never in the training loop. A lesion is a connected component and counts as
+detected on any shared voxel (Carass et al. 2017). Connectivity is 6 (faces), 18 (faces and edges, our
+default: skimage's connectivity=2 in the Python re-implementation of the ISBI 2015 metrics by Zhang et al.
+2019, MedICL-VU/LesionSeg `test.py`; the challenge's own evaluation is MATLAB code we have not run) or 26
+(jcreinhold/lesion-metrics, skimage's default).
+
+A test scan's report is `scan_scores` (one dict, JSON-ready: an undefined value is None, never inf or nan),
+and a test set's is `summarise` over the keys named once in `REPORTED`; `isbi2015_score` is the ISBI 2015
+challenge's score over a set of scans scored against both raters.
 """
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -24,8 +32,11 @@ class BCEDiceLoss(nn.Module):
 
     This is pytorch-3dunet's BCEDiceLoss as of 2021 (alpha = beta = 1, V-Net squared denominator), the
     sums running over the whole batch (with the paper's batch size of 1, per-sample and batch Dice agree).
-    With an empty mask the Dice term is 1 with no gradient and BCE alone pushes the prediction down.
-    Computed in float32 whatever the autocast dtype of the logits.
+    The target may be soft, any value in [0, 1] (mix-up): BCE with logits is the cross-entropy
+    -(y log p + (1 - y) log(1 - p)) for any such y, and the soft Dice above is V-Net's (Milletari et al.
+    2016), defined for soft y as it is for soft p. The range is not checked (a check would copy to the host
+    every step). With an empty mask the Dice term is 1 with no gradient and BCE alone pushes the prediction
+    down. Computed in float32 whatever the autocast dtype of the logits.
     """
 
     def __init__(self, eps=1e-6):
@@ -95,7 +106,7 @@ def _host(mask):
     mask = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     if mask.ndim != 3:
         raise ValueError(f"lesion-wise metrics take one 3D mask, got shape {mask.shape}")
-    return mask.astype(bool)
+    return mask.astype(bool, copy=False)
 
 
 def components(mask, connectivity=18):
@@ -143,32 +154,153 @@ def hausdorff95(pred, truth, spacing=(1.0, 1.0, 1.0)):
     return float(max(np.percentile(to_truth, 95), np.percentile(to_pred, 95)))
 
 
-def isbi_score(pred, raters, connectivity=18, corr=None):
-    """ISBI 2015 score of one scan against one or two raters' masks, in [0, 1] (x100 for the challenge's scale).
-
-        SC = mean over raters of  DSC/8 + PPV/8 + (1 - LFPR)/4 + LTPR/4 + Corr/4
-
-    Corr is the Pearson correlation of lesion volumes across scans, so it does not exist for one scan: pass
-    `corr` (computed over a test set with `volume_correlation`) to use the full formula; without it the Corr
-    term is dropped and the rest rescaled by 4/3, as the lesion-metrics package does.
-    """
-    raters = [raters] if isinstance(raters, torch.Tensor) or np.ndim(raters) == 3 else list(raters)
-    if not 1 <= len(raters) <= 2:
-        raise ValueError(f"isbi_score takes one or two raters' masks, got {len(raters)}")
-    pred_t = torch.as_tensor(_host(pred))
-    scores = []
-    for truth in raters:
-        truth_t = torch.as_tensor(_host(truth))
-        lesions = lesion_metrics(pred_t, truth_t, connectivity)
-        sc = (dice(pred_t, truth_t).item() / 8 + precision(pred_t, truth_t).item() / 8
-              + (1 - lesions["lfpr"]) / 4 + lesions["ltpr"] / 4)
-        scores.append(sc + corr / 4 if corr is not None else sc * 4 / 3)
-    return float(np.mean(scores))
-
-
 def volume_correlation(pred_volumes, truth_volumes):
     """Pearson correlation of predicted and true lesion volumes across scans (ISBI's Corr term)."""
     pred_volumes, truth_volumes = np.asarray(pred_volumes, float), np.asarray(truth_volumes, float)
     if len(pred_volumes) < 2 or pred_volumes.std() == 0 or truth_volumes.std() == 0:
         raise ValueError("volume correlation needs at least two scans whose volumes vary")
     return float(np.corrcoef(pred_volumes, truth_volumes)[0, 1])
+
+
+def _defined(value):
+    """None for a value that does not exist (inf or nan), so that a report is valid JSON and says so."""
+    return value if math.isfinite(value) else None
+
+
+def _isbi_terms(dsc, ppv, ltpr, lfpr):
+    """Carass et al. 2017's per-scan terms without Corr, their weights 1/8, 1/8, 1/4, 1/4 rescaled by 4/3 to sum
+    to 1, as jcreinhold/lesion-metrics' isbi15_score(reweighted=True): a perfect segmentation scores 1."""
+    return (dsc / 8 + ppv / 8 + (1 - lfpr) / 4 + ltpr / 4) * 4 / 3
+
+
+def _pair_terms(segmentation, reference, voxel_mm3, connectivity):
+    """What the ISBI 2015 score needs of one segmentation against one reference mask (torch, same device)."""
+    dsc, ppv, seg_voxels, ref_voxels = torch.stack([
+        dice(segmentation, reference), precision(segmentation, reference),
+        segmentation.bool().sum().float(), reference.bool().sum().float()]).tolist()
+    lesions = lesion_metrics(segmentation, reference, connectivity)
+    return {"dsc": dsc, "ppv": ppv, "ltpr": lesions["ltpr"], "lfpr": lesions["lfpr"],
+            "seg_volume_mm3": seg_voxels * voxel_mm3, "ref_volume_mm3": ref_voxels * voxel_mm3}
+
+
+def scan_scores(pred, truth, spacing=(1.0, 1.0, 1.0), raters=None, connectivity=18):
+    """Every score of one test scan, as a JSON-ready dict.
+
+    `pred`, `truth`: binary (X, Y, Z) torch tensors (bool, uint8, float {0, 1}) on any device; the voxel
+    metrics run there and come back in one copy, the lesion-wise ones and HD95 run on the host. `spacing`:
+    mm per axis. `raters`: both raters' masks (rater 1, rater 2) where they exist, for `isbi2015_score`.
+
+    Keys: `dsc`, `iou`, `ppv`, `tpr`, `rvd` (signed), `ltpr`, `lfpr`, `truth_lesions`, `pred_lesions`,
+    `detected_lesions`, `false_lesions`, `hd95_mm`, `pred_volume_mm3`, `truth_volume_mm3`, and
+    `isbi_unnormalised_1rater`: Carass et al. 2017's terms against `truth` alone, without Corr and without the
+    challenge's normalisation (`_isbi_terms`), so it is not comparable with the ISBI 2015 leaderboard.
+    With `raters`, also `raters` (the prediction against rater 1 and rater 2) and `inter_rater` (rater 1
+    against rater 2 and rater 2 against rater 1), each a list of two dicts with `dsc`, `ppv`, `ltpr`,
+    `lfpr`, `seg_volume_mm3`, `ref_volume_mm3`.
+
+    Undefined values are None: `rvd` when only the prediction has voxels (no truth to compare with) and
+    `hd95_mm` when one mask is empty and the other is not (no surface to measure to). Both empty follows the
+    module's rule and is perfect (`rvd` 0, `hd95_mm` 0).
+    """
+    pred, truth = torch.as_tensor(pred), torch.as_tensor(truth)
+    voxel_mm3 = float(np.prod(spacing))
+    dsc, iou_, ppv, tpr, rvd, pred_voxels, truth_voxels = torch.stack([
+        dice(pred, truth), iou(pred, truth), precision(pred, truth), sensitivity(pred, truth),
+        relative_volume_difference(pred, truth), pred.bool().sum().float(), truth.bool().sum().float()]).tolist()
+    pred_host, truth_host = _host(pred), _host(truth)  # one copy each for the lesions and HD95
+    lesions = lesion_metrics(pred_host, truth_host, connectivity)
+    scores = {
+        "dsc": dsc, "iou": iou_, "ppv": ppv, "tpr": tpr, "rvd": _defined(rvd), **lesions,
+        "hd95_mm": _defined(hausdorff95(pred_host, truth_host, spacing)),
+        "pred_volume_mm3": pred_voxels * voxel_mm3, "truth_volume_mm3": truth_voxels * voxel_mm3,
+        "isbi_unnormalised_1rater": _isbi_terms(dsc, ppv, lesions["ltpr"], lesions["lfpr"]),
+    }
+    if raters is not None:
+        raters = [torch.as_tensor(r) for r in raters]
+        if len(raters) != 2:
+            raise ValueError(f"the ISBI 2015 score takes both raters' masks, got {len(raters)}")
+        scores["raters"] = [_pair_terms(pred, r, voxel_mm3, connectivity) for r in raters]
+        scores["inter_rater"] = [_pair_terms(raters[0], raters[1], voxel_mm3, connectivity),
+                                 _pair_terms(raters[1], raters[0], voxel_mm3, connectivity)]
+    return scores
+
+
+HUMAN_RATER_SCORE = 90.0
+"""Where the ISBI 2015 score puts a human rater: the two raters scored against each other (Carass et al. 2017;
+also Roy et al. 2018, arXiv 1803.09172, who read a score of about 90 as a human rater's)."""
+
+MIN_SCANS_FOR_CORR = 10
+"""The fewest scans over which `isbi2015_score` includes Corr, a Pearson correlation across scans. With 2
+scans (the paper's test split) r is +-1 whatever the masks; 10 is the fewest at which a typical r = 0.9 has a
+95 % interval (Fisher z, standard error 1 / sqrt(n - 3)) whose lower end stays above 0.6 (0.62 at 10 scans,
+0.59 at 9). The challenge itself scored 61 test scans."""
+
+
+def _challenge_sc(pairs_per_scan, with_corr):
+    """Carass et al. 2017's SC before normalisation: the mean over references and scans of
+    DSC/8 + PPV/8 + (1 - LFPR)/4 + LTPR/4 + Corr/4, Corr being per reference across scans. Without Corr the
+    other weights are rescaled by 4/3 (`_isbi_terms`), so that a perfect segmentation scores 1 either way."""
+    terms = np.mean([_isbi_terms(p["dsc"], p["ppv"], p["ltpr"], p["lfpr"]) for pairs in pairs_per_scan
+                     for p in pairs])
+    if not with_corr:
+        return float(terms)
+    corr = []
+    for r in range(len(pairs_per_scan[0])):
+        seg = [pairs[r]["seg_volume_mm3"] for pairs in pairs_per_scan]
+        ref = [pairs[r]["ref_volume_mm3"] for pairs in pairs_per_scan]
+        # A segmentation whose volume never varies explains none of the reference's variation: Corr 0.
+        corr.append(volume_correlation(seg, ref) if np.std(seg) > 0 and np.std(ref) > 0 else 0.0)
+    return float(terms * 3 / 4 + np.mean(corr) / 4)
+
+
+def isbi2015_score(scans, min_scans_for_corr=MIN_SCANS_FOR_CORR):
+    """The ISBI 2015 challenge's score of a set of scans, each scored against both raters (Carass et al. 2017).
+
+    `scans`: the dicts of `scan_scores(..., raters=(rater1, rater2))`. The method's SC is
+
+        SC = 1 / (|R| N) sum over raters r and scans s of  DSC/8 + PPV/8 + (1 - LFPR)/4 + LTPR/4 + Corr/4
+
+    with the weights 1/8, 1/8, 1/4, 1/4, 1/4 of Carass et al. 2017 (as in jcreinhold/lesion-metrics and
+    MedICL-VU/LesionSeg), |R| = 2 raters, and Corr the Pearson correlation of the segmented and the rater's
+    lesion volumes across the N scans. The same SC of the raters against each other (rater 1 against rater 2
+    and the reverse) sets the scale: score = `HUMAN_RATER_SCORE` (90) x SC / SC_inter-rater, so 90 is a human
+    rater. Constants not checked here: the paper and the challenge site state that 90 is the raters' level,
+    but we could not read how the official MATLAB code rescales; the proportional map (0 stays 0) is our
+    reading. The leaderboard's scale comes from its 61 test scans' inter-rater agreement, ours from the scans
+    given, so the number is the challenge's rule applied to these scans, not a leaderboard entry.
+
+    Corr enters only over at least `min_scans_for_corr` scans (`MIN_SCANS_FOR_CORR`); with fewer, the key
+    says so. Returns {"isbi2015_score" or "isbi2015_score_without_corr": the score, "sc": the method's SC,
+    "inter_rater_sc": the raters' SC, "scans": N}.
+    """
+    scans = list(scans)
+    if not scans or any("raters" not in scan for scan in scans):
+        raise ValueError("the ISBI 2015 score needs every scan scored with scan_scores(..., raters=(r1, r2))")
+    with_corr = len(scans) >= min_scans_for_corr
+    sc = _challenge_sc([scan["raters"] for scan in scans], with_corr)
+    inter = _challenge_sc([scan["inter_rater"] for scan in scans], with_corr)
+    name = "isbi2015_score" if with_corr else "isbi2015_score_without_corr"
+    return {name: HUMAN_RATER_SCORE * sc / inter, "sc": sc, "inter_rater_sc": inter, "scans": len(scans)}
+
+
+REPORTED = ("dsc", "iou", "ppv", "tpr", "rvd", "ltpr", "lfpr", "hd95_mm", "isbi_unnormalised_1rater")
+"""The per-scan keys that a test report averages; lesion counts and volumes stay per scan."""
+
+
+def summarise(per_scan):
+    """A test set's report from {scan id: scan_scores(...)}.
+
+    Returns {key: mean over the scans where it is defined, or None where it is nowhere, for each key of
+    REPORTED; "defined": {key: how many scans that mean is over}; "scans": how many scans}, plus
+    "isbi2015": `isbi2015_score` when every scan was scored against both raters.
+    """
+    scans = list(per_scan.values())
+    result, defined = {}, {}
+    for key in REPORTED:
+        values = [scan[key] for scan in scans if scan[key] is not None]
+        result[key] = float(np.mean(values)) if values else None
+        defined[key] = len(values)
+    result["defined"], result["scans"] = defined, len(scans)
+    if scans and all("raters" in scan for scan in scans):
+        result["isbi2015"] = isbi2015_score(scans)
+    return result

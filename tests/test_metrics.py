@@ -1,11 +1,13 @@
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from metrics import (BCEDiceLoss, components, dice, hausdorff95, iou, isbi_score, lesion_metrics, precision,
-                     relative_volume_difference, sensitivity, volume_correlation)
+from metrics import (MIN_SCANS_FOR_CORR, REPORTED, BCEDiceLoss, components, dice, hausdorff95, iou, isbi2015_score,
+                     lesion_metrics, precision, relative_volume_difference, scan_scores, sensitivity, summarise,
+                     volume_correlation)
 
 
 def empty(shape=(10, 10, 10)):
@@ -139,27 +141,146 @@ def test_hausdorff95_matches_monai():
     assert ours == pytest.approx(theirs, rel=1e-5)
 
 
-def test_isbi_score_of_a_perfect_prediction_is_one_and_of_nothing_is_low():
-    truth = np.zeros((16, 16, 16), bool)
+def two_lesions(shape=(16, 16, 16)):
+    truth = torch.zeros(shape, dtype=torch.bool)
     truth[3:6, 3:6, 3:6] = True
     truth[10:12, 10:12, 10:12] = True
-    assert isbi_score(truth, truth) == pytest.approx(1.0)
-    assert isbi_score(truth, [truth, truth]) == pytest.approx(1.0)
-    assert isbi_score(truth, truth, corr=1.0) == pytest.approx(1.0)
+    return truth
+
+
+def test_scan_scores_holds_every_per_scan_metric():
+    truth = two_lesions()
+    pred = torch.roll(truth, 1, 0)
+    pred[0, 15, 0] = True  # a false lesion
+    scores = scan_scores(pred, truth, spacing=(1.0, 1.0, 2.0))
+    assert scores["dsc"] == pytest.approx(dice(pred, truth).item())
+    assert scores["iou"] == pytest.approx(iou(pred, truth).item())
+    assert scores["ppv"] == pytest.approx(precision(pred, truth).item())
+    assert scores["tpr"] == pytest.approx(sensitivity(pred, truth).item())
+    assert scores["rvd"] == pytest.approx(relative_volume_difference(pred, truth).item())
+    assert scores["hd95_mm"] == pytest.approx(hausdorff95(pred, truth, (1.0, 1.0, 2.0)))
+    assert lesion_metrics(pred, truth).items() <= scores.items()
+    assert scores["pred_volume_mm3"] == pred.sum().item() * 2 and scores["truth_volume_mm3"] == truth.sum().item() * 2
+    assert set(REPORTED) <= set(scores)
+    json.dumps(scores, allow_nan=False)
+
+
+def test_undefined_scores_are_none_and_the_report_is_valid_json():
+    lesion, nothing = two_lesions(), torch.zeros(16, 16, 16, dtype=torch.bool)
+    missed = scan_scores(nothing, lesion)
+    assert missed["hd95_mm"] is None and missed["rvd"] == -1.0
+    only_predicted = scan_scores(lesion, nothing)
+    assert only_predicted["hd95_mm"] is None and only_predicted["rvd"] is None
+    both_empty = scan_scores(nothing, nothing)  # perfect, as the voxel metrics say
+    assert both_empty["hd95_mm"] == 0.0 and both_empty["rvd"] == 0.0 and both_empty["dsc"] == 1.0
+    for scores in (missed, only_predicted, both_empty):
+        json.dumps(scores, allow_nan=False)
+
+
+def test_isbi_unnormalised_1rater_of_a_perfect_prediction_is_one_and_of_nothing_is_low():
+    truth = two_lesions()
+    assert scan_scores(truth, truth)["isbi_unnormalised_1rater"] == pytest.approx(1.0)
     # Nothing predicted: DSC 0, PPV 0, LTPR 0, LFPR 0 -> (1 - 0)/4 * 4/3.
-    assert isbi_score(np.zeros_like(truth), truth) == pytest.approx(1 / 3)
+    assert scan_scores(torch.zeros_like(truth), truth)["isbi_unnormalised_1rater"] == pytest.approx(1 / 3)
 
 
-def test_isbi_score_averages_two_raters():
-    r1 = np.zeros((16, 16, 16), bool)
+def scans_with_raters(n, rater2_extra=True, pred_of=lambda r1, r2, i: r1):
+    """n scans of growing lesion load; rater 2 sees one lesion more than rater 1 when rater2_extra."""
+    scans = {}
+    for i in range(n):
+        r1 = torch.zeros(16, 16, 16, dtype=torch.bool)
+        r1[3:6 + i % 5, 3:6, 3:6] = True
+        r2 = r1.clone()
+        if rater2_extra:
+            r2[10:12, 10:12, 10:10 + 1 + i % 3] = True
+        scans[f"s{i}"] = scan_scores(pred_of(r1, r2, i), r1, raters=(r1, r2))
+    return scans
+
+
+def test_isbi2015_of_a_prediction_equal_to_both_raters_is_the_human_level():
+    scans = scans_with_raters(MIN_SCANS_FOR_CORR, rater2_extra=False)
+    result = isbi2015_score(scans.values())
+    assert result["sc"] == pytest.approx(1.0) and result["inter_rater_sc"] == pytest.approx(1.0)
+    assert result["isbi2015_score"] == pytest.approx(90.0) and result["scans"] == MIN_SCANS_FOR_CORR
+    few = isbi2015_score(list(scans.values())[:2])
+    assert "isbi2015_score" not in few and few["isbi2015_score_without_corr"] == pytest.approx(90.0)
+    assert few["sc"] == pytest.approx(1.0)
+
+
+def test_isbi2015_averages_two_raters_and_normalises_by_their_agreement():
+    # Predicting rater 1 exactly: SC is the mean of (1 against rater 1) and (rater 1 against rater 2).
+    scans = scans_with_raters(2)
+    r1 = torch.zeros(16, 16, 16, dtype=torch.bool)
     r1[3:6, 3:6, 3:6] = True
-    r2 = r1.copy()
-    r2[10:12, 10:12, 10:12] = True  # a lesion only rater 2 saw
-    both = isbi_score(r1, [r1, r2])
-    assert both == pytest.approx((isbi_score(r1, r1) + isbi_score(r1, r2)) / 2)
-    assert both < 1.0
-    with pytest.raises(ValueError, match="one or two"):
-        isbi_score(r1, [r1, r1, r1])
+    r2 = r1.clone()
+    r2[10:12, 10:12, 10:11] = True
+
+    def terms(seg, ref):
+        lesions = lesion_metrics(seg, ref)
+        return (dice(seg, ref).item() / 8 + precision(seg, ref).item() / 8 + (1 - lesions["lfpr"]) / 4
+                + lesions["ltpr"] / 4) * 4 / 3
+
+    one = isbi2015_score([scans["s0"]], min_scans_for_corr=2)
+    assert one["sc"] == pytest.approx((terms(r1, r1) + terms(r1, r2)) / 2)
+    assert one["inter_rater_sc"] == pytest.approx((terms(r1, r2) + terms(r2, r1)) / 2)
+    assert one["isbi2015_score_without_corr"] == pytest.approx(90 * one["sc"] / one["inter_rater_sc"])
+    assert one["sc"] < 1.0
+    with pytest.raises(ValueError, match="both raters"):
+        scan_scores(r1, r1, raters=(r1, r1, r1))
+    with pytest.raises(ValueError, match="raters"):
+        isbi2015_score([scan_scores(r1, r1)])
+
+
+def test_isbi2015_includes_corr_from_min_scans_for_corr():
+    # A prediction whose volume runs against the truth's loses the Corr term it would have if it ran with it.
+    def against(r1, r2, i):
+        pred = torch.zeros_like(r1)
+        pred[3:6 + (4 - i % 5), 3:6, 3:6] = True
+        return pred
+
+    n = MIN_SCANS_FOR_CORR
+    scans = scans_with_raters(n, pred_of=against)
+    with_corr = isbi2015_score(scans.values())
+    without = isbi2015_score(scans.values(), min_scans_for_corr=n + 1)
+    assert set(with_corr) == {"isbi2015_score", "sc", "inter_rater_sc", "scans"}
+    assert set(without) == {"isbi2015_score_without_corr", "sc", "inter_rater_sc", "scans"}
+    corrs = [volume_correlation([s["raters"][r]["seg_volume_mm3"] for s in scans.values()],
+                                [s["raters"][r]["ref_volume_mm3"] for s in scans.values()]) for r in (0, 1)]
+    assert np.mean(corrs) < 0
+    assert with_corr["sc"] == pytest.approx(without["sc"] * 3 / 4 + np.mean(corrs) / 4)
+    assert with_corr["sc"] < without["sc"]
+
+
+def test_min_scans_for_corr_is_where_a_typical_correlation_becomes_informative():
+    # The documented reason: the 95 % Fisher-z interval of r = 0.9 stays above 0.6 from this many scans on.
+    def lower(n, r=0.9):
+        return math.tanh(math.atanh(r) - 1.96 / math.sqrt(n - 3))
+    assert lower(MIN_SCANS_FOR_CORR) > 0.6 > lower(MIN_SCANS_FOR_CORR - 1)
+
+
+def test_summarise_means_over_defined_values_and_counts_them():
+    lesion, nothing = two_lesions(), torch.zeros(16, 16, 16, dtype=torch.bool)
+    per_scan = {"a": scan_scores(lesion, lesion), "b": scan_scores(nothing, lesion)}
+    report = summarise(per_scan)
+    assert set(report) == set(REPORTED) | {"defined", "scans"}
+    assert report["dsc"] == pytest.approx(0.5) and report["defined"]["dsc"] == 2
+    assert report["hd95_mm"] == 0.0 and report["defined"]["hd95_mm"] == 1  # b's HD95 does not exist
+    assert report["scans"] == 2
+    assert summarise({"b": per_scan["b"]})["hd95_mm"] is None
+    json.dumps(report, allow_nan=False)
+
+
+def test_summarise_adds_the_challenge_score_when_both_raters_exist():
+    scans = scans_with_raters(3)
+    assert summarise(scans)["isbi2015"] == isbi2015_score(scans.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_scan_scores_on_cuda_equal_the_cpu_ones():
+    truth = two_lesions()
+    pred = torch.roll(truth, 1, 0)
+    assert scan_scores(pred.cuda(), truth.cuda(), raters=(truth.cuda(), pred.cuda())) == scan_scores(
+        pred, truth, raters=(truth, pred))
 
 
 def test_volume_correlation():
@@ -176,6 +297,19 @@ def test_bce_dice_loss_formula():
     bce = -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
     expected = bce + 1 - 2 * (p * target).sum() / ((p * p).sum() + target.sum())
     torch.testing.assert_close(BCEDiceLoss()(logits, target), expected)
+
+
+def test_bce_dice_loss_takes_soft_targets():
+    # A mix-up target: soft BCE and V-Net's soft Dice, written out from their textbook definitions.
+    torch.manual_seed(0)
+    logits = torch.randn(1, 1, 6, 6, 6, dtype=torch.float64)
+    a, b = (torch.rand(1, 1, 6, 6, 6) > 0.7).double(), (torch.rand(1, 1, 6, 6, 6) > 0.6).double()
+    target = 0.3 * a + 0.7 * b
+    assert ((target > 0) & (target < 1)).any()
+    p = torch.sigmoid(logits)
+    bce = -(target * torch.log(p) + (1 - target) * torch.log(1 - p)).mean()
+    expected = bce + 1 - 2 * (p * target).sum() / ((p * p).sum() + (target * target).sum())
+    torch.testing.assert_close(BCEDiceLoss()(logits, target).double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_bce_dice_loss_with_empty_mask_is_finite_and_pushes_predictions_down():
