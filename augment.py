@@ -23,14 +23,17 @@ Batches
     ``(C, X, Y, Z)`` image, as in TorchIO.
 
 Devices, dtypes, randomness
-    Every random draw comes from ``generator``, which must live on the image's device
-    (``torch.Generator(device=image.device)``); ``None`` uses torch's default generator of that
-    device. Parameters are drawn on that device and stay there: no draw and no tensor is copied
-    to the host, so on CUDA a random transform queues its kernels without synchronising (the
-    deterministic classes copy their given parameters from the host at each call, and
-    ZNormalization reads back whether a standard deviation is 0). A seeded
-    generator repeats a run exactly on a given device; streams differ between devices, and from
-    TorchIO's (which draws on the CPU's global generator), so parity with TorchIO is tested
+    Every random number comes from ``generator``, a CPU ``torch.Generator`` whatever the image's
+    device (None: torch's default CPU generator). A call first draws, on the host and in a fixed
+    order, everything it needs: per transform, in the pipeline's order, the ``p`` decisions of
+    the batch elements (when p < 1), then the parameters of every element, chosen or not (so a
+    call takes the same count of numbers whatever it decides), and for Noise one seed from which
+    the per-voxel noise is drawn on the device. Parameter arithmetic (rotation matrices, motion
+    cuts, spline coefficients) is done in float64 on the host and copied to the device once per
+    transform, pinned and without blocking on CUDA; no value is read back from the device (only
+    ZNormalization reads back whether a standard deviation is 0). A seeded generator repeats a
+    run exactly on a given device; CPU and CUDA differ in the noise only, and the streams differ
+    from TorchIO's (which draws on the global generator), so parity with TorchIO is tested
     through the deterministic classes. Arithmetic runs in float32 (float64 inputs stay float64);
     float16 and bfloat16 images are upcast for it, because sampling coordinates, FFTs and the
     bias polynomial need float32 precision, and the result is cast back to the input dtype.
@@ -157,27 +160,31 @@ def _parameter(value, tail: tuple[int, ...], name: str) -> torch.Tensor:
     raise ValueError(f'{name} must have shape {tail} or (B, *{tail}), got {tuple(tensor.shape)}')
 
 
-def _per_element(tensor: torch.Tensor, batch: int, name: str, device) -> torch.Tensor:
+def _per_element(tensor: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """A host parameter with a leading batch axis of 1 or ``batch``, expanded to ``batch``."""
     if len(tensor) not in (1, batch):
         raise ValueError(f'{name} has {len(tensor)} sets of values for a batch of {batch}')
-    return tensor.to(device).expand(batch, *tensor.shape[1:])
+    return tensor.expand(batch, *tensor.shape[1:])
 
 
 # ---------------------------------------------------------------------------------------------
-# Randomness and dtypes.
+# Randomness, dtypes and the host-to-device copy.
 
-def _uniform(ranges: Sequence[tuple[float, float]], batch: int, generator, device) -> torch.Tensor:
-    """``(batch, len(ranges))`` draws, column d uniform in ``[ranges[d][0], ranges[d][1])``."""
-    r = torch.rand(batch, len(ranges), generator=generator, device=device)
-    if len(set(ranges)) == 1:
-        low, high = ranges[0]
-        return low + (high - low) * r
-    return torch.stack([low + (high - low) * r[:, d] for d, (low, high) in enumerate(ranges)], 1)
+def _uniform(low, high, shape, generator: torch.Generator) -> torch.Tensor:
+    """Float64 host draws of ``shape``, uniform in ``[low, high)``; ``low`` and ``high`` are numbers
+    or sequences broadcast against the last axis (one range per axis)."""
+    low, high = (torch.as_tensor(bound, dtype=torch.float64) for bound in (low, high))
+    return low + (high - low) * torch.rand(shape, dtype=torch.float64, generator=generator)
 
 
-def _on_host_all(mask: torch.Tensor) -> bool:
-    """True when ``mask`` is all True and already on the host (so asking costs no device sync)."""
-    return mask.device.type == 'cpu' and bool(mask.all())
+def _upload(device: torch.device, dtype: torch.dtype, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Host tensors on ``device`` as ``dtype``, in one copy: packed into one buffer, pinned and
+    copied without blocking on CUDA, so that the host queues the call's kernels without waiting."""
+    flat = torch.cat([tensor.reshape(-1).to(dtype) for tensor in tensors])
+    if device.type == 'cuda':
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    return [piece.view(tensor.shape) for piece, tensor in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -296,20 +303,45 @@ def _to_voxels(matrix: torch.Tensor, spacing) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Base classes.
+# Base classes. A call is two steps: ``plan`` draws every random number of the call on the host,
+# from the CPU generator, in a fixed order; ``run`` does the tensor work on the image's device.
+
+
+def _host_generator(generator) -> torch.Generator:
+    if generator is None:
+        return torch.default_generator
+    if not isinstance(generator, torch.Generator) or generator.device.type != 'cpu':
+        raise ValueError('generator must be a CPU torch.Generator (every parameter is drawn on the host, '
+                         f'whatever the image device), got {generator!r}')
+    return generator
+
+
+def _take(params, index: torch.Tensor):
+    """The parameters of the batch elements ``index``: every tensor in ``params`` has a leading
+    batch axis; numbers, strings and generators are shared by the whole call."""
+    if isinstance(params, torch.Tensor):
+        return params[index]
+    if isinstance(params, dict):
+        return {key: _take(value, index) for key, value in params.items()}
+    if isinstance(params, (list, tuple)):
+        return type(params)(_take(value, index) for value in params)
+    return params
+
 
 class Transform:
     """Base of every transform: checks the input, handles the batch and the probability ``p``.
 
     Args:
         p: Probability, in [0, 1], that the transform is applied to a batch element; each
-            element draws its own decision ``r ~ U[0, 1)`` and is transformed iff ``r < p``.
-            Default 1: always (no decision is drawn). On the CPU, a batch with no element drawn
-            is returned at once; otherwise the transform runs on the whole batch and the elements
-            not drawn are restored with ``torch.where``, so that decisions drawn on a GPU never
-            need a host sync.
+            element draws its own decision ``r ~ U[0, 1)`` (float64, on the host) and is
+            transformed iff ``r < p`` (TorchIO: ``r <= p``). Default 1: always, and no decision
+            is drawn. Only the elements drawn are transformed; the others are returned as they
+            came. Deviation from TorchIO: the parameters of every element are drawn whatever its
+            decision, so that a call always takes the same count of numbers from the generator.
 
-    Subclasses implement ``_apply(image, label, generator)`` on 5-D tensors.
+    Subclasses implement ``_draw(batch, channels, shape, generator)`` (host, returns the call's
+    parameters, tensors with a leading batch axis) and ``_apply(image, label, params)`` (device,
+    5-D tensors).
     """
 
     def __init__(self, p: float = 1.0):
@@ -320,11 +352,12 @@ class Transform:
         """Return ``(image, label)`` transformed; ``label`` stays None when not given.
 
         Args:
-            image: Floating-point ``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)`` tensor.
+            image: Floating-point ``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)`` tensor, on any device.
             label: Optional tensor of any dtype with the image's layout, batch size and spatial
                 shape (channels may differ), on the image's device.
-            generator: ``torch.Generator`` on the image's device, the source of every draw;
-                None uses torch's default generator for that device.
+            generator: CPU ``torch.Generator``, the source of every random number whatever the
+                image's device (per-voxel noise is drawn on the device from a seed drawn from
+                it); None uses torch's default CPU generator.
         """
         if not isinstance(image, torch.Tensor) or image.ndim not in (4, 5):
             raise ValueError('image must be a (C, X, Y, Z) or (B, C, X, Y, Z) tensor, got '
@@ -338,31 +371,40 @@ class Transform:
             raise ValueError('label must be a tensor on the image device with the same layout, batch '
                              f'size and spatial shape as the image {tuple(image.shape)}, got '
                              f'{tuple(label.shape) if isinstance(label, torch.Tensor) else type(label)}')
-        if generator is not None and generator.device.type != image.device.type:
-            raise ValueError(f'generator is on {generator.device} but the image on {image.device}; '
-                             'create it with torch.Generator(device=image.device)')
+        generator = _host_generator(generator)
         unbatched = image.ndim == 4
         if unbatched:
             image, label = image[None], None if label is None else label[None]
-        image, label = self._maybe_apply(image, label, generator)
+        plan = self.plan(len(image), image.shape[1], tuple(image.shape[2:]), generator)
+        image, label = self.run(image, label, plan)
         if unbatched:
             image, label = image[0], None if label is None else label[0]
         return image, label
 
-    def _maybe_apply(self, image, label, generator):
-        if self.p == 1:
-            return self._apply(image, label, generator)
-        chosen = torch.rand(len(image), generator=generator, device=image.device) < self.p
-        if _on_host_all(~chosen):
-            return image, label
-        new_image, new_label = self._apply(image, label, generator)
-        if _on_host_all(chosen):
-            return new_image, new_label
-        keep = chosen.view(-1, 1, 1, 1, 1)  # on CUDA: computed for all, selected without a sync
-        return (torch.where(keep, new_image, image),
-                None if label is None else torch.where(keep, new_label, label))
+    def plan(self, batch: int, channels: int, shape: tuple[int, int, int], generator: torch.Generator):
+        """Draw, on the host, everything random in a call on a ``(batch, channels, *shape)`` image:
+        first the ``batch`` decisions (when p < 1), then the parameters of every element."""
+        chosen = None if self.p == 1 else torch.rand(batch, dtype=torch.float64, generator=generator) < self.p
+        return chosen, self._draw(batch, channels, shape, generator)
 
-    def _apply(self, image, label, generator):
+    def run(self, image: torch.Tensor, label: torch.Tensor | None, plan):
+        """Apply a plan to 5-D tensors: only the elements it chose go through ``_apply``."""
+        chosen, params = plan
+        if chosen is None or bool(chosen.all()):
+            return self._apply(image, label, params)
+        if not bool(chosen.any()):
+            return image, label
+        index = chosen.nonzero()[:, 0]
+        on_device = index.to(image.device, non_blocking=True)
+        new_image, new_label = self._apply(image.index_select(0, on_device), None if label is None
+                                           else label.index_select(0, on_device), _take(params, index))
+        return (image.index_copy(0, on_device, new_image),
+                None if label is None else label.index_copy(0, on_device, new_label))
+
+    def _draw(self, batch, channels, shape, generator):
+        return None
+
+    def _apply(self, image, label, params):
         raise NotImplementedError
 
 
@@ -370,13 +412,17 @@ class Compose(Transform):
     """Apply transforms one after the other, all of them with probability ``p``.
 
     Args:
-        transforms: Sequence of transforms (callables with this module's call form), applied in
-            order; each still draws its own probability.
+        transforms: Sequence of transforms, applied in order; each still draws its own
+            probability. Elements of this module are planned with the Compose (their numbers are
+            drawn when the Compose draws, in order); any other callable with this module's call
+            form is called with the generator when its turn comes.
         p: Probability that the whole sequence is applied to a batch element. Default 1.
 
     Example:
+        >>> image, label = torch.rand(1, 1, 32, 32, 32), torch.zeros(1, 1, 32, 32, 32)
         >>> pipeline = Compose([RandomFlip(), RandomNoise(std=0.1)], p=0.8)
-        >>> image, label = pipeline(image, label, generator=g)
+        >>> pipeline(image, label, generator=torch.Generator().manual_seed(0))[0].shape
+        torch.Size([1, 1, 32, 32, 32])
     """
 
     def __init__(self, transforms: Sequence[Callable], p: float = 1.0):
@@ -386,14 +432,21 @@ class Compose(Transform):
             raise ValueError(f'transforms must be a sequence of transforms, got {transforms!r}')
         self.transforms = list(transforms)
 
-    def _apply(self, image, label, generator):
-        for transform in self.transforms:
-            image, label = transform(image, label, generator)
+    def _draw(self, batch, channels, shape, generator):
+        return [t.plan(batch, channels, shape, generator) if isinstance(t, Transform) else generator
+                for t in self.transforms]
+
+    def _apply(self, image, label, params):
+        for transform, plan in zip(self.transforms, params):
+            if isinstance(transform, Transform):
+                image, label = transform.run(image, label, plan)
+            else:
+                image, label = transform(image, label, plan)
         return image, label
 
 
 class ZNormalization(Transform):
-    """Subtract the mean and divide by the standard deviation (spec section 2).
+    """Subtract the mean and divide by the standard deviation (TorchIO's ``ZNormalization``).
 
     Statistics are taken per batch element over the voxels of ``masking_method``, pooled over all
     channels; the standard deviation is unbiased (N - 1), and the result is applied to the whole
@@ -409,7 +462,10 @@ class ZNormalization(Transform):
         p: Probability of applying the transform. Default 1.
 
     Example:
-        >>> image, _ = ZNormalization(masking_method=lambda x: x > 0)(image)
+        >>> image = torch.rand(2, 1, 16, 16, 16) * 5 + 3
+        >>> out, _ = ZNormalization(masking_method=lambda x: x > 4)(image)
+        >>> bool((out[0][image[0] > 4].mean().abs() < 1e-5))
+        True
     """
 
     def __init__(self, masking_method: torch.Tensor | Callable | None = None, p: float = 1.0):
@@ -420,13 +476,14 @@ class ZNormalization(Transform):
             raise ValueError('masking_method must be None, a callable or a boolean tensor of 3 to 5 '
                              f'dimensions, got {masking_method!r}')
         self.masking_method = masking_method
+        self._masks = {}  # the tensor mask, copied once per device
 
     @staticmethod
     def mean(tensor: torch.Tensor) -> torch.Tensor:
         """TorchIO's ``ZNormalization.mean``: the voxels brighter than the mean."""
         return tensor > tensor.float().mean()
 
-    def _apply(self, image, label, generator):
+    def _apply(self, image, label, params):
         x = image.to(_work_dtype(image.dtype))
         dims = (1, 2, 3, 4)
         if self.masking_method is None:
@@ -445,8 +502,10 @@ class ZNormalization(Transform):
             masks = [torch.as_tensor(self.masking_method(element)).to(x.device) for element in x]
             mask = torch.stack([m if m.ndim == 4 else m[None] for m in masks])
         else:
-            mask = self.masking_method.to(x.device)
-            mask = mask.reshape((1,) * (5 - mask.ndim) + tuple(mask.shape))
+            if x.device not in self._masks:
+                mask = self.masking_method.to(x.device)
+                self._masks[x.device] = mask.reshape((1,) * (5 - mask.ndim) + tuple(mask.shape))
+            mask = self._masks[x.device]
         try:
             torch.broadcast_shapes(mask.shape, x.shape)
         except RuntimeError:
@@ -456,7 +515,7 @@ class ZNormalization(Transform):
 
 
 # ---------------------------------------------------------------------------------------------
-# Flip (spec section 3).
+# Flip (TorchIO's transforms/augmentation/spatial/random_flip.py).
 
 def _parse_axes(axes) -> tuple[int, ...]:
     """Axis indices 0, 1, 2, or anatomical names read by their first letter on a RAS tensor."""
@@ -474,6 +533,14 @@ def _parse_axes(axes) -> tuple[int, ...]:
     return tuple(sorted(set(parsed)))
 
 
+def _flip_where(x: torch.Tensor, flip: torch.Tensor, dim: int) -> torch.Tensor:
+    """Flip ``dim`` of the batch elements where the host mask ``flip`` is True."""
+    if bool(flip.all()):
+        return x.flip(dim)
+    index = flip.nonzero()[:, 0].to(x.device, non_blocking=True)
+    return x.index_copy(0, index, x.index_select(0, index).flip(dim))
+
+
 class Flip(Transform):
     """Reverse the order of voxels along the given spatial axes, in image and label.
 
@@ -484,14 +551,16 @@ class Flip(Transform):
         p: Probability of applying the transform. Default 1.
 
     Example:
-        >>> image, label = Flip(axes=(0, 2))(image, label)
+        >>> image = torch.arange(4.0).view(1, 1, 4, 1, 1)
+        >>> Flip(axes=0)(image)[0].flatten().tolist()
+        [3.0, 2.0, 1.0, 0.0]
     """
 
     def __init__(self, axes, p: float = 1.0):
         super().__init__(p)
         self.axes = _parse_axes(axes)
 
-    def _apply(self, image, label, generator):
+    def _apply(self, image, label, params):
         dims = [axis + 2 for axis in self.axes]
         return image.flip(dims), None if label is None else label.flip(dims)
 
@@ -505,11 +574,14 @@ class RandomFlip(Transform):
     Args:
         axes: Axes that may be flipped, as in :class:`Flip`. Default ``0`` (X, left-right only:
             TorchIO's default).
-        flip_probability: Probability, per axis, of a flip. Default 0.5.
+        flip_probability: Probability, per axis, of a flip, in [0, 1]. Default 0.5.
         p: Probability of applying the transform. Default 1.
 
     Example:
-        >>> image, label = RandomFlip(axes=('LR',), flip_probability=0.5)(image, label, g)
+        >>> image = torch.rand(1, 1, 8, 8, 8)
+        >>> out, _ = RandomFlip(axes=('LR',), flip_probability=1.0)(image)
+        >>> torch.equal(out, image.flip(2))
+        True
     """
 
     def __init__(self, axes=0, flip_probability: float = 0.5, p: float = 1.0):
@@ -517,28 +589,24 @@ class RandomFlip(Transform):
         self.axes = _parse_axes(axes)
         self.flip_probability = _parse_probability(flip_probability, 'flip_probability')
 
-    def _apply(self, image, label, generator):
-        flips = torch.rand(len(image), 3, generator=generator, device=image.device) < self.flip_probability
+    def _draw(self, batch, channels, shape, generator):
+        return torch.rand(batch, 3, dtype=torch.float64, generator=generator) < self.flip_probability
+
+    def _apply(self, image, label, flips):
         for axis in self.axes:
             flip = flips[:, axis]
-            if _on_host_all(~flip):
-                continue
-            if _on_host_all(flip):
-                image, label = image.flip(axis + 2), None if label is None else label.flip(axis + 2)
-                continue
-            where = flip.view(-1, 1, 1, 1, 1)
-            image = torch.where(where, image.flip(axis + 2), image)
-            if label is not None:
-                label = torch.where(where, label.flip(axis + 2), label)
+            if bool(flip.any()):
+                image = _flip_where(image, flip, axis + 2)
+                label = None if label is None else _flip_where(label, flip, axis + 2)
         return image, label
 
 
 # ---------------------------------------------------------------------------------------------
-# Motion (spec section 4).
+# Motion (TorchIO's transforms/augmentation/intensity/random_motion.py).
 
-def _kspace_weights(times: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Weights ``(B, n + 1, size // 2 + 1)`` of the original (0) and moved images (1..n) in the
-    real FFT along the last axis.
+def _kspace_weights(times: torch.Tensor, size: int) -> torch.Tensor:
+    """Host float64 weights ``(B, n + 1, size // 2 + 1)`` of the original (0) and moved images
+    (1..n) in the real FFT along the last axis.
 
     TorchIO cuts the fftshifted k-space along the last axis at ``int(size * times)``, fills segment
     s with spectrum s, and first swaps the original spectrum into the segment of the first time
@@ -547,37 +615,46 @@ def _kspace_weights(times: torch.Tensor, size: int, dtype: torch.dtype) -> torch
     its symmetric part (w[k] + w[-k]) / 2, which makes a real FFT enough.
     """
     batch, n = times.shape
-    device = times.device
-    index = torch.arange(size, device=device)
-    cuts = torch.cat([torch.zeros(batch, 1, dtype=torch.long, device=device), (size * times).long(),
-                      torch.full((batch, 1), size, dtype=torch.long, device=device)], 1)
+    index = torch.arange(size)
+    cuts = torch.cat([torch.zeros(batch, 1, dtype=torch.long), (size * times).long(),
+                      torch.full((batch, 1), size, dtype=torch.long)], 1)
     # TorchIO assigns segments in order, so with unsorted times the last segment covering k wins.
     covers = (cuts[:, :-1, None] <= index) & (index < cuts[:, 1:, None])
-    segments = torch.arange(n + 1, device=device).view(1, -1, 1)
+    segments = torch.arange(n + 1).view(1, -1, 1)
     segment = torch.where(covers, segments, -1).amax(1)
     late = times > 0.5
-    swap = torch.where(late.any(1), late.float().argmax(1), n)[:, None]
+    swap = torch.where(late.any(1), late.double().argmax(1), n)[:, None]
     owner = torch.where(segment == 0, swap, torch.where(segment == swap, 0, segment))
-    weights = torch.fft.ifftshift((owner[:, None] == segments).to(dtype), dim=-1)
+    weights = torch.fft.ifftshift((owner[:, None] == segments).double(), dim=-1)
     weights = (weights + weights.flip(-1).roll(1, -1)) / 2
     return weights[..., : size // 2 + 1]
 
 
-def _motion(image, degrees, translation, times, spacing, interpolation):
-    """Motion artefact; degrees, translation (B, n, 3) and times (B, n) already on the device."""
+def _motion_maps(degrees: torch.Tensor, translation: torch.Tensor, spacing, shape):
+    """Host float64 voxel maps ``u = matrix @ v + offset`` of the moved poses, (B, n, 3, 3) and
+    (B, n, 3), from TorchIO's degrees and translations (B, n, 3).
+
+    TorchIO's map, conjugated from LPS to RAS: u = S^-1 Rz(g) Rx(-a) Ry(-b) S (v - c) + c +
+    S^-1 (-t0, -t1, t2), pivot c = the image centre. Float64, so that right angles and integer
+    shifts land exactly on voxels.
+    """
+    batch, n, _ = degrees.shape
+    angles = torch.deg2rad(degrees.reshape(-1, 3))
+    matrix = _to_voxels(_euler(-angles[:, 0], -angles[:, 1], angles[:, 2]), spacing)
+    sign_over_spacing = torch.tensor([s / v for s, v in zip((-1, -1, 1), spacing)], dtype=torch.float64)
+    centre = torch.tensor([(size - 1) / 2 for size in shape], dtype=torch.float64)
+    offset = centre - matrix @ centre + translation.reshape(-1, 3) * sign_over_spacing
+    return matrix.view(batch, n, 3, 3), offset.view(batch, n, 3)
+
+
+def _motion(image, params, spacing, interpolation):
+    """Motion artefact; ``params`` holds host degrees, translation (B, n, 3) and times (B, n)."""
     x = image.to(_work_dtype(image.dtype))
     batch, _, *shape = x.shape
-    n = degrees.shape[1]
-    # TorchIO's map, conjugated from LPS to RAS (spec section 4): voxel form
-    # u = S^-1 Rz(g) Rx(-a) Ry(-b) S (v - c) + c + S^-1 (-t0, -t1, t2), pivot c = image centre.
-    # Built in float64 so that right angles and integer shifts land exactly on voxels.
-    angles = torch.deg2rad(degrees.reshape(-1, 3).double())
-    matrix = _to_voxels(_euler(-angles[:, 0], -angles[:, 1], angles[:, 2]), spacing)
-    sign_over_spacing = _constant(tuple(s / v for s, v in zip((-1, -1, 1), spacing)), x.device, torch.float64)
-    centre = _constant(tuple((size - 1) / 2 for size in shape), x.device, torch.float64)
-    offset = centre - matrix @ centre + translation.reshape(-1, 3).double() * sign_over_spacing
-    matrix, offset = matrix.to(x.dtype).view(batch, n, 3, 3), offset.to(x.dtype).view(batch, n, 3)
-    weights = _kspace_weights(times, shape[2], x.dtype).view(batch, n + 1, 1, 1, 1, -1)
+    n = params['times'].shape[1]
+    matrix, offset = _motion_maps(params['degrees'], params['translation'], spacing, shape)
+    matrix, offset, weights = _upload(x.device, x.dtype, matrix, offset, _kspace_weights(params['times'], shape[2]))
+    weights = weights.view(batch, n + 1, 1, 1, 1, -1)
     spectrum = torch.fft.rfft(x, dim=-1) * weights[:, 0]
     pad = _min_pad(x, x.dtype)
     for m in range(n):  # a loop over the motions, each one resampling of the whole batch
@@ -594,12 +671,14 @@ class Motion(Transform):
     n + 1 segments at ``int(Z * times)``, segment s filled from pose s (pose 0 = original), except
     that the original and pose m swap segments, m being the first motion whose time exceeds 0.5:
     the original fills the k-space centre. The image is the real part of the inverse transform;
-    labels are untouched. Moved copies are padded with each channel's minimum.
+    labels are untouched. Moved copies are padded with each channel's minimum. All channels of a
+    batch element move alike.
 
     Deviation: TorchIO 1.2.1 rotates about world (0, 0, 0), voxel (0, 0, 0) of a raw tensor,
-    because it drops the centre it sets (spec section 4); here the pivot is the image centre,
-    voxel ``(shape - 1) / 2``. TorchIO's result is recovered by giving its image an origin at
-    minus that centre (the parity test does so).
+    because ``Motion.get_rigid_transforms`` sets the centre of its ``sitk.Euler3DTransform`` and
+    then builds the matrix from ``GetTranslation()`` alone, dropping the centre; here the pivot is
+    the image centre, voxel ``(shape - 1) / 2``. TorchIO's result is recovered by giving its image
+    an origin at minus that centre (the parity test does so).
 
     Args:
         degrees: Rotation angles ``(n, 3)`` in degrees, or ``(B, n, 3)`` per batch element, about
@@ -615,7 +694,8 @@ class Motion(Transform):
     Example:
         >>> motion = Motion(degrees=[[5, -3, 8], [0, 2, -4]], translation=[[1, -2, .5], [.3, 0, -1]],
         ...                 times=[0.3, 0.62])
-        >>> image, label = motion(image, label)
+        >>> motion(torch.rand(1, 1, 16, 16, 16))[0].shape
+        torch.Size([1, 1, 16, 16, 16])
     """
 
     def __init__(self, degrees, translation, times, image_interpolation: str = 'linear',
@@ -631,21 +711,21 @@ class Motion(Transform):
         self.image_interpolation = _parse_interpolation(image_interpolation)
         self.spacing = _parse_spacing(spacing)
 
-    def _apply(self, image, label, generator):
-        batch, device = len(image), image.device
-        return _motion(image, _per_element(self.degrees, batch, 'degrees', device),
-                       _per_element(self.translation, batch, 'translation', device),
-                       _per_element(self.times, batch, 'times', device),
-                       self.spacing, self.image_interpolation), label
+    def _draw(self, batch, channels, shape, generator):
+        return {name: _per_element(getattr(self, name), batch, name)
+                for name in ('degrees', 'translation', 'times')}
+
+    def _apply(self, image, label, params):
+        return _motion(image, params, self.spacing, self.image_interpolation), label
 
 
 class RandomMotion(Transform):
     """Random MRI motion artefact; see :class:`Motion` (including the pivot deviation).
 
-    Per batch element: ``degrees ~ U(degrees range)`` and ``translation ~ U(translation range)``,
-    shape (num_transforms, 3); ``times[m] = (m + 1) / (n + 1) + U(-0.3, 0.3) / (n + 1)``. (TorchIO
-    builds the grid with a float ``arange`` that has one value too many for some n, e.g. 48;
-    here it is exact.)
+    Per batch element, in this order: ``degrees ~ U(degrees range)`` and ``translation ~
+    U(translation range)``, each of shape (num_transforms, 3), then ``times[m] = (m + 1) / (n + 1)
+    + U(-0.3, 0.3) / (n + 1)``. (TorchIO builds the grid with a float ``arange`` that has one
+    value too many for some n, e.g. 48; here it is exact.)
 
     Args:
         degrees: ``d`` -> angles ~ U(-d, d), or a range ``(a, b)``; degrees. Default 10.
@@ -656,7 +736,10 @@ class RandomMotion(Transform):
         p: Probability of applying the transform. Default 1.
 
     Example:
-        >>> image, label = RandomMotion(degrees=10, translation=10, num_transforms=2)(image, label, g)
+        >>> image = torch.rand(1, 1, 16, 16, 16)
+        >>> out, _ = RandomMotion(degrees=10, translation=10, num_transforms=2)(image)
+        >>> out.shape
+        torch.Size([1, 1, 16, 16, 16])
     """
 
     def __init__(self, degrees=10, translation=10, num_transforms: int = 2,
@@ -670,18 +753,20 @@ class RandomMotion(Transform):
         self.image_interpolation = _parse_interpolation(image_interpolation)
         self.spacing = _parse_spacing(spacing)
 
-    def _apply(self, image, label, generator):
-        batch, n, device = len(image), self.num_transforms, image.device
-        degrees = _uniform([self.degrees_range], batch * n * 3, generator, device).view(batch, n, 3)
-        translation = _uniform([self.translation_range], batch * n * 3, generator, device).view(batch, n, 3)
+    def _draw(self, batch, channels, shape, generator):
+        n = self.num_transforms
+        degrees = _uniform(*self.degrees_range, (batch, n, 3), generator)
+        translation = _uniform(*self.translation_range, (batch, n, 3), generator)
         step = 1 / (n + 1)
-        jitter = _uniform([(-0.3 * step, 0.3 * step)], batch * n, generator, device).view(batch, n)
-        times = torch.arange(1, n + 1, device=device) * step + jitter
-        return _motion(image, degrees, translation, times, self.spacing, self.image_interpolation), label
+        times = torch.arange(1, n + 1, dtype=torch.float64) * step + _uniform(-0.3 * step, 0.3 * step, (batch, n),
+                                                                               generator)
+        return {'degrees': degrees, 'translation': translation, 'times': times}
+
+    _apply = Motion._apply
 
 
 # ---------------------------------------------------------------------------------------------
-# Bias field (spec section 5).
+# Bias field (TorchIO's transforms/augmentation/intensity/random_bias_field.py).
 
 @functools.lru_cache(maxsize=16)
 def _bias_exponents(order: int) -> list[tuple[int, int, int]]:
@@ -690,25 +775,35 @@ def _bias_exponents(order: int) -> list[tuple[int, int, int]]:
             for c in range(order + 1 - a - b)]
 
 
+@functools.lru_cache(maxsize=16)
+def _bias_powers(shape: tuple[int, int, int], order: int, device: torch.device, dtype: torch.dtype):
+    """Per axis, ``coordinate ** arange(order + 1)``, coordinates linspace(-1, 1) (0 for one voxel)."""
+    powers = []
+    for size in shape:
+        coordinate = torch.linspace(-1, 1, size, dtype=torch.float64) if size > 1 \
+            else torch.zeros(1, dtype=torch.float64)  # TorchIO: a single voxel sits at 0
+        powers.append((coordinate[:, None] ** torch.arange(order + 1)).to(device, dtype))
+    return powers
+
+
 def _bias_field(image: torch.Tensor, coefficients: torch.Tensor, order: int) -> torch.Tensor:
-    """``image * exp(sum_n coef[n] x^a y^b z^c)``, x, y, z = linspace(-1, 1) over voxel indices."""
+    """``image * exp(sum_n coef[n] x^a y^b z^c)``; coefficients (B, N) on the host."""
     x = image.to(_work_dtype(image.dtype))
     batch = len(x)
-    dense = torch.zeros(batch, (order + 1) ** 3, device=x.device, dtype=x.dtype)
-    flat = _constant(tuple((a * (order + 1) + b) * (order + 1) + c for a, b, c in _bias_exponents(order)),
-                     x.device, torch.long)
-    dense[:, flat] = coefficients.to(x.dtype)
-    dense = dense.view(batch, order + 1, order + 1, order + 1)
-    powers = []
-    for size in x.shape[2:]:
-        coordinate = torch.linspace(-1, 1, size, device=x.device, dtype=x.dtype) if size > 1 \
-            else torch.zeros(1, device=x.device, dtype=x.dtype)  # TorchIO: a single voxel sits at 0
-        powers.append(coordinate[:, None] ** torch.arange(order + 1, device=x.device, dtype=x.dtype))
-    px, py, pz = powers
+    dense = torch.zeros(batch, (order + 1) ** 3, dtype=torch.float64)
+    dense[:, [(a * (order + 1) + b) * (order + 1) + c for a, b, c in _bias_exponents(order)]] = coefficients
+    dense, = _upload(x.device, x.dtype, dense.view(batch, order + 1, order + 1, order + 1))
+    px, py, pz = _bias_powers(tuple(x.shape[2:]), order, x.device, x.dtype)
     # Separable: contract z, then y on small tensors, then x in one matmul for the full volume.
     partial = torch.einsum('yb,zc,nabc->nayz', py, pz, dense)
     log_field = (px @ partial.reshape(batch, order + 1, -1)).view(batch, 1, *x.shape[2:])
     return (x * log_field.exp_()).to(image.dtype)
+
+
+def _parse_order(order) -> int:
+    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
+        raise ValueError(f'order must be an integer >= 0, got {order!r}')
+    return order
 
 
 class BiasField(Transform):
@@ -723,12 +818,14 @@ class BiasField(Transform):
 
     Args:
         coefficients: ``(order + 1)(order + 2)(order + 3) / 6`` numbers (20 for order 3), or a
-            ``(B, N)`` array, one row per batch element.
+            ``(B, N)`` array, one row per batch element; dimensionless (log of the gain).
         order: Polynomial order, an integer >= 0. Default 3.
         p: Probability of applying the transform. Default 1.
 
     Example:
-        >>> image, label = BiasField(coefficients=[0.3] + [0.0] * 19, order=3)(image, label)  # x e^0.3
+        >>> out, _ = BiasField(coefficients=[0.3] + [0.0] * 19, order=3)(torch.ones(1, 1, 8, 8, 8))
+        >>> round(out.max().item(), 4)  # e^0.3
+        1.3499
     """
 
     def __init__(self, coefficients, order: int = 3, p: float = 1.0):
@@ -736,15 +833,11 @@ class BiasField(Transform):
         self.order = _parse_order(order)
         self.coefficients = _parameter(coefficients, (len(_bias_exponents(self.order)),), 'coefficients')
 
-    def _apply(self, image, label, generator):
-        coefficients = _per_element(self.coefficients, len(image), 'coefficients', image.device)
+    def _draw(self, batch, channels, shape, generator):
+        return _per_element(self.coefficients, batch, 'coefficients')
+
+    def _apply(self, image, label, coefficients):
         return _bias_field(image, coefficients, self.order), label
-
-
-def _parse_order(order) -> int:
-    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
-        raise ValueError(f'order must be an integer >= 0, got {order!r}')
-    return order
 
 
 class RandomBiasField(Transform):
@@ -760,7 +853,9 @@ class RandomBiasField(Transform):
         p: Probability of applying the transform. Default 1.
 
     Example:
-        >>> image, label = RandomBiasField(coefficients=0.5, order=3)(image, label, g)
+        >>> out, _ = RandomBiasField(coefficients=0.5, order=3)(torch.ones(1, 1, 8, 8, 8))
+        >>> bool(out.min() > 0)
+        True
     """
 
     def __init__(self, coefficients=0.5, order: int = 3, p: float = 1.0):
@@ -768,21 +863,41 @@ class RandomBiasField(Transform):
         self.coefficients_range = _parse_range(coefficients, 'coefficients')
         self.order = _parse_order(order)
 
-    def _apply(self, image, label, generator):
-        count = len(_bias_exponents(self.order))
-        coefficients = _uniform([self.coefficients_range], len(image) * count, generator,
-                                image.device).view(len(image), count)
-        return _bias_field(image, coefficients, self.order), label
+    def _draw(self, batch, channels, shape, generator):
+        return _uniform(*self.coefficients_range, (batch, len(_bias_exponents(self.order))), generator)
+
+    _apply = BiasField._apply
 
 
 # ---------------------------------------------------------------------------------------------
-# Noise (spec section 6).
+# Noise (TorchIO's transforms/augmentation/intensity/random_noise.py).
 
-def _noise(image, mean, std, generator):
+def _noise_field(shape, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise of ``shape`` drawn on ``device`` from ``seed`` (a fresh generator,
+    so that no global state is touched). Meta tensors carry shapes only."""
+    if device.type == 'meta':
+        return torch.randn(shape, device=device, dtype=dtype)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def _noise(image, params):
+    """``image + N(mean, std^2)``: one field for the whole planned batch, from one host seed, of
+    which each element takes its own slab (so an element's noise does not depend on the others'
+    decisions)."""
     x = image.to(_work_dtype(image.dtype))
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    noise.mul_(std.to(x.dtype).view(-1, 1, 1, 1, 1)).add_(mean.to(x.dtype).view(-1, 1, 1, 1, 1))
+    mean, std = _upload(x.device, x.dtype, params['mean'], params['std'])
+    noise = _noise_field((params['batch'], *x.shape[1:]), params['seed'], x.device, x.dtype)
+    if len(x) < params['batch']:
+        noise = noise.index_select(0, params['element'].to(x.device, non_blocking=True))
+    noise.mul_(std.view(-1, 1, 1, 1, 1)).add_(mean.view(-1, 1, 1, 1, 1))
     return noise.add_(x).to(image.dtype)
+
+
+def _noise_seed(generator: torch.Generator) -> int:
+    """The device seed of a noise field, drawn from the host generator (63 bits)."""
+    return int(torch.randint(0, 2 ** 63 - 1, (1,), generator=generator))
 
 
 class Noise(Transform):
@@ -790,7 +905,9 @@ class Noise(Transform):
 
     Intensities are absolute, which is why the paper Z-normalises first. Labels are untouched.
     Deviation: TorchIO draws the noise from the CPU's global generator seeded with a ``seed``
-    parameter; here it comes from ``generator`` on the image's device, so there is no ``seed``.
+    parameter; here each call draws a seed from ``generator`` (the host), and the noise is
+    drawn on the image's device from it, so there is no ``seed`` argument and CPU and CUDA
+    noise differ.
 
     Args:
         mean: Mean of the noise, a number or one per batch element ``(B,)``; intensity units.
@@ -798,7 +915,9 @@ class Noise(Transform):
         p: Probability of applying the transform. Default 1.
 
     Example:
-        >>> image, label = Noise(mean=0.0, std=0.1)(image, label, g)
+        >>> out, _ = Noise(mean=0.0, std=0.1)(torch.zeros(1, 1, 32, 32, 32), generator=torch.Generator())
+        >>> round(out.std().item(), 2)
+        0.1
     """
 
     def __init__(self, mean, std, p: float = 1.0):
@@ -808,17 +927,19 @@ class Noise(Transform):
         if (self.std < 0).any():
             raise ValueError(f'std must be >= 0, got {std!r}')
 
-    def _apply(self, image, label, generator):
-        batch, device = len(image), image.device
-        mean = _per_element(self.mean, batch, 'mean', device)
-        std = _per_element(self.std, batch, 'std', device)
-        return _noise(image, mean, std, generator), label
+    def _draw(self, batch, channels, shape, generator):
+        return {'mean': _per_element(self.mean, batch, 'mean'), 'std': _per_element(self.std, batch, 'std'),
+                'seed': _noise_seed(generator), 'batch': batch, 'element': torch.arange(batch)}
+
+    def _apply(self, image, label, params):
+        return _noise(image, params), label
 
 
 class RandomNoise(Transform):
     """Gaussian noise with a random mean and standard deviation; see :class:`Noise`.
 
-    Per batch element: ``mean ~ U(mean range)``, ``std ~ U(std range)``, then the noise field.
+    Per batch element: ``mean ~ U(mean range)``, then ``std ~ U(std range)``; then one device
+    seed for the call's noise field.
 
     Args:
         mean: ``d`` -> U(-d, d), or ``(a, b)``; intensity units. Default 0 (exactly 0).
@@ -826,7 +947,9 @@ class RandomNoise(Transform):
         p: Probability of applying the transform. Default 1.
 
     Example:
-        >>> image, label = RandomNoise(std=(0, 0.25))(image, label, g)
+        >>> out, _ = RandomNoise(std=(0, 0.25))(torch.zeros(1, 1, 16, 16, 16))
+        >>> bool(out.std() <= 0.3)
+        True
     """
 
     def __init__(self, mean=0, std=(0, 0.25), p: float = 1.0):
@@ -834,15 +957,17 @@ class RandomNoise(Transform):
         self.mean_range = _parse_range(mean, 'mean')
         self.std_range = _parse_range(std, 'std', min_constraint=0)
 
-    def _apply(self, image, label, generator):
-        batch, device = len(image), image.device
-        mean = _uniform([self.mean_range], batch, generator, device)
-        std = _uniform([self.std_range], batch, generator, device)
-        return _noise(image, mean, std, generator), label
+    def _draw(self, batch, channels, shape, generator):
+        mean = _uniform(*self.mean_range, (batch,), generator)
+        std = _uniform(*self.std_range, (batch,), generator)
+        return {'mean': mean, 'std': std, 'seed': _noise_seed(generator), 'batch': batch,
+                'element': torch.arange(batch)}
+
+    _apply = Noise._apply
 
 
 # ---------------------------------------------------------------------------------------------
-# Affine (spec section 7).
+# Affine (TorchIO's transforms/augmentation/spatial/random_affine.py).
 
 def _parse_affine_options(center, default_pad_value, default_pad_label, image_interpolation):
     if center not in ('image', 'origin'):
@@ -855,22 +980,32 @@ def _parse_affine_options(center, default_pad_value, default_pad_label, image_in
     return center, default_pad_value, float(default_pad_label), _parse_interpolation(image_interpolation)
 
 
-def _affine(image, label, scales, degrees, translation, spacing, options):
-    """Affine resampling; scales, degrees, translation (B, 3) already on the device."""
+def _affine_maps(scales, degrees, translation, spacing, shape, center):
+    """Host float64 voxel maps ``u = matrix @ v + offset``, (B, 3, 3) and (B, 3).
+
+    Output -> input in world RAS: q = R^T (diag(1/s) (p - c) - t) + c with R = Rz Rx Ry, the
+    inverse of ITK's ``ScaleTransform`` composed with ``Euler3DTransform`` that TorchIO builds.
+    Float64, so that right angles and integer shifts land exactly on voxels.
+    """
+    angles = torch.deg2rad(degrees)
+    rotation_t = _euler(angles[:, 0], angles[:, 1], angles[:, 2]).transpose(1, 2)
+    matrix = _to_voxels(rotation_t / scales[:, None, :], spacing)
+    inverse_spacing = torch.tensor([1 / s for s in spacing], dtype=torch.float64)
+    offset = -(rotation_t @ translation[:, :, None])[..., 0] * inverse_spacing
+    if center == 'image':
+        centre = torch.tensor([(size - 1) / 2 for size in shape], dtype=torch.float64)
+        offset = offset + centre - matrix @ centre
+    return matrix, offset
+
+
+def _affine(image, label, params, spacing, options):
+    """Affine resampling; ``params`` holds host scales, degrees, translation (B, 3)."""
     center, pad_value, pad_label, interpolation = options
     dtype = _work_dtype(image.dtype)
     shape = image.shape[2:]
-    # Output -> input in world RAS: q = R^T (diag(1/s) (p - c) - t) + c, R = Rz Rx Ry (spec 7).
-    # Built in float64 so that right angles and integer shifts land exactly on voxels.
-    angles = torch.deg2rad(degrees.double())
-    rotation_t = _euler(angles[:, 0], angles[:, 1], angles[:, 2]).transpose(1, 2)
-    matrix = _to_voxels(rotation_t / scales.double()[:, None, :], spacing)
-    inverse_spacing = _constant(tuple(1 / s for s in spacing), image.device, torch.float64)
-    offset = -(rotation_t @ translation.double()[:, :, None])[..., 0] * inverse_spacing
-    if center == 'image':
-        centre = _constant(tuple((size - 1) / 2 for size in shape), image.device, torch.float64)
-        offset = offset + centre - matrix @ centre
-    grid = _linear_grid(matrix.to(dtype), offset.to(dtype), shape)
+    matrix, offset = _affine_maps(params['scales'], params['degrees'], params['translation'], spacing, shape, center)
+    matrix, offset = _upload(image.device, dtype, matrix, offset)
+    grid = _linear_grid(matrix, offset, shape)
     if pad_value == 'minimum':
         pad = _min_pad(image, dtype)
     elif pad_value == 'mean':  # mean of the six faces, edges counted once per face (TorchIO)
@@ -887,8 +1022,8 @@ class Affine(Transform):
     In world (RAS, mm) coordinates the transform moves a point x to
     ``diag(scales) (R (x - c) + translation) + c`` (the translation is scaled too), with
     ``R = Rz(degrees[2]) Rx(degrees[0]) Ry(degrees[1])`` and pivot c; the image is resampled by
-    pulling every output voxel back through the inverse (ITK rule, spec section 0.2).
-    Scales above 1 zoom in.
+    pulling every output voxel back through the inverse (ITK's ``ResampleImageFilter``).
+    Scales above 1 zoom in. All channels of a batch element move alike.
 
     Args:
         scales: A number s (all three axes) or ``(s1, s2, s3)``, each > 0; or ``(B, 3)``.
@@ -904,7 +1039,10 @@ class Affine(Transform):
         p: Probability of applying the transform. Default 1.
 
     Example:
-        >>> image, label = Affine(scales=1, degrees=(90, 0, 0), translation=0)(image, label)  # rot90
+        >>> image = torch.rand(1, 1, 17, 17, 17)
+        >>> out, _ = Affine(scales=1, degrees=(90, 0, 0), translation=0)(image)
+        >>> torch.equal(out, torch.rot90(image, 1, (3, 4)))
+        True
     """
 
     def __init__(self, scales, degrees, translation, center: str = 'image',
@@ -919,21 +1057,22 @@ class Affine(Transform):
         self.options = _parse_affine_options(center, default_pad_value, default_pad_label, image_interpolation)
         self.spacing = _parse_spacing(spacing)
 
-    def _apply(self, image, label, generator):
-        batch, device = len(image), image.device
-        params = (_per_element(value, batch, name, device) for value, name in (
-            (self.scales, 'scales'), (self.degrees, 'degrees'), (self.translation, 'translation')))
-        return _affine(image, label, *params, self.spacing, self.options)
+    def _draw(self, batch, channels, shape, generator):
+        return {name: _per_element(getattr(self, name), batch, name)
+                for name in ('scales', 'degrees', 'translation')}
+
+    def _apply(self, image, label, params):
+        return _affine(image, label, params, self.spacing, self.options)
 
 
 class RandomAffine(Transform):
     """Random scaling, rotation and translation; see :class:`Affine`.
 
-    Per batch element, nine independent uniform draws: three scales, three angles, three
-    translations. Range forms (TorchIO's ``parse_params``), for scales around 1 and the others
-    around 0: ``x`` -> U(around - x, around + x) on every axis; ``(a, b)`` -> U(a, b) on every
-    axis (not shifted); ``(x1, x2, x3)`` -> U(around - xi, around + xi); six values
-    ``(a1, b1, a2, b2, a3, b3)`` -> U(ai, bi).
+    Per batch element, nine independent uniform draws, in this order: three scales, three
+    angles, three translations. Range forms (TorchIO's ``parse_params``), for scales around 1
+    and the others around 0: ``x`` -> U(around - x, around + x) on every axis; ``(a, b)`` ->
+    U(a, b) on every axis (not shifted); ``(x1, x2, x3)`` -> U(around - xi, around + xi); six
+    values ``(a1, b1, a2, b2, a3, b3)`` -> U(ai, bi).
 
     Args:
         scales: Scale ranges, lower bounds >= 0. Default 0.1 (U(0.9, 1.1)).
@@ -946,7 +1085,9 @@ class RandomAffine(Transform):
         p: Probability of applying the transform. Default 1.
 
     Example:
-        >>> image, label = RandomAffine(scales=(0.9, 1.2), degrees=15)(image, label, g)
+        >>> out, _ = RandomAffine(scales=(0.9, 1.2), degrees=15)(torch.rand(1, 1, 16, 16, 16))
+        >>> out.shape
+        torch.Size([1, 1, 16, 16, 16])
     """
 
     def __init__(self, scales=0.1, degrees=10, translation=0, isotropic: bool = False,
@@ -962,57 +1103,69 @@ class RandomAffine(Transform):
         self.options = _parse_affine_options(center, default_pad_value, default_pad_label, image_interpolation)
         self.spacing = _parse_spacing(spacing)
 
-    def _apply(self, image, label, generator):
-        batch, device = len(image), image.device
-        scales = _uniform(self.scales, batch, generator, device)
+    def _draw(self, batch, channels, shape, generator):
+        params = {}
+        for name in ('scales', 'degrees', 'translation'):
+            low, high = zip(*getattr(self, name))
+            params[name] = _uniform(low, high, (batch, 3), generator)
         if self.isotropic:
-            scales = scales[:, :1].expand(batch, 3)
-        degrees = _uniform(self.degrees, batch, generator, device)
-        translation = _uniform(self.translation, batch, generator, device)
-        return _affine(image, label, scales, degrees, translation, self.spacing, self.options)
+            params['scales'] = params['scales'][:, :1].expand(batch, 3)
+        return params
+
+    _apply = Affine._apply
 
 
 # ---------------------------------------------------------------------------------------------
-# Elastic deformation (spec section 8).
+# Elastic deformation (TorchIO's transforms/augmentation/spatial/random_elastic_deformation.py,
+# ITK's BSplineTransform).
 
 @functools.lru_cache(maxsize=16)
-def _bspline_basis(shape: tuple[int, int, int], points: tuple[int, int, int], spacing, device, dtype):
-    """What the elastic grid needs besides the control points (it depends on shapes only).
+def _bspline_weights(shape: tuple[int, int, int], points: tuple[int, int, int], device, dtype):
+    """Per axis, the cubic B-spline weights ``(size, points)`` of ITK's control grid.
 
-    Returns the cubic B-spline weights ``(size, points)`` of each axis; the factor taking TorchIO's
-    control points (mm, LPS) to normalised grid units in grid_sample's (k, j, i) order; and the
-    control values of the identity map in those units. ITK spreads ``points - 3`` intervals over
-    the image extended by 1/8 voxel beyond its outer voxel faces, ``h = (size + 1/4) /
+    ITK (``BSplineTransformInitializer``, as TorchIO calls it) spreads ``points - 3`` intervals
+    over the image extended by 1/8 voxel beyond its outer voxel faces, ``h = (size + 1/4) /
     (points - 3)`` voxels, control point 1 at the extended edge: voxel v sits at grid coordinate
-    ``(v + 5/8) / h + 1``. The cubic B-spline reproduces linear functions there, so adding the
-    identity's control values (``(a - 1) h - 5/8`` voxels) makes the spline the sampling grid
-    itself.
+    ``(v + 5/8) / h + 1``.
     """
-    scale, shift, _, _ = _grid_constants(shape, device, dtype)
-    weights, identity = [], torch.zeros(*points, 3, device=device, dtype=dtype)
+    weights = []
+    for size, count in zip(shape, points):
+        h = (size + 0.25) / (count - 3)
+        position = (torch.arange(size, dtype=torch.float64) + 0.625) / h + 1
+        t = (position[:, None] - torch.arange(count, dtype=torch.float64)).abs()
+        weights.append(torch.where(t < 1, 2 / 3 - t.square() + t.pow(3) / 2,
+                                   torch.where(t < 2, (2 - t).pow(3) / 6, 0)).to(device, dtype))
+    return weights
+
+
+@functools.lru_cache(maxsize=16)
+def _bspline_frame(shape: tuple[int, int, int], points: tuple[int, int, int], spacing):
+    """Host float64: the factor taking TorchIO's control points (mm, LPS) to normalised grid units
+    in grid_sample's (k, j, i) order, and the control values of the identity map in those units.
+    The cubic B-spline reproduces linear functions, so adding the identity's control values
+    (``(a - 1) h - 5/8`` voxels) makes the spline the sampling grid itself."""
+    scale, shift, _, _ = _grid_constants(shape, torch.device('cpu'), torch.float64)
+    identity = torch.zeros(*points, 3, dtype=torch.float64)
     for axis, (size, count) in enumerate(zip(shape, points)):
         h = (size + 0.25) / (count - 3)
-        position = (torch.arange(size, device=device, dtype=dtype) + 0.625) / h + 1
-        t = (position[:, None] - torch.arange(count, device=device, dtype=dtype)).abs()
-        weights.append(torch.where(t < 1, 2 / 3 - t.square() + t.pow(3) / 2,
-                                   torch.where(t < 2, (2 - t).pow(3) / 6, 0)))
-        values = (torch.arange(count, device=device, dtype=dtype) - 1) * h - 0.625
+        values = (torch.arange(count, dtype=torch.float64) - 1) * h - 0.625
         view = [1, 1, 1]
         view[axis] = count
         identity[..., 2 - axis] += (values * scale[2 - axis] + shift[2 - axis]).view(view)
-    # TorchIO's grid ascends in LPS: for a RAS tensor, components 0, 1 point to -X, -Y (spec 8).
-    signs = torch.tensor([s / v for s, v in zip((1, -1, -1), spacing[::-1])], dtype=dtype).to(device)
-    return weights, signs * scale, identity
+    # TorchIO's grid ascends in LPS: for a RAS tensor, components 0, 1 point to -X, -Y.
+    signs = torch.tensor([s / v for s, v in zip((1, -1, -1), spacing[::-1])], dtype=torch.float64)
+    return signs * scale, identity
 
 
 def _elastic(image, label, control_points, spacing, interpolation):
-    """Elastic resampling; control_points (B, nx, ny, nz, 3), TorchIO convention, on the device."""
+    """Elastic resampling; control_points (B, nx, ny, nz, 3) on the host, TorchIO convention."""
     dtype = _work_dtype(image.dtype)
     shape = tuple(image.shape[2:])
     batch, *points, _ = control_points.shape
-    (wx, wy, wz), to_grid, identity = _bspline_basis(shape, tuple(points), spacing, image.device, dtype)
+    to_grid, identity = _bspline_frame(shape, tuple(points), spacing)
     # TorchIO's grid axes 0 and 1 run from the last voxel of X and Y to the first: flip them.
-    coefficients = control_points.to(dtype).flip(1, 2).flip(-1) * to_grid + identity
+    coefficients, = _upload(image.device, dtype, control_points.flip(1, 2).flip(-1) * to_grid + identity)
+    wx, wy, wz = _bspline_weights(shape, tuple(points), image.device, dtype)
     # Separable: contract z and y on small tensors, then x in one matmul that writes the grid.
     partial = torch.einsum('yb,zc,nabcd->nayzd', wy, wz, coefficients).reshape(batch, points[0], -1)
     grid = (wx @ partial).view(batch, *shape, 3)
@@ -1021,13 +1174,12 @@ def _elastic(image, label, control_points, spacing, interpolation):
                           None if label is None else _min_pad(label, dtype), interpolation)
 
 
-@functools.lru_cache(maxsize=16)
-def _displacement_scale(points, max_displacement, locked_borders, device, dtype) -> torch.Tensor:
+def _displacement_scale(points, max_displacement, locked_borders) -> torch.Tensor:
     """``2 D_c`` per control point and component, 0 where locked: maps U[0, 1) - 1/2 to U[-D, D)."""
-    scale = torch.tensor(max_displacement, dtype=dtype).mul(2).expand(*points, 3).clone()
+    scale = torch.tensor(max_displacement, dtype=torch.float64).mul(2).expand(*points, 3).clone()
     for i in range(locked_borders):  # grid axes 0 and 1 only, as TorchIO 1.2.1
         scale[i] = scale[-1 - i] = scale[:, i] = scale[:, -1 - i] = 0
-    return scale.to(device)
+    return scale
 
 
 def _parse_triplet(value, name: str, kind: type, minimum: float) -> tuple:
@@ -1041,12 +1193,13 @@ def _parse_triplet(value, name: str, kind: type, minimum: float) -> tuple:
 class ElasticDeformation(Transform):
     """Dense elastic deformation from a coarse grid of control-point displacements (cubic B-spline).
 
-    Exactly ITK's ``BSplineTransform`` as TorchIO initialises it (spec section 8): the grid of
+    Exactly ITK's ``BSplineTransform`` as TorchIO initialises it: the grid of
     ``nx x ny x nz`` points spans the image plus 1/8 voxel beyond its outer voxel faces, with one
     point outside on each side; an output voxel at world point p pulls the input at
     ``p + displacement(p)``; the displacement is the B-spline sum of the control points (they are
     coefficients, not values at the points). Image pad: each channel's minimum; labels: nearest
-    neighbour, pad = each label channel's minimum, as TorchIO.
+    neighbour, pad = each label channel's minimum, as TorchIO. All channels of a batch element
+    move alike.
 
     Deviation: TorchIO's deterministic class also takes ``max_displacement``, only to return the
     input unchanged when it is zero; here zero control points already give the identity.
@@ -1060,8 +1213,11 @@ class ElasticDeformation(Transform):
         p: Probability of applying the transform. Default 1.
 
     Example:
+        >>> image = torch.rand(1, 1, 17, 17, 17)
         >>> cp = torch.zeros(7, 7, 7, 3); cp[..., 0] = 1.0          # 1 mm towards -X: a shift
-        >>> image, label = ElasticDeformation(cp)(image, label)      # out[:, i] = in[:, i - 1]
+        >>> out, _ = ElasticDeformation(cp)(image)                   # out[:, :, i] = in[:, :, i - 1]
+        >>> bool((out[:, :, 1:] - image[:, :, :-1]).abs().max() < 1e-5)
+        True
     """
 
     def __init__(self, control_points, image_interpolation: str = 'linear', spacing=None, p: float = 1.0):
@@ -1074,8 +1230,10 @@ class ElasticDeformation(Transform):
         self.image_interpolation = _parse_interpolation(image_interpolation)
         self.spacing = _parse_spacing(spacing)
 
-    def _apply(self, image, label, generator):
-        control_points = _per_element(self.control_points, len(image), 'control_points', image.device)
+    def _draw(self, batch, channels, shape, generator):
+        return _per_element(self.control_points, batch, 'control_points')
+
+    def _apply(self, image, label, control_points):
         return _elastic(image, label, control_points, self.spacing, self.image_interpolation)
 
 
@@ -1083,9 +1241,10 @@ class RandomElasticDeformation(Transform):
     """Random elastic deformation; see :class:`ElasticDeformation`.
 
     Per batch element, every control-point component is drawn ``U[-D_c, D_c)`` (TorchIO's
-    docstring says U(0, D): its code draws symmetric values). ``locked_borders`` zeroes the outer
-    layer (1) or two layers (2) of control points along grid axes 0 and 1; like TorchIO 1.2.1,
-    axis 2 (Z) is never locked, kept on purpose for fidelity to the paper's augmentation.
+    docstring says U(0, D): its code draws symmetric values), all ``nx * ny * nz * 3`` of them,
+    locked ones included. ``locked_borders`` zeroes the outer layer (1) or two layers (2) of
+    control points along grid axes 0 and 1; like TorchIO 1.2.1, axis 2 (Z) is never locked, kept
+    on purpose for fidelity to the paper's augmentation.
 
     Args:
         num_control_points: n or ``(nx, ny, nz)``, integers >= 4. Default 7.
@@ -1097,7 +1256,9 @@ class RandomElasticDeformation(Transform):
         p: Probability of applying the transform. Default 1.
 
     Example:
-        >>> image, label = RandomElasticDeformation(num_control_points=7, max_displacement=7.5)(image, label, g)
+        >>> elastic = RandomElasticDeformation(num_control_points=7, max_displacement=7.5)
+        >>> elastic(torch.rand(1, 1, 32, 32, 32))[0].shape
+        torch.Size([1, 1, 32, 32, 32])
     """
 
     def __init__(self, num_control_points=7, max_displacement=7.5, locked_borders: int = 2,
@@ -1113,13 +1274,15 @@ class RandomElasticDeformation(Transform):
         self.locked_borders = locked_borders
         self.image_interpolation = _parse_interpolation(image_interpolation)
         self.spacing = _parse_spacing(spacing)
+        self._scale = _displacement_scale(self.num_control_points, self.max_displacement, locked_borders)
 
-    def _apply(self, image, label, generator):
+    def _draw(self, batch, channels, shape, generator):
+        draws = torch.rand(batch, *self.num_control_points, 3, dtype=torch.float64, generator=generator)
+        return (draws - 0.5) * self._scale
+
+    def _apply(self, image, label, control_points):
         if not any(self.max_displacement):
             return image, label
-        draws = torch.rand(len(image), *self.num_control_points, 3, generator=generator, device=image.device)
-        control_points = (draws - 0.5) * _displacement_scale(
-            self.num_control_points, self.max_displacement, self.locked_borders, image.device, draws.dtype)
         return _elastic(image, label, control_points, self.spacing, self.image_interpolation)
 
 

@@ -144,6 +144,59 @@ def test_same_seed_same_output():
     assert not torch.equal(first[0], other[0])
 
 
+def test_generator_must_be_a_cpu_generator():
+    with pytest.raises(ValueError, match='generator'):
+        A.RandomNoise()(torch.zeros(1, 8, 8, 8), generator=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize('p', [0.2, 0.9])
+def test_a_call_takes_the_same_numbers_from_the_generator_whatever_it_decides(p):
+    """Every element's parameters are drawn whatever its decision, so the stream after a call
+    depends on the batch size only, not on p (below 1) or on which elements were transformed."""
+    x, y = volume(4, 2, 12, 12, 12), binary(4, 1, 12, 12, 12)
+    g, reference = generator(7), generator(7)
+    A.paper_augmentation(p=p)(x, y, generator=g)
+    A.paper_augmentation(p=0.5).plan(4, 2, (12, 12, 12), reference)
+    assert torch.equal(g.get_state(), reference.get_state())
+
+
+def test_skipped_elements_change_nothing_for_the_others():
+    """Real skipping: an element goes through the same arithmetic whether its neighbours in the
+    batch were chosen or not, and an element not chosen comes back as it was."""
+    x, y = volume(3, 2, 16, 16, 16), binary(3, 1, 16, 16, 16)
+    pipeline = A.paper_augmentation(p=0.5)
+    chosen, params = pipeline.plan(3, 2, (16, 16, 16), generator(11))
+    everything = pipeline.run(x, y, (torch.ones(3, dtype=torch.bool), params))
+    some = pipeline.run(x, y, (torch.tensor([True, False, True]), params))
+    for element in (0, 2):
+        torch.testing.assert_close(some[0][element], everything[0][element], atol=1e-6, rtol=0)
+        assert torch.equal(some[1][element], everything[1][element])
+    assert torch.equal(some[0][1], x[1]) and torch.equal(some[1][1], y[1])
+
+
+@pytest.mark.parametrize('transform', [
+    A.RandomFlip(flip_probability=1.0), A.RandomMotion(), A.RandomBiasField(), A.RandomNoise(),
+    A.RandomAffine(), A.RandomElasticDeformation()], ids=lambda t: type(t).__name__)
+def test_channels_share_one_draw(transform):
+    """TorchIO applies one parameter draw to all channels of an image: identical channels stay
+    identical (noise aside, independent per voxel and channel), and a two-channel call equals
+    each channel transformed alone with the same draw."""
+    x, y = volume(2, 1, 16, 16, 16), binary(2, 1, 16, 16, 16)
+    other = volume(2, 1, 16, 16, 16, seed=5) * 3 - 1
+    both = transform(torch.cat([x, x], 1), y, generator=generator(2))
+    if isinstance(transform, A.RandomNoise):
+        residual = both[0] - torch.cat([x, x], 1)
+        assert not torch.equal(residual[:, 0], residual[:, 1])
+        torch.testing.assert_close(residual[:, 0].std((1, 2, 3)), residual[:, 1].std((1, 2, 3)), atol=0.01, rtol=0)
+        return
+    assert torch.equal(both[0][:, 0], both[0][:, 1])
+    pair = transform(torch.cat([x, other], 1), y, generator=generator(2))
+    for channel, alone in enumerate((x, other)):
+        single = transform(alone, y, generator=generator(2))
+        torch.testing.assert_close(pair[0][:, channel:channel + 1], single[0], atol=1e-5, rtol=0)
+        assert torch.equal(pair[1], single[1])
+
+
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16, torch.float64])
 def test_dtypes_are_kept(dtype):
     x, y = volume(1, 1, 16, 16, 16).to(dtype), binary(1, 1, 16, 16, 16).bool()
@@ -215,10 +268,14 @@ def test_cpu_and_cuda_agree():
         cuda = transform(x.cuda(), y.cuda())
         torch.testing.assert_close(cuda[0].cpu(), cpu[0], atol=1e-5, rtol=0)
         assert (cuda[1].cpu() != cpu[1]).float().mean() < 1e-3  # nearest may differ at ties
-    pipeline = A.paper_augmentation(p=1.0)
-    first = pipeline(x.cuda(), y.cuda(), generator=generator(5, 'cuda'))
-    second = pipeline(x.cuda(), y.cuda(), generator=generator(5, 'cuda'))
+    pipeline = A.paper_augmentation(p=0.5)
+    first = pipeline(x.cuda(), y.cuda(), generator=generator(5))  # a CPU generator, whatever the device
+    second = pipeline(x.cuda(), y.cuda(), generator=generator(5))
     assert first[0].is_cuda and torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    # Parameters come from the host: without noise (drawn on the device), CPU and CUDA agree.
+    spatial = A.Compose([t for t in pipeline.transforms if not isinstance(t, A.RandomNoise)])
+    cpu, cuda = spatial(x, y, generator=generator(6)), spatial(x.cuda(), y.cuda(), generator=generator(6))
+    torch.testing.assert_close(cuda[0].cpu(), cpu[0], atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
