@@ -24,8 +24,9 @@ The factories `conv3x3x3` and `conv1x1x1` name kernel sizes, and only they do.
 
 Input sides: both networks take any side. A side that is not a multiple of the network's total
 down-sampling (`size_multiple`: 16 for the residual net, 8 for the plain one) is padded at the far end up
-to the next multiple with `pad_value` (a forward argument, default 0.0: the background of scans normalised
-over the brain; pass the scan's own background value otherwise) and the logits are cropped back. Training
+to the next multiple with `pad_value` (a forward argument: one number or one per channel, default 0.0, the
+background of scans normalised over the brain; pass the scan's own background otherwise) and the logits are
+cropped back. Training
 patches (144 = 9 x 16) are never padded. `min_side` is the smallest side that trains at batch size 1: the
 coarsest level must keep more than one voxel for its instance or batch norm statistics.
 """
@@ -58,12 +59,19 @@ def upsample(x):
 
 
 def pad_to_multiple(x, multiple, value=0.0):
-    """Pad the far end of each spatial axis with `value` up to a multiple; return the padded tensor and the old size."""
+    """Pad the far end of each spatial axis up to a multiple; return the padded tensor and the old size.
+
+    `value`: one number, or one per channel (a multi-channel scan normalised over the whole crop has a
+    background value of its own in each channel).
+    """
     size = x.shape[2:]
     extra = [(-s) % multiple for s in size]
     if not any(extra):
         return x, size
-    return F.pad(x, [p for e in reversed(extra) for p in (0, e)], value=value), size
+    fill = torch.as_tensor(value, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1, 1)
+    padded = fill.expand(*x.shape[:2], *(s + e for s, e in zip(size, extra))).clone()
+    padded[(..., *(slice(0, s) for s in size))] = x
+    return padded, size
 
 
 class EncoderBlock1(nn.Module):

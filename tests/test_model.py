@@ -137,6 +137,16 @@ def test_pad_value_fills_the_padding_and_only_the_padding(name):
 
 
 @pytest.mark.parametrize("name", ["residual", "unet"])
+def test_pad_value_per_channel(name):
+    torch.manual_seed(0)
+    net = build_model(name, in_channels=2, base_filters=4).eval()
+    x = torch.randn(1, 2, 30, 32, 25)
+    by_hand = torch.cat([torch.nn.functional.pad(x[:, c:c + 1], (0, 7, 0, 0, 0, 2), value=v)
+                         for c, v in enumerate((-0.8, 0.5))], 1)
+    torch.testing.assert_close(net(x, pad_value=(-0.8, 0.5)), net(by_hand)[..., :30, :32, :25])
+
+
+@pytest.mark.parametrize("name", ["residual", "unet"])
 def test_every_parameter_gets_a_gradient(name):
     net = tiny(name).train()
     x = volume(name, batch=2)
