@@ -403,7 +403,8 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, nib.Nif
             if data.dtype.kind == "c":
                 raise DataError(f"{path}: complex-valued image ({data.dtype}); expected a real magnitude "
                                 "image. Export the magnitude.")
-            data, affine, header = data.astype(np.float32), _nrrd_affine(hdr, path), None
+            # pynrrd returns Fortran order; one C-order float32 copy here (cast and transpose at once)
+            data, affine, header = np.ascontiguousarray(data, dtype=np.float32), _nrrd_affine(hdr, path), None
         else:
             raise DataError(f"{path}: unsupported file type; expected .nii, .nii.gz, .nrrd or .nhdr.")
     except PermissionError as e:
@@ -600,7 +601,8 @@ class Geometry:
 
     def restore(self, volume, order: int | None = None, fill: float = 0) -> np.ndarray:
         """A volume in the prepared grid (X, Y, Z), e.g. logits or a mask, as a numpy array
-        in the file's own voxel grid (write it with ``affine`` and ``header``).
+        in the file's own voxel grid (write it with ``affine`` and ``header``). Leading
+        axes, e.g. (C, X, Y, Z), are kept and each volume restored on its own.
 
         Uncrop, holding ``fill`` outside the box (0 for masks; a very negative logit,
         e.g. -1e4, for logits), resample back with spline ``order`` (default: 0, nearest,
@@ -613,6 +615,8 @@ class Geometry:
         if isinstance(volume, torch.Tensor):
             volume = volume.detach().cpu().numpy()
         volume = np.asarray(volume)
+        if volume.ndim > 3:  # leading axes (e.g. channels): each (X, Y, Z) volume on its own
+            return np.stack([self.restore(v, order, fill) for v in volume])
         if volume.dtype == bool:
             volume = volume.astype(np.uint8)
         integer = volume.dtype.kind in "iu"
@@ -662,6 +666,30 @@ mean, as nnU-Net (Isensee et al. 2021) sets it for data normalised inside a non-
 NORMS = ("brain", "crop")
 
 
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and unbiased (N - 1) std, accumulated in float64 over float32 deviations from
+    the mean (one float32 temporary instead of numpy's float64 one; corrected for the
+    rounding of the mean)."""
+    n = values.size
+    mean = float(values.mean(dtype=np.float64))
+    if n < 2:
+        return mean, 0.0
+    d = np.subtract(values, np.float32(mean), dtype=np.float32)
+    shift = float(d.sum(dtype=np.float64))
+    np.square(d, out=d)
+    var = (float(d.sum(dtype=np.float64)) - shift * shift / n) / (n - 1)
+    return mean, float(np.sqrt(max(var, 0.0)))
+
+
+def _bounding_box(region: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Per axis (start, stop) of the non-zero voxels of ``region`` (not empty)."""
+    box = []
+    for axis in range(region.ndim):
+        hit = np.flatnonzero(region.any(axis=tuple(a for a in range(region.ndim) if a != axis)))
+        box.append((int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
 def read_scan(paths: Sequence[str | os.PathLike], norm: str = "brain", spacing=None,
               brainmask: str | os.PathLike | None = None
               ) -> tuple[torch.Tensor, Geometry, tuple[float, ...]]:
@@ -695,7 +723,12 @@ def read_scan(paths: Sequence[str | os.PathLike], norm: str = "brain", spacing=N
 
     Returns ``(image, geometry, background)``: a float32 tensor (C, X, Y, Z) in the
     prepared grid, its ``Geometry``, and per channel the value of the voxels outside the
-    foreground (0.0 for ``norm="brain"``), for padding.
+    foreground (0.0 for ``norm="brain"``; for ``norm="crop"`` the value a raw 0 became,
+    ``-mean / std``, also where, as in a MICCAI 2008 head without brain mask, no voxel
+    is exactly 0), for padding.
+
+    Cost, measured on 2 loaded CPU cores: a 181 x 217 x 181 ISBI-sized scan 0.2 s; a
+    512³ 0.5 mm MICCAI-sized NRRD 11 s kept at 0.5 mm, 5 s resampled to 1 mm (2.5 GB peak).
     """
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     if not paths:
@@ -724,25 +757,29 @@ def read_scan(paths: Sequence[str | os.PathLike], norm: str = "brain", spacing=N
         if not foreground.any():
             raise DataError(f"{source}: every voxel is 0; expected a skull-stripped scan with a non-zero brain "
                             "(or give a brain mask).")
-    box = tuple((int(idx.min()), int(idx.max()) + 1) for idx in np.nonzero(foreground))
-    geometry = geometry.with_box(box)
+    geometry = geometry.with_box(_bounding_box(foreground))
+    box = geometry.box
     crop = tuple(slice(a, b) for a, b in box)
     foreground = foreground[crop]
-    out, background = [], []
-    for path, image in zip(paths, images):
+    out = np.empty((len(images), *foreground.shape), np.float32)
+    background = []
+    for c, (path, image) in enumerate(zip(paths, images)):
         image = image[crop]
-        values = (image[foreground] if norm == "brain" else image).astype(np.float64)
-        mean, std = values.mean(), (values.std(ddof=1) if values.size > 1 else 0.0)
+        mean, std = _mean_std(image[foreground] if norm == "brain" else image)
         if not std > 0:
             raise DataError(f"{path}: the {'foreground' if norm == 'brain' else 'crop'} has one constant intensity "
                             f"({mean:g}); cannot z-normalise. Check that this is an MR image.")
+        # float32 arithmetic in place (a 512^3 MICCAI 2008 scan is 0.5 GB per channel)
+        mean32, std32 = np.float32(mean), np.float32(std)
+        np.subtract(image, mean32, out=out[c])
+        out[c] /= std32
         if norm == "brain":
-            out.append(np.where(foreground, (image - mean) / std, BACKGROUND).astype(np.float32))
+            out[c][~foreground] = BACKGROUND
             background.append(BACKGROUND)
-        else:
-            out.append(((image - mean) / std).astype(np.float32))
-            background.append(float(np.float32(-mean / std)))
-    return torch.from_numpy(np.stack(out)), geometry, tuple(background)
+        else:  # exactly the value a voxel of 0 became
+            background.append(float((np.float32(0) - mean32) / std32))
+        images[c] = None
+    return torch.from_numpy(out), geometry, tuple(background)
 
 
 # --------------------------------------------------------------------------------------------
