@@ -327,7 +327,7 @@ def _read_manifest(csv_path: Path) -> dict[str, Found]:
         sid = f"{cells['subject']}_{tp:02d}"
         if sid in found:
             raise DataError(f"{csv_path}, line {line}: subject {cells['subject']} time point {tp} is listed twice.")
-        files = {(low if low in ("mask", BRAINMASK) else name): csv_path.parent / Path(cell).expanduser()
+        files = {(low if low in ("mask", BRAINMASK) else _channel_key(name)): csv_path.parent / Path(cell).expanduser()
                  for name, low, cell in zip(header, lower, row)
                  if cell and low not in ("subject", "timepoint", "split")}
         found[sid] = Found(cells["subject"], tp, files, split.lower() if split else None)

@@ -183,6 +183,7 @@ def test_manifest_reader(tmp_path):
     assert scans[2].paths["image"] == str(tmp_path / "scans/pat02/T1/flair.nii.gz")
     assert np.array_equal(full(scans[2], scans[2].mask.numpy()), MASK1)
     assert load_dataset(csv, "gado")[0].paths["image"].endswith("gado.nii.gz")  # a column we have no alias for
+    assert load_dataset(csv, "gado,flair")[0].channels == ("GADO", "FLAIR")  # channel names, not column spellings
     with pytest.raises(DataError, match="label must be 'mask1'"):
         load_dataset(csv, "FLAIR", label="union")
 
