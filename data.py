@@ -264,8 +264,9 @@ def _refuse_shared_images(found: dict[str, Found], layout: _Layout) -> None:
             real = os.path.realpath(file)
             if real in seen and seen[real][0] != sid:
                 other, other_file = seen[real]
-                raise DataError(f"{file}: the same image file is listed for scans {other} and {sid} "
-                                f"(also as {other_file}); it would leak across the split, keep one.")
+                also = "" if str(other_file) == str(file) else f" (there as {other_file})"
+                raise DataError(f"{file}: the same image file is listed for scans {other}{also} and {sid}; "
+                                "it would leak across the split, keep one.")
             seen.setdefault(real, (sid, file))
 
 

@@ -770,7 +770,7 @@ def test_the_same_image_under_two_scan_ids_is_refused(tmp_path, how):
         (tmp_path / "link.nii.gz").symlink_to(tmp_path / twin)
         twin = "link.nii.gz"
     csv.write_text(csv.read_text().replace("scans/pat02/T1/flair.nii.gz", twin))
-    with pytest.raises(DataError, match="same image file is listed for scans pat01_01 and pat02_01") as e:
+    with pytest.raises(DataError, match="same image file is listed for scans pat01_01.* and pat02_01") as e:
         load_dataset(csv, "FLAIR")
     assert str(tmp_path / twin) in str(e.value)
 
