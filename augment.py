@@ -71,6 +71,7 @@ Example
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from numbers import Real
 
@@ -150,6 +151,45 @@ def _parse_probability(value, name: str) -> float:
     return float(value)
 
 
+def _parse_pad(value, name: str, strings: tuple[str, ...] = ('minimum',)):
+    """A pad value: one of ``strings``, a number, or an array of numbers of shape (N,) or (B, C)."""
+    if isinstance(value, str):
+        if value in strings:
+            return value
+        raise ValueError(f'{name} must be one of {strings}, a number or an array of numbers, got {value!r}')
+    if _is_number(value):
+        return float(value)
+    try:
+        tensor = torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f'{name} must be one of {strings}, a number or an array of numbers, got {value!r}') from None
+    if tensor.ndim > 2 or tensor.numel() == 0 or not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f'{name} must be finite numbers of shape (), (N,) or (B, C), got {value!r}')
+    return tensor
+
+
+def _pad_plan(value, batch: int, channels: int, name: str):
+    """A parsed pad value as the string it is or a host (batch, channels) tensor. A 1-D array has
+    one value per batch element (length B) or per channel (length C); B == C > 1 is ambiguous."""
+    if isinstance(value, str):
+        return value
+    tensor = torch.as_tensor(value, dtype=torch.float64)
+    if tensor.ndim == 0:
+        return tensor.expand(batch, channels)
+    if tensor.ndim == 1:
+        if len(tensor) == batch == channels and batch > 1:
+            raise ValueError(f'{name} has {batch} values for a batch of {batch} with {channels} channels: '
+                             'give a (B, C) array to say which is meant')
+        if len(tensor) == batch:
+            return tensor[:, None].expand(batch, channels)
+        if len(tensor) == channels:
+            return tensor[None].expand(batch, channels)
+    elif tensor.shape[0] in (1, batch) and tensor.shape[1] in (1, channels):
+        return tensor.expand(batch, channels)
+    raise ValueError(f'{name} has shape {tuple(tensor.shape)}, which fits neither the batch of {batch} '
+                     f'nor the {channels} channels')
+
+
 def _parameter(value, tail: tuple[int, ...], name: str) -> torch.Tensor:
     """A deterministic parameter as a float64 tensor with a leading batch axis (1 = shared)."""
     tensor = torch.as_tensor(value, dtype=torch.float64)
@@ -191,58 +231,50 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@functools.lru_cache(maxsize=64)
-def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Small constant tensors, copied to the device once instead of on every call."""
-    return torch.tensor(values, device=device, dtype=dtype)
-
-
 # ---------------------------------------------------------------------------------------------
-# Resampling (spec section 0.2). A map gives, for every output voxel v, the continuous input
-# index u. It is built directly as grid_sample's normalised grid g (components in (k, j, i)
-# order, g = scale * u + shift, align_corners=True), so the big (N, X, Y, Z, 3) tensor is
-# written once.
+# Resampling: ITK's ResampleImageFilter with LinearInterpolateImageFunction (or
+# NearestNeighborInterpolateImageFunction), as TorchIO calls it through SimpleITK. An output
+# voxel v pulls the input at a continuous index u; inside -0.5 <= u < n - 0.5 on every axis it
+# interpolates with edge-clamped neighbours (grid_sample's 'border'), outside it takes the pad.
+# Maps are handed to grid_sample as normalised grids (components in (k, j, i) order,
+# align_corners=True: g = 2 u / (n - 1) - 1).
 
 
 @functools.lru_cache(maxsize=64)
-def _grid_constants(shape: tuple[int, int, int], device: torch.device, dtype: torch.dtype):
-    """Per grid component (k, j, i): scale and shift (device tensors), and the bounds of ITK's
-    inside test as numbers, computed with the grid's own float ops so that a map hitting -0.5
-    exactly counts as inside."""
-    sizes = shape[::-1]
-    scale = torch.tensor([2 / (n - 1) if n > 1 else 1.0 for n in sizes], dtype=dtype)
-    shift = torch.tensor([-1.0 if n > 1 else 0.0 for n in sizes], dtype=dtype)
-    low = (torch.full((3,), -0.5, dtype=dtype) * scale + shift).tolist()
-    high = (torch.tensor([n - 0.5 for n in sizes], dtype=dtype) * scale + shift).tolist()
-    return scale.to(device), shift.to(device), low, high
+def _normalisation(shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host float64 ``(a, b)`` per voxel axis (i, j, k) with ``g = a u + b``; an axis of one voxel
+    keeps g = u (grid_sample reads its only voxel whatever g is)."""
+    a = torch.tensor([2 / (n - 1) if n > 1 else 1.0 for n in shape], dtype=torch.float64)
+    b = torch.tensor([-1.0 if n > 1 else 0.0 for n in shape], dtype=torch.float64)
+    return a, b
 
 
-def _linear_grid(matrix: torch.Tensor, offset: torch.Tensor, shape) -> torch.Tensor:
-    """Grid of ``u = matrix @ v + offset`` (voxel indices; matrix (N, 3, 3), offset (N, 3))."""
-    scale, shift, _, _ = _grid_constants(tuple(shape), matrix.device, matrix.dtype)
-    m = (matrix.flip(1) * scale[:, None]).unsqueeze(1).unsqueeze(1).unsqueeze(1)  # (N, 1, 1, 1, 3, 3)
-    b = (offset.flip(1) * scale + shift).view(-1, 1, 1, 1, 3)
-    i, j, k = (torch.arange(size, device=matrix.device, dtype=matrix.dtype) for size in shape)
-    along_i = i.view(1, -1, 1, 1, 1) * m[..., 0]
-    along_j = j.view(1, 1, -1, 1, 1) * m[..., 1]
-    along_k = k.view(1, 1, 1, -1, 1) * m[..., 2] + b
-    return (along_i + along_j) + along_k  # the small (N, X, Y, 1, 3) sum first: one full-size pass
+def _theta(matrix: torch.Tensor, offset: torch.Tensor, shape) -> torch.Tensor:
+    """Host float64: the voxel map ``u = matrix @ v + offset`` ((N, 3, 3), (N, 3)) as affine_grid's
+    ``(N, 3, 4)`` matrix between normalised output and input coordinates, in (k, j, i) order."""
+    a, b = _normalisation(tuple(shape))
+    scaled = a[:, None] * matrix / a  # A M A^-1, A = diag(a)
+    shift = a * offset + b - scaled @ b
+    return torch.cat([scaled.flip(-1, -2), shift.flip(-1)[..., None]], -1)
 
 
-def _inside(grid: torch.Tensor) -> torch.Tensor:
-    _, _, low, high = _grid_constants(tuple(grid.shape[1:4]), grid.device, grid.dtype)
-    inside = None
-    for d in range(3):  # per component: several times faster than a reduction over the last axis
-        component = grid[..., d]
-        test = (component >= low[d]) & (component < high[d])
-        inside = test if inside is None else inside & test
-    return inside
+def _affine_grid(theta: torch.Tensor, batch: int, shape) -> torch.Tensor:
+    """The sampling grid ``(batch, n * X, Y, Z, 3)`` of ``theta`` (batch * n, 3, 4) on the device:
+    the n maps of an element are stacked along X, so one grid_sample pulls them all."""
+    grid = F.affine_grid(theta, [len(theta), 1, *shape], align_corners=True)
+    return grid.view(batch, -1, *shape[1:], 3)
 
 
-def _grid_sample(x: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
-    """``F.grid_sample`` with edge clamping. On the CPU the 3-D kernel runs one thread per batch
-    element, so a single volume is cut into as many slabs along X as there are threads."""
-    options = dict(mode=mode, padding_mode='border', align_corners=True)
+@functools.lru_cache(maxsize=16)
+def _unit(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A single 1, expanded into the input volume of the inside test (no full-size memory)."""
+    return torch.ones((1, 1, 1, 1, 1), device=device, dtype=dtype)
+
+
+def _grid_sample(x: torch.Tensor, grid: torch.Tensor, mode: str, padding: str = 'border') -> torch.Tensor:
+    """``F.grid_sample``. On the CPU the 3-D kernel runs one thread per batch element, so a single
+    volume is cut into as many slabs along X as there are threads."""
+    options = dict(mode=mode, padding_mode=padding, align_corners=True)
     threads, size = torch.get_num_threads(), grid.shape[1]
     if x.device.type != 'cpu' or len(x) > 1 or threads == 1 or size < threads:
         return F.grid_sample(x, grid, **options)
@@ -255,15 +287,21 @@ def _grid_sample(x: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor
     return torch.cat([out, F.grid_sample(x, grid[:, rows:], **options)], 2)
 
 
-def _resample(volumes, pads, modes, grid):
-    """Pull every volume (N, C, X, Y, Z) through one map (its grid), with ITK's rule.
+def _resample(items, test_grid: torch.Tensor) -> list[torch.Tensor]:
+    """Pull volumes (N, C, X, Y, Z) through grids with ITK's rule; ``items`` are
+    ``(volume, grid, pad, mode)``, pad a (N | 1, C | 1, 1, 1, 1) tensor, mode 'bilinear' or
+    'nearest'; the inside test is made on ``test_grid``.
 
-    ``pads`` are numbers or (N, C, 1, 1, 1) tensors, ``modes`` 'bilinear' or 'nearest'; the work
-    is done in the grid's dtype and each volume keeps its own.
+    The inside test is one more grid_sample: a nearest lookup of ones with zero padding is 1
+    where the nearest voxel exists, i.e. inside, so no test runs over a stored grid; ``lerp``
+    then takes the pad where it is 0 and the sample where it is 1, exactly. Work is in the grid's
+    dtype; every volume keeps its own.
     """
-    inside = _inside(grid)[:, None]
-    return [torch.where(inside, _grid_sample(volume.to(grid.dtype), grid, mode), pad).to(volume.dtype)
-            for volume, pad, mode in zip(volumes, pads, modes)]
+    shape = items[0][0].shape[2:]
+    unit = _unit(test_grid.device, test_grid.dtype).expand(len(test_grid), 1, *shape)
+    inside = _grid_sample(unit, test_grid, 'nearest', 'zeros')
+    return [torch.lerp(pad, _grid_sample(volume.to(grid.dtype), grid, mode), inside).to(volume.dtype)
+            for volume, grid, pad, mode in items]
 
 
 def _min_pad(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -274,12 +312,24 @@ def _mode(interpolation: str) -> str:
     return 'bilinear' if interpolation == 'linear' else 'nearest'
 
 
-def _resample_pair(image, label, grid, image_pad, label_pad, interpolation):
-    """Image and optional label through one map, the label by nearest neighbour."""
-    if label is None:
-        return _resample([image], [image_pad], [_mode(interpolation)], grid)[0], None
-    image, label = _resample([image, label], [image_pad, label_pad], [_mode(interpolation), 'nearest'], grid)
-    return image, label
+def _half_up(shape) -> torch.Tensor:
+    """Host float64, per grid component (k, j, i): the normalised shift of ``2^-21 max(shape)``
+    voxels (a few float32 steps of the largest index) that makes grid_sample's nearest lookup,
+    which rounds half to even, round an exact half voxel up as ITK does (``floor(u + 0.5)``),
+    on labels and in the inside test. Interpolated images keep the unshifted grid."""
+    a, _ = _normalisation(tuple(shape))
+    return a.flip(0) * (max(shape) * 2.0 ** -21)
+
+
+def _resample_pair(image, label, grids, image_pad, label_pad, interpolation):
+    """Image and optional label through ``grids`` (2N, ...): the first N for the image, the last
+    N shifted by ``_half_up`` for the label and the inside test."""
+    grid, nearest_grid = grids.chunk(2)
+    items = [(image, grid, image_pad, _mode(interpolation))]
+    if label is not None:
+        items.append((label, nearest_grid, label_pad, 'nearest'))
+    out = _resample(items, nearest_grid)
+    return out[0], None if label is None else out[1]
 
 
 def _euler(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -298,7 +348,7 @@ def _euler(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 def _to_voxels(matrix: torch.Tensor, spacing) -> torch.Tensor:
     """``S^-1 @ matrix @ S`` for S = diag(spacing): a world (mm) linear map in voxel indices."""
-    ratio = _constant(tuple(tuple(sj / si for sj in spacing) for si in spacing), matrix.device, matrix.dtype)
+    ratio = torch.tensor([[sj / si for sj in spacing] for si in spacing], dtype=matrix.dtype)
     return matrix * ratio
 
 
@@ -648,18 +698,22 @@ def _motion_maps(degrees: torch.Tensor, translation: torch.Tensor, spacing, shap
 
 
 def _motion(image, params, spacing, interpolation):
-    """Motion artefact; ``params`` holds host degrees, translation (B, n, 3) and times (B, n)."""
+    """Motion artefact; ``params`` holds host degrees, translation (B, n, 3), times (B, n) and
+    the pad ('minimum' or (B, C))."""
     x = image.to(_work_dtype(image.dtype))
-    batch, _, *shape = x.shape
+    batch, channels, *shape = x.shape
     n = params['times'].shape[1]
     matrix, offset = _motion_maps(params['degrees'], params['translation'], spacing, shape)
-    matrix, offset, weights = _upload(x.device, x.dtype, matrix, offset, _kspace_weights(params['times'], shape[2]))
-    weights = weights.view(batch, n + 1, 1, 1, 1, -1)
-    spectrum = torch.fft.rfft(x, dim=-1) * weights[:, 0]
-    pad = _min_pad(x, x.dtype)
-    for m in range(n):  # a loop over the motions, each one resampling of the whole batch
-        moved = _resample([x], [pad], [_mode(interpolation)], _linear_grid(matrix[:, m], offset[:, m], shape))[0]
-        spectrum += torch.fft.rfft(moved, dim=-1) * weights[:, m + 1]
+    host = [_theta(matrix.view(-1, 3, 3), offset.view(-1, 3), shape), _kspace_weights(params['times'], shape[2])]
+    numeric_pad = isinstance(params['pad'], torch.Tensor)
+    theta, weights, *pad = _upload(x.device, x.dtype, *host, *([params['pad']] if numeric_pad else []))
+    pad = pad[0].view(batch, channels, 1, 1, 1) if numeric_pad else _min_pad(x, x.dtype)
+    # All moved copies of all elements in one resampling, one FFT along Z, one weighted sum.
+    grid = _affine_grid(theta, batch, shape)
+    moved, = _resample([(x, grid, pad, _mode(interpolation))], grid)
+    spectra = torch.fft.rfft(moved.view(batch, channels, n, *shape), dim=-1)
+    weights = weights.view(batch, 1, n + 1, 1, 1, -1)
+    spectrum = torch.addcmul((spectra * weights[:, :, 1:]).sum(2), torch.fft.rfft(x, dim=-1), weights[:, :, 0])
     return torch.fft.irfft(spectrum, n=shape[2], dim=-1).to(image.dtype)
 
 
@@ -671,8 +725,7 @@ class Motion(Transform):
     n + 1 segments at ``int(Z * times)``, segment s filled from pose s (pose 0 = original), except
     that the original and pose m swap segments, m being the first motion whose time exceeds 0.5:
     the original fills the k-space centre. The image is the real part of the inverse transform;
-    labels are untouched. Moved copies are padded with each channel's minimum. All channels of a
-    batch element move alike.
+    labels are untouched. All channels of a batch element move alike.
 
     Deviation: TorchIO 1.2.1 rotates about world (0, 0, 0), voxel (0, 0, 0) of a raw tensor,
     because ``Motion.get_rigid_transforms`` sets the centre of its ``sitk.Euler3DTransform`` and
@@ -689,6 +742,10 @@ class Motion(Transform):
             starts.
         image_interpolation: ``'linear'`` (default) or ``'nearest'``.
         spacing: Voxel size ``(sx, sy, sz)`` in mm. Default 1 mm isotropic.
+        default_pad_value: Value of the moved copies outside the input, in intensity units:
+            ``'minimum'`` (default: each channel's minimum, as TorchIO), a number, or one value
+            per batch element ``(B,)``, per channel ``(C,)`` or both ``(B, C)``. Extension: TorchIO
+            has no such argument.
         p: Probability of applying the transform. Default 1.
 
     Example:
@@ -699,7 +756,7 @@ class Motion(Transform):
     """
 
     def __init__(self, degrees, translation, times, image_interpolation: str = 'linear',
-                 spacing=None, p: float = 1.0):
+                 spacing=None, default_pad_value='minimum', p: float = 1.0):
         super().__init__(p)
         self.times = torch.as_tensor(times, dtype=torch.float64)
         if self.times.ndim not in (1, 2) or self.times.shape[-1] < 1:
@@ -710,10 +767,12 @@ class Motion(Transform):
         self.translation = _parameter(translation, (n, 3), 'translation')
         self.image_interpolation = _parse_interpolation(image_interpolation)
         self.spacing = _parse_spacing(spacing)
+        self.default_pad_value = _parse_pad(default_pad_value, 'default_pad_value')
 
     def _draw(self, batch, channels, shape, generator):
-        return {name: _per_element(getattr(self, name), batch, name)
-                for name in ('degrees', 'translation', 'times')}
+        params = {name: _per_element(getattr(self, name), batch, name) for name in ('degrees', 'translation', 'times')}
+        params['pad'] = _pad_plan(self.default_pad_value, batch, channels, 'default_pad_value')
+        return params
 
     def _apply(self, image, label, params):
         return _motion(image, params, self.spacing, self.image_interpolation), label
@@ -733,6 +792,7 @@ class RandomMotion(Transform):
         num_transforms: Number of motions n, an integer >= 1. Default 2.
         image_interpolation: ``'linear'`` (default) or ``'nearest'``.
         spacing: Voxel size ``(sx, sy, sz)`` in mm. Default 1 mm isotropic.
+        default_pad_value: As in :class:`Motion` (an extension). Default ``'minimum'``.
         p: Probability of applying the transform. Default 1.
 
     Example:
@@ -743,7 +803,7 @@ class RandomMotion(Transform):
     """
 
     def __init__(self, degrees=10, translation=10, num_transforms: int = 2,
-                 image_interpolation: str = 'linear', spacing=None, p: float = 1.0):
+                 image_interpolation: str = 'linear', spacing=None, default_pad_value='minimum', p: float = 1.0):
         super().__init__(p)
         self.degrees_range = _parse_range(degrees, 'degrees')
         self.translation_range = _parse_range(translation, 'translation')
@@ -752,6 +812,7 @@ class RandomMotion(Transform):
         self.num_transforms = num_transforms
         self.image_interpolation = _parse_interpolation(image_interpolation)
         self.spacing = _parse_spacing(spacing)
+        self.default_pad_value = _parse_pad(default_pad_value, 'default_pad_value')
 
     def _draw(self, batch, channels, shape, generator):
         n = self.num_transforms
@@ -760,7 +821,8 @@ class RandomMotion(Transform):
         step = 1 / (n + 1)
         times = torch.arange(1, n + 1, dtype=torch.float64) * step + _uniform(-0.3 * step, 0.3 * step, (batch, n),
                                                                                generator)
-        return {'degrees': degrees, 'translation': translation, 'times': times}
+        return {'degrees': degrees, 'translation': translation, 'times': times,
+                'pad': _pad_plan(self.default_pad_value, batch, channels, 'default_pad_value')}
 
     _apply = Motion._apply
 
@@ -972,12 +1034,10 @@ class RandomNoise(Transform):
 def _parse_affine_options(center, default_pad_value, default_pad_label, image_interpolation):
     if center not in ('image', 'origin'):
         raise ValueError(f"center must be 'image' or 'origin', got {center!r}")
-    if not (_is_number(default_pad_value) or default_pad_value in ('minimum', 'mean')):
-        raise ValueError("default_pad_value must be 'minimum', 'mean' or a number "
-                         f"('otsu' is not offered), got {default_pad_value!r}")
     if not _is_number(default_pad_label):
         raise ValueError(f'default_pad_label must be a number, got {default_pad_label!r}')
-    return center, default_pad_value, float(default_pad_label), _parse_interpolation(image_interpolation)
+    return (center, _parse_pad(default_pad_value, 'default_pad_value', ('minimum', 'mean')),
+            float(default_pad_label), _parse_interpolation(image_interpolation))
 
 
 def _affine_maps(scales, degrees, translation, spacing, shape, center):
@@ -999,21 +1059,27 @@ def _affine_maps(scales, degrees, translation, spacing, shape, center):
 
 
 def _affine(image, label, params, spacing, options):
-    """Affine resampling; ``params`` holds host scales, degrees, translation (B, 3)."""
-    center, pad_value, pad_label, interpolation = options
+    """Affine resampling; ``params`` holds host scales, degrees, translation (B, 3) and the pad
+    ('minimum', 'mean' or (B, C))."""
+    center, _, pad_label, interpolation = options
     dtype = _work_dtype(image.dtype)
-    shape = image.shape[2:]
+    batch, channels, *shape = image.shape
     matrix, offset = _affine_maps(params['scales'], params['degrees'], params['translation'], spacing, shape, center)
-    matrix, offset = _upload(image.device, dtype, matrix, offset)
-    grid = _linear_grid(matrix, offset, shape)
-    if pad_value == 'minimum':
+    pad = params['pad']
+    numeric_pad = isinstance(pad, torch.Tensor)
+    theta = _theta(matrix, offset, shape)
+    theta = torch.cat([theta, theta + torch.cat([torch.zeros(3, 3), _half_up(shape)[:, None]], 1)])
+    theta, label_pad, *pad_values = _upload(image.device, dtype, theta, torch.tensor(pad_label),
+                                            *([pad] if numeric_pad else []))
+    if numeric_pad:
+        pad = pad_values[0].view(batch, channels, 1, 1, 1)
+    elif pad == 'minimum':
         pad = _min_pad(image, dtype)
-    elif pad_value == 'mean':  # mean of the six faces, edges counted once per face (TorchIO)
+    else:  # 'mean': mean of the six faces, edges counted once per face (TorchIO)
         faces = [image.select(axis, end) for axis in (2, 3, 4) for end in (0, -1)]
         pad = torch.cat([face.flatten(2) for face in faces], 2).to(dtype).mean(2)[..., None, None, None]
-    else:
-        pad = float(pad_value)
-    return _resample_pair(image, label, grid, pad, pad_label, interpolation)
+    return _resample_pair(image, label, _affine_grid(theta, 2 * batch, shape), pad, label_pad.view(1, 1, 1, 1, 1),
+                          interpolation)
 
 
 class Affine(Transform):
@@ -1031,8 +1097,10 @@ class Affine(Transform):
         translation: A number or ``(t1, t2, t3)`` in mm along X, Y, Z; or ``(B, 3)``.
         center: ``'image'`` (default): pivot at the centre voxel ``(shape - 1) / 2``; ``'origin'``:
             at voxel (0, 0, 0).
-        default_pad_value: Image value outside the input: ``'minimum'`` (default, per channel),
-            ``'mean'`` (mean of the six border faces, per channel) or a number.
+        default_pad_value: Image value outside the input, in intensity units: ``'minimum'``
+            (default, per channel), ``'mean'`` (mean of the six border faces, per channel), a
+            number, or (extension: TorchIO takes only these three) one value per batch element
+            ``(B,)``, per channel ``(C,)`` or both ``(B, C)``.
         default_pad_label: Label value outside the input. Default 0.
         image_interpolation: ``'linear'`` (default) or ``'nearest'``.
         spacing: Voxel size ``(sx, sy, sz)`` in mm. Default 1 mm isotropic.
@@ -1058,8 +1126,9 @@ class Affine(Transform):
         self.spacing = _parse_spacing(spacing)
 
     def _draw(self, batch, channels, shape, generator):
-        return {name: _per_element(getattr(self, name), batch, name)
-                for name in ('scales', 'degrees', 'translation')}
+        params = {name: _per_element(getattr(self, name), batch, name) for name in ('scales', 'degrees', 'translation')}
+        params['pad'] = _pad_plan(self.options[1], batch, channels, 'default_pad_value')
+        return params
 
     def _apply(self, image, label, params):
         return _affine(image, label, params, self.spacing, self.options)
@@ -1110,6 +1179,7 @@ class RandomAffine(Transform):
             params[name] = _uniform(low, high, (batch, 3), generator)
         if self.isotropic:
             params['scales'] = params['scales'][:, :1].expand(batch, 3)
+        params['pad'] = _pad_plan(self.options[1], batch, channels, 'default_pad_value')
         return params
 
     _apply = Affine._apply
@@ -1144,34 +1214,57 @@ def _bspline_frame(shape: tuple[int, int, int], points: tuple[int, int, int], sp
     in grid_sample's (k, j, i) order, and the control values of the identity map in those units.
     The cubic B-spline reproduces linear functions, so adding the identity's control values
     (``(a - 1) h - 5/8`` voxels) makes the spline the sampling grid itself."""
-    scale, shift, _, _ = _grid_constants(shape, torch.device('cpu'), torch.float64)
+    a, b = _normalisation(shape)
     identity = torch.zeros(*points, 3, dtype=torch.float64)
     for axis, (size, count) in enumerate(zip(shape, points)):
         h = (size + 0.25) / (count - 3)
         values = (torch.arange(count, dtype=torch.float64) - 1) * h - 0.625
         view = [1, 1, 1]
         view[axis] = count
-        identity[..., 2 - axis] += (values * scale[2 - axis] + shift[2 - axis]).view(view)
+        identity[..., 2 - axis] += (values * a[axis] + b[axis]).view(view)
     # TorchIO's grid ascends in LPS: for a RAS tensor, components 0, 1 point to -X, -Y.
     signs = torch.tensor([s / v for s, v in zip((1, -1, -1), spacing[::-1])], dtype=torch.float64)
-    return signs * scale, identity
+    return signs * a.flip(0), identity
 
 
-def _elastic(image, label, control_points, spacing, interpolation):
-    """Elastic resampling; control_points (B, nx, ny, nz, 3) on the host, TorchIO convention."""
+def _grid_spacing(shape, points, spacing) -> tuple[float, float, float]:
+    """ITK's control-grid spacing in mm per axis: ``(size + 1/4) * spacing / (points - 3)``."""
+    return tuple((size + 0.25) * s / (count - 3) for size, count, s in zip(shape, points, spacing))
+
+
+def _warn_folding(max_displacement, shape, points, spacing) -> None:
+    """TorchIO's warning (``ElasticDeformation.parse_free_form_transform``): a displacement above
+    half the control-grid spacing can fold the grid."""
+    grid_spacing = _grid_spacing(shape, points, spacing)
+    axes = [axis for axis in range(3) if max_displacement[axis] > grid_spacing[axis] / 2]
+    if axes:
+        warnings.warn(f'The maximum displacement is larger than the coarse grid spacing for dimensions: {axes}, '
+                      'so folding may occur. Choose fewer control points or a smaller maximum displacement',
+                      RuntimeWarning, stacklevel=4)
+
+
+def _elastic(image, label, control_points, pad, spacing, interpolation):
+    """Elastic resampling; control_points (B, nx, ny, nz, 3) on the host, TorchIO convention;
+    pad 'minimum' or (B, C) on the host."""
     dtype = _work_dtype(image.dtype)
-    shape = tuple(image.shape[2:])
-    batch, *points, _ = control_points.shape
-    to_grid, identity = _bspline_frame(shape, tuple(points), spacing)
+    batch, channels, *shape = image.shape
+    shape = tuple(shape)
+    points = tuple(control_points.shape[1:4])
+    to_grid, identity = _bspline_frame(shape, points, spacing)
+    numeric_pad = isinstance(pad, torch.Tensor)
     # TorchIO's grid axes 0 and 1 run from the last voxel of X and Y to the first: flip them.
-    coefficients, = _upload(image.device, dtype, control_points.flip(1, 2).flip(-1) * to_grid + identity)
-    wx, wy, wz = _bspline_weights(shape, tuple(points), image.device, dtype)
-    # Separable: contract z and y on small tensors, then x in one matmul that writes the grid.
-    partial = torch.einsum('yb,zc,nabcd->nayzd', wy, wz, coefficients).reshape(batch, points[0], -1)
-    grid = (wx @ partial).view(batch, *shape, 3)
+    coefficients = control_points.flip(1, 2).flip(-1) * to_grid + identity
+    # The B-spline reproduces constants: shifted coefficients give the shifted (label) grid.
+    coefficients = torch.cat([coefficients, coefficients + _half_up(shape)])
+    coefficients, *pad_values = _upload(image.device, dtype, coefficients, *([pad] if numeric_pad else []))
+    wx, wy, wz = _bspline_weights(shape, points, image.device, dtype)
+    # Separable: contract z and y on small tensors, then x in one matmul that writes the grids.
+    partial = torch.einsum('yb,zc,nabcd->nayzd', wy, wz, coefficients).reshape(2 * batch, points[0], -1)
+    grid = (wx @ partial).view(2 * batch, *shape, 3)
     # TorchIO pads with each channel's minimum, labels included.
-    return _resample_pair(image, label, grid, _min_pad(image, dtype),
-                          None if label is None else _min_pad(label, dtype), interpolation)
+    image_pad = pad_values[0].view(batch, channels, 1, 1, 1) if numeric_pad else _min_pad(image, dtype)
+    return _resample_pair(image, label, grid, image_pad, None if label is None else _min_pad(label, dtype),
+                          interpolation)
 
 
 def _displacement_scale(points, max_displacement, locked_borders) -> torch.Tensor:
@@ -1197,19 +1290,25 @@ class ElasticDeformation(Transform):
     ``nx x ny x nz`` points spans the image plus 1/8 voxel beyond its outer voxel faces, with one
     point outside on each side; an output voxel at world point p pulls the input at
     ``p + displacement(p)``; the displacement is the B-spline sum of the control points (they are
-    coefficients, not values at the points). Image pad: each channel's minimum; labels: nearest
-    neighbour, pad = each label channel's minimum, as TorchIO. All channels of a batch element
-    move alike.
-
-    Deviation: TorchIO's deterministic class also takes ``max_displacement``, only to return the
-    input unchanged when it is zero; here zero control points already give the identity.
+    coefficients, not values at the points). Labels: nearest neighbour, pad = each label
+    channel's minimum, as TorchIO. All channels of a batch element move alike. Like TorchIO, a
+    ``max_displacement`` above half the control-grid spacing ((size + 1/4) * spacing /
+    (n - 3) mm) warns that the grid may fold (RuntimeWarning).
 
     Args:
         control_points: Displacements in mm, shape ``(nx, ny, nz, 3)`` or ``(B, nx, ny, nz, 3)``,
             each n >= 4, in TorchIO's convention (LPS: grid axes 0 and 1 run from the last voxel
             of X and Y to the first, and components 0 and 1 point towards -X and -Y).
+        max_displacement: TorchIO's bound D or ``(Dx, Dy, Dz)`` in mm, >= 0, used only for the
+            folding warning and, when all zero, to return the input unchanged (as TorchIO).
+            Default None (deviation: TorchIO requires it): no warning, no early return (zero
+            control points give the identity anyway).
         image_interpolation: ``'linear'`` (default) or ``'nearest'``.
         spacing: Voxel size ``(sx, sy, sz)`` in mm. Default 1 mm isotropic.
+        default_pad_value: Image value outside the input, in intensity units: ``'minimum'``
+            (default: each channel's minimum, as TorchIO), a number, or one value per batch
+            element ``(B,)``, per channel ``(C,)`` or both ``(B, C)``. Extension: TorchIO has no
+            such argument.
         p: Probability of applying the transform. Default 1.
 
     Example:
@@ -1220,21 +1319,31 @@ class ElasticDeformation(Transform):
         True
     """
 
-    def __init__(self, control_points, image_interpolation: str = 'linear', spacing=None, p: float = 1.0):
+    def __init__(self, control_points, max_displacement=None, image_interpolation: str = 'linear',
+                 spacing=None, default_pad_value='minimum', p: float = 1.0):
         super().__init__(p)
         tensor = torch.as_tensor(control_points, dtype=torch.float64)
         if tensor.ndim not in (4, 5) or tensor.shape[-1] != 3 or min(tensor.shape[-4:-1]) < 4:
             raise ValueError('control_points must have shape (nx, ny, nz, 3) or (B, nx, ny, nz, 3) with '
                              f'every n >= 4, got {tuple(tensor.shape)}')
         self.control_points = tensor.reshape(-1, *tensor.shape[-4:])
+        self.max_displacement = None if max_displacement is None else tuple(
+            map(float, _parse_triplet(max_displacement, 'max_displacement', Real, 0)))
         self.image_interpolation = _parse_interpolation(image_interpolation)
         self.spacing = _parse_spacing(spacing)
+        self.default_pad_value = _parse_pad(default_pad_value, 'default_pad_value')
 
     def _draw(self, batch, channels, shape, generator):
-        return _per_element(self.control_points, batch, 'control_points')
+        return {'control_points': _per_element(self.control_points, batch, 'control_points'),
+                'pad': _pad_plan(self.default_pad_value, batch, channels, 'default_pad_value')}
 
-    def _apply(self, image, label, control_points):
-        return _elastic(image, label, control_points, self.spacing, self.image_interpolation)
+    def _apply(self, image, label, params):
+        if self.max_displacement is not None:
+            if not any(self.max_displacement):
+                return image, label
+            _warn_folding(self.max_displacement, image.shape[2:], params['control_points'].shape[1:4], self.spacing)
+        return _elastic(image, label, params['control_points'], params['pad'], self.spacing,
+                        self.image_interpolation)
 
 
 class RandomElasticDeformation(Transform):
@@ -1253,6 +1362,7 @@ class RandomElasticDeformation(Transform):
         locked_borders: 0, 1 or 2 (default); 2 needs every n >= 5.
         image_interpolation: ``'linear'`` (default) or ``'nearest'``.
         spacing: Voxel size ``(sx, sy, sz)`` in mm. Default 1 mm isotropic.
+        default_pad_value: As in :class:`ElasticDeformation` (an extension). Default ``'minimum'``.
         p: Probability of applying the transform. Default 1.
 
     Example:
@@ -1262,7 +1372,7 @@ class RandomElasticDeformation(Transform):
     """
 
     def __init__(self, num_control_points=7, max_displacement=7.5, locked_borders: int = 2,
-                 image_interpolation: str = 'linear', spacing=None, p: float = 1.0):
+                 image_interpolation: str = 'linear', spacing=None, default_pad_value='minimum', p: float = 1.0):
         super().__init__(p)
         self.num_control_points = _parse_triplet(num_control_points, 'num_control_points', int, 4)
         self.max_displacement = tuple(map(float, _parse_triplet(max_displacement, 'max_displacement', Real, 0)))
@@ -1274,22 +1384,21 @@ class RandomElasticDeformation(Transform):
         self.locked_borders = locked_borders
         self.image_interpolation = _parse_interpolation(image_interpolation)
         self.spacing = _parse_spacing(spacing)
+        self.default_pad_value = _parse_pad(default_pad_value, 'default_pad_value')
         self._scale = _displacement_scale(self.num_control_points, self.max_displacement, locked_borders)
 
     def _draw(self, batch, channels, shape, generator):
         draws = torch.rand(batch, *self.num_control_points, 3, dtype=torch.float64, generator=generator)
-        return (draws - 0.5) * self._scale
+        return {'control_points': (draws - 0.5) * self._scale,
+                'pad': _pad_plan(self.default_pad_value, batch, channels, 'default_pad_value')}
 
-    def _apply(self, image, label, control_points):
-        if not any(self.max_displacement):
-            return image, label
-        return _elastic(image, label, control_points, self.spacing, self.image_interpolation)
+    _apply = ElasticDeformation._apply
 
 
 # ---------------------------------------------------------------------------------------------
 # The paper's pipeline.
 
-def paper_augmentation(p: float = 0.5, spacing=None) -> Compose:
+def paper_augmentation(p: float = 0.5, spacing=None, background=None) -> Compose:
     """The paper's augmentation: Flip, Motion, Bias field, Noise, Affine, Elastic deformation.
 
     In the paper's order, each applied independently with probability ``p``, every other
@@ -1306,18 +1415,30 @@ def paper_augmentation(p: float = 0.5, spacing=None) -> Compose:
     Z-normalisation is not part of it: the paper normalises each scan before cutting patches.
 
     Args:
-        p: Probability of each of the six transforms. Default 0.5.
+        p: Probability of each of the six transforms, in [0, 1]. Default 0.5.
         spacing: Voxel size ``(sx, sy, sz)`` in mm for Motion, Affine and Elastic. Default 1 mm.
+        background: The image value outside the input for Motion, Affine and Elastic, in the
+            image's intensity units. None (default): each channel's minimum, TorchIO's rule (in
+            the paper's pipeline the background was the minimum). A number; or one value per
+            batch element ``(B,)``, per channel ``(C,)`` (e.g. each channel's background after a
+            per-channel normalisation) or both ``(B, C)``; a 1-D array with B == C > 1 is
+            ambiguous and raises. Extension: TorchIO's Motion and Elastic always pad with the
+            minimum, which after a Z-normalisation that leaves the background at 0 would frame
+            a moved patch with the (negative) minimum, a frame real scans never have.
 
     Example:
-        >>> augmentation = paper_augmentation()
-        >>> patch, label = augmentation(patch, label, generator=g)
+        >>> patch, label = torch.randn(1, 2, 32, 32, 32), torch.zeros(1, 1, 32, 32, 32)
+        >>> augmentation = paper_augmentation(spacing=(1.0, 1.0, 1.2), background=[0.0, -0.5])
+        >>> out, out_label = augmentation(patch, label, generator=torch.Generator().manual_seed(0))
+        >>> out.shape, out_label.shape
+        (torch.Size([1, 2, 32, 32, 32]), torch.Size([1, 1, 32, 32, 32]))
     """
+    pad = 'minimum' if background is None else _parse_pad(background, 'background')
     return Compose([
         RandomFlip(axes=0, flip_probability=1.0, p=p),
-        RandomMotion(spacing=spacing, p=p),
+        RandomMotion(spacing=spacing, default_pad_value=pad, p=p),
         RandomBiasField(p=p),
         RandomNoise(p=p),
-        RandomAffine(spacing=spacing, p=p),
-        RandomElasticDeformation(spacing=spacing, p=p),
+        RandomAffine(spacing=spacing, default_pad_value=pad, p=p),
+        RandomElasticDeformation(spacing=spacing, default_pad_value=pad, p=p),
     ])
