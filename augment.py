@@ -4,8 +4,9 @@ The paper augments every 144^3 training patch with TorchIO: Flip, Motion, Bias f
 Affine and Elastic deformation, in that order, each with a random probability, after
 Z-normalisation. TorchIO transforms one volume at a time on the CPU through SimpleITK; this
 module does the same arithmetic in torch, where the tensor lives, for a whole batch at once.
-The reference for every formula is ``shared/spec/torchio_semantics.md`` (section numbers below
-point there); ``tests/test_augment.py`` checks them against TorchIO itself.
+The references are TorchIO 1.2.1's source (``torchio/transforms/...``, named in each section
+below) and the ITK classes it calls through SimpleITK; ``tests/test_augment.py`` checks the
+results against TorchIO itself.
 
 Call form
     ``image, label = transform(image, label=None, generator=None)``. ``image`` is a floating-point
@@ -42,20 +43,29 @@ Geometry
     A tensor is a volume whose voxel axes are the world axes R, A, S (TorchIO's convention for a
     raw tensor: identity affine), origin at voxel (0, 0, 0), with voxel size ``spacing`` in mm
     (default 1 mm isotropic). Degrees are degrees, translations and displacements are mm.
-    Resampling follows ITK's rule (spec section 0.2): an output voxel pulls the input at a
+    Resampling follows ITK's ``ResampleImageFilter``: an output voxel pulls the input at a
     continuous index ``u``; inside ``-0.5 <= u < n - 0.5`` on every axis it interpolates with
     edge-clamped neighbours, outside it takes the pad value.
 
 Deliberate deviations from TorchIO 1.2.1 (each also stated where it applies)
     * Motion rotates about the image centre. TorchIO sets the centre and then silently drops it
-      (spec section 4), so its motions pivot about world (0, 0, 0), a corner of a raw tensor.
-    * Labels keep their dtype after spatial transforms (TorchIO returns float32 label maps);
-      nearest-neighbour and inside tests at an exact half voxel follow float32 rounding
-      (``grid_sample`` rounds half to even; ITK rounds half up in double precision).
+      (``Motion.get_rigid_transforms``), so its motions pivot about world (0, 0, 0), a corner of a
+      raw tensor.
+    * Labels keep their dtype after spatial transforms (TorchIO returns float32 label maps).
+      Nearest-neighbour lookups and inside tests run in float32 on a grid shifted by
+      ``2^-21 max(shape)`` voxels so that an exact half voxel rounds up, as ITK's
+      ``floor(u + 0.5)`` in double precision does; within that distance of a half voxel (and
+      within float32 rounding) they can differ from ITK, which flips about one label voxel in
+      10^4 to 10^5 and, rarer still, the pad of one image voxel at the border.
+    * Motion (which has no label) makes its inside test on the unshifted grid: grid_sample's
+      nearest lookup rounds half to even, which counts the exact tie ``u = n - 0.5`` inside
+      when n is odd. An axis of one voxel has no inside test (grid_sample reads its only voxel).
+    * Every element's parameters are drawn whatever its ``p`` decision, so a call takes the same
+      count of numbers from the generator whatever it decides.
     * ``image_interpolation`` is ``'linear'`` or ``'nearest'``; TorchIO's other SimpleITK
       interpolators, Affine's ``'otsu'`` pad and ``label_interpolation`` (labels are always
-      nearest) are not offered. Noise is drawn from ``generator`` on the image's device, not from
-      a CPU seed. A transform applies when its draw ``r < p`` (TorchIO: ``r <= p``, so p=0 applied
+      nearest) are not offered. Noise is drawn on the image's device from a seed drawn from
+      ``generator``, not on the CPU from a ``seed`` argument. A transform applies when its draw ``r < p`` (TorchIO: ``r <= p``, so p=0 applied
       with probability 2^-24). Volumes are always 3-D: TorchIO's special cases for 2-D images
       (last axis of size 1) are not reproduced.
 
@@ -87,14 +97,24 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument parsing (spec section 0.4): TorchIO's forms, with errors that name the parameter.
+# Argument parsing: TorchIO's forms (``_parse_range``, ``parse_params`` in torchio/transforms),
+# with errors that name the parameter.
 
 def _is_number(value) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
+def _plain(value):
+    """numpy arrays and tensors (as TorchIO accepts them) as Python numbers or tuples of them."""
+    if isinstance(value, torch.Tensor) or type(value).__module__ == 'numpy':
+        value = value.tolist()
+        return tuple(value) if isinstance(value, list) else value
+    return value
+
+
 def _parse_range(value, name: str, min_constraint: float | None = None) -> tuple[float, float]:
     """TorchIO's ``_parse_range``: ``d >= 0`` -> ``(-d, d)`` or ``(min_constraint, d)``; ``(a, b)``, a <= b."""
+    value = _plain(value)
     if _is_number(value):
         if value < 0:
             raise ValueError(f'{name} must be non-negative when a single number, got {value}')
@@ -110,6 +130,7 @@ def _parse_range(value, name: str, min_constraint: float | None = None) -> tuple
 def _parse_params(value, around: float, name: str, min_constraint: float | None = None
                   ) -> list[tuple[float, float]]:
     """TorchIO's ``parse_params``: ``x``, ``(a, b)``, ``(x1, x2, x3)`` or six values -> three ranges."""
+    value = _plain(value)
     values = (value,) if _is_number(value) else tuple(value) if isinstance(value, Sequence) else None
     if values is None or len(values) not in (1, 2, 3, 6) or not all(map(_is_number, values)):
         raise ValueError(f'{name} must be a number or a sequence of 2, 3 or 6 numbers, got {value!r}')
@@ -300,8 +321,11 @@ def _resample(items, test_grid: torch.Tensor) -> list[torch.Tensor]:
     shape = items[0][0].shape[2:]
     unit = _unit(test_grid.device, test_grid.dtype).expand(len(test_grid), 1, *shape)
     inside = _grid_sample(unit, test_grid, 'nearest', 'zeros')
-    return [torch.lerp(pad, _grid_sample(volume.to(grid.dtype), grid, mode), inside).to(volume.dtype)
-            for volume, grid, pad, mode in items]
+    out = []
+    for volume, grid, pad, mode in items:
+        sampled = _grid_sample(volume.to(grid.dtype), grid, mode)
+        out.append(torch.lerp(pad, sampled, inside, out=sampled).to(volume.dtype))  # in place: no new volume
+    return out
 
 
 def _min_pad(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -713,7 +737,9 @@ def _motion(image, params, spacing, interpolation):
     moved, = _resample([(x, grid, pad, _mode(interpolation))], grid)
     spectra = torch.fft.rfft(moved.view(batch, channels, n, *shape), dim=-1)
     weights = weights.view(batch, 1, n + 1, 1, 1, -1)
-    spectrum = torch.addcmul((spectra * weights[:, :, 1:]).sum(2), torch.fft.rfft(x, dim=-1), weights[:, :, 0])
+    spectrum = torch.fft.rfft(x, dim=-1).mul_(weights[:, :, 0])
+    for m in range(n):  # accumulated in place: one read of each copy's spectrum, no temporary
+        spectrum.addcmul_(spectra[:, :, m], weights[:, :, m + 1])
     return torch.fft.irfft(spectrum, n=shape[2], dim=-1).to(image.dtype)
 
 
@@ -953,8 +979,10 @@ def _noise(image, params):
     noise = _noise_field((params['batch'], *x.shape[1:]), params['seed'], x.device, x.dtype)
     if len(x) < params['batch']:
         noise = noise.index_select(0, params['element'].to(x.device, non_blocking=True))
-    noise.mul_(std.view(-1, 1, 1, 1, 1)).add_(mean.view(-1, 1, 1, 1, 1))
-    return noise.add_(x).to(image.dtype)
+    noise = torch.addcmul(x, noise, std.view(-1, 1, 1, 1, 1), out=noise)
+    if bool(params['mean'].any()):  # known on the host; TorchIO's default mean is exactly 0
+        noise.add_(mean.view(-1, 1, 1, 1, 1))
+    return noise.to(image.dtype)
 
 
 def _noise_seed(generator: torch.Generator) -> int:
@@ -1163,7 +1191,7 @@ class RandomAffine(Transform):
                  center: str = 'image', default_pad_value='minimum', default_pad_label=0,
                  image_interpolation: str = 'linear', spacing=None, p: float = 1.0):
         super().__init__(p)
-        if isotropic and not _is_number(scales) and len(scales) in (3, 6):
+        if isotropic and not _is_number(_plain(scales)) and len(_plain(scales)) in (3, 6):
             raise ValueError(f'with isotropic=True, scales must have 1 or 2 values, got {scales!r}')
         self.isotropic = isotropic
         self.scales = _parse_params(scales, 1.0, 'scales', min_constraint=0)
@@ -1276,6 +1304,7 @@ def _displacement_scale(points, max_displacement, locked_borders) -> torch.Tenso
 
 
 def _parse_triplet(value, name: str, kind: type, minimum: float) -> tuple:
+    value = _plain(value)
     values = (value,) * 3 if _is_number(value) else tuple(value) if isinstance(value, Sequence) else ()
     if len(values) != 3 or not all(isinstance(v, kind) and not isinstance(v, bool) and v >= minimum
                                    for v in values):
@@ -1366,7 +1395,7 @@ class RandomElasticDeformation(Transform):
         p: Probability of applying the transform. Default 1.
 
     Example:
-        >>> elastic = RandomElasticDeformation(num_control_points=7, max_displacement=7.5)
+        >>> elastic = RandomElasticDeformation(num_control_points=7, max_displacement=3)
         >>> elastic(torch.rand(1, 1, 32, 32, 32))[0].shape
         torch.Size([1, 1, 32, 32, 32])
     """
@@ -1427,11 +1456,11 @@ def paper_augmentation(p: float = 0.5, spacing=None, background=None) -> Compose
             a moved patch with the (negative) minimum, a frame real scans never have.
 
     Example:
-        >>> patch, label = torch.randn(1, 2, 32, 32, 32), torch.zeros(1, 1, 32, 32, 32)
+        >>> patch, label = torch.randn(1, 2, 64, 64, 64), torch.zeros(1, 1, 64, 64, 64)
         >>> augmentation = paper_augmentation(spacing=(1.0, 1.0, 1.2), background=[0.0, -0.5])
         >>> out, out_label = augmentation(patch, label, generator=torch.Generator().manual_seed(0))
         >>> out.shape, out_label.shape
-        (torch.Size([1, 2, 32, 32, 32]), torch.Size([1, 1, 32, 32, 32]))
+        (torch.Size([1, 2, 64, 64, 64]), torch.Size([1, 1, 64, 64, 64]))
     """
     pad = 'minimum' if background is None else _parse_pad(background, 'background')
     return Compose([

@@ -3,11 +3,18 @@
     python bench.py augment [--device cpu|cuda] [--repeats N] [--quick] [--threads N]
     python bench.py model [--size 144] [--time] [--device cpu|cuda] [--repeats N]
 
-``augment`` times each of the paper's six augmentations and the whole pipeline, all at p=1
-with TorchIO's default parameters (the flip always happens), on one 144^3 patch + label and one
-181x217x181 volume + label: ours (augment.py) on the CPU, TorchIO 1.2.1 and MONAI on the CPU in
-the same run, and ours on CUDA when present, one volume at a time and as a batch of 8. Each
-figure is the median of ``--repeats`` calls after one warm-up call. The load average is printed
+``augment`` first counts, for each of the paper's six augmentations and the whole pipeline
+(TorchIO's default parameters, the flip always happening), the device ops one call dispatches
+and the bytes they move per voxel: the call runs on ``meta`` tensors with a CPU generator under
+a ``TorchDispatchMode``, where every non-view op on a meta tensor is one kernel on a GPU and
+host arithmetic on CPU tensors is not counted; bytes are the inputs and outputs of those ops,
+each storage once per op, counting the span of memory a view covers (not the whole storage it
+belongs to). Counts are given at p = 1 and at the pipeline's p = 0.5 (there the mean over 20
+seeds), at B = 1 and B = 8. Then it times one 144^3 patch + label and one 181x217x181 volume +
+label: ours (augment.py) on the CPU, TorchIO 1.2.1 and MONAI on the CPU in the same run, and
+ours on CUDA when present, one volume at a time and as a batch of 8. Each figure at p = 1 is
+the median of ``--repeats`` calls after one warm-up call; at p = 0.5 (pipeline only), where
+calls differ by what they draw, the mean of ``4 * repeats`` calls. The load average is printed
 before and after each table: on a shared machine, multi-threaded eager torch code (ours, MONAI)
 slows down far more than the load alone suggests, because every parallel op waits for its
 slowest thread.
@@ -24,6 +31,8 @@ import time
 import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import augment
 
@@ -60,8 +69,8 @@ def load() -> str:
     return ' '.join(f'{value:.2f}' for value in os.getloadavg())
 
 
-def median_seconds(call, repeats: int, cuda: bool = False) -> float:
-    """Median wall time of ``call()`` over ``repeats`` runs, after one warm-up run."""
+def median_seconds(call, repeats: int, cuda: bool = False, statistic=statistics.median) -> float:
+    """Median (or ``statistic``) wall time of ``call()`` over ``repeats`` runs, after one warm-up run."""
     times = []
     for run in range(repeats + 1):
         if cuda:
@@ -72,45 +81,99 @@ def median_seconds(call, repeats: int, cuda: bool = False) -> float:
             torch.cuda.synchronize()
         if run:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistic(times)
 
 
 # ---------------------------------------------------------------------------------------------
 # augment
 
-def ours(name: str):
-    """Our transform ``name`` at p=1 with TorchIO's defaults (flip always)."""
+class DeviceOps(TorchDispatchMode):
+    """Count the non-view ops that touch a meta tensor, the bytes they read and write (each
+    storage once per op, the span its views cover), and the largest tensor an op writes."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.bytes, self.largest = 0, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor) and t.device.type == 'meta']
+        if func.is_view or not tensors:
+            return out
+        spans = {}
+        for t in tensors:
+            extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
+            key = t.untyped_storage()._cdata
+            spans[key] = max(spans.get(key, 0), min(extent * t.element_size(), t.untyped_storage().nbytes()))
+        self.ops += 1
+        self.bytes += sum(spans.values())
+        self.largest = max([self.largest] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        return out
+
+
+def device_ops(transform, batch: int, shape, seed: int = 0) -> DeviceOps:
+    """One call of ``transform`` on a meta (batch, 1, *shape) image and label, counted (after one
+    uncounted call, so that cached constants are not counted)."""
+    image, label = (torch.zeros(batch, 1, *shape, device='meta') for _ in range(2))
+    transform(image, label, torch.Generator().manual_seed(seed))
+    with DeviceOps() as counter:
+        transform(image, label, torch.Generator().manual_seed(seed))
+    return counter
+
+
+def count_table(shapes) -> None:
+    print('| transform | p | ops B=1 | ops B=8 | bytes/voxel B=1 | bytes/voxel B=8 |')
+    print('|---|---|---|---|---|---|')
+    for shape in shapes:
+        voxels = math.prod(shape)
+        for name in TRANSFORMS:
+            for p in (1.0, 0.5) if name == 'pipeline' else (1.0,):
+                seeds = range(20) if p < 1 else range(1)
+                cells = []
+                for batch in (1, 8):
+                    counts = [device_ops(ours(name, p), batch, shape, seed) for seed in seeds]
+                    cells.append((statistics.mean(c.ops for c in counts),
+                                  statistics.mean(c.bytes for c in counts) / (batch * voxels)))
+                print(f'| {name} {"x".join(map(str, shape))} | {p:g} | {cells[0][0]:.1f} | {cells[1][0]:.1f} | '
+                      f'{cells[0][1]:.0f} | {cells[1][1]:.0f} |')
+    print()
+
+
+def ours(name: str, p: float = 1.0):
+    """Our transform ``name`` with TorchIO's defaults (flip always); ``p`` for the pipeline."""
     if name == 'pipeline':
-        return augment.paper_augmentation(p=1.0)
+        return augment.paper_augmentation(p=p)
     if name == 'Flip':
         return augment.RandomFlip(flip_probability=1.0)
     return getattr(augment, 'Random' + name)()
 
 
-def torchio_transform(name: str):
+def torchio_transform(name: str, p: float = 1.0):
     import torchio as tio
     if name == 'pipeline':
-        return tio.Compose([torchio_transform(n) for n in TRANSFORMS[:-1]])
+        return tio.Compose([torchio_transform(n, p) for n in TRANSFORMS[:-1]])
+    if p < 1:
+        return getattr(tio, 'Random' + name)(**({'flip_probability': 1.0} if name == 'Flip' else {}), p=p)
     if name == 'Flip':
         return tio.RandomFlip(flip_probability=1.0)
     return getattr(tio, 'Random' + name)()
 
 
-def monai_transform(name: str):
+def monai_transform(name: str, p: float = 1.0):
     """MONAI's nearest equivalent (dict transforms on 'image' and 'label'); None for Motion."""
     from monai import transforms as mt
     keys, modes = ('image', 'label'), ('bilinear', 'nearest')
     if name == 'pipeline':
-        return mt.Compose([t for t in map(monai_transform, TRANSFORMS[:-1]) if t is not None])
+        return mt.Compose([t for t in (monai_transform(n, p) for n in TRANSFORMS[:-1]) if t is not None])
     return {
-        'Flip': lambda: mt.RandFlipd(keys, prob=1.0, spatial_axis=0),
+        'Flip': lambda: mt.RandFlipd(keys, prob=p, spatial_axis=0),
         'Motion': lambda: None,
-        'BiasField': lambda: mt.RandBiasFieldd('image', degree=3, coeff_range=(-0.5, 0.5), prob=1.0),
-        'Noise': lambda: mt.RandGaussianNoised('image', prob=1.0, std=0.25),
-        'Affine': lambda: mt.RandAffined(keys, prob=1.0, rotate_range=(math.radians(10),) * 3,
+        'BiasField': lambda: mt.RandBiasFieldd('image', degree=3, coeff_range=(-0.5, 0.5), prob=p),
+        'Noise': lambda: mt.RandGaussianNoised('image', prob=p, std=0.25),
+        'Affine': lambda: mt.RandAffined(keys, prob=p, rotate_range=(math.radians(10),) * 3,
                                          scale_range=(0.1,) * 3, mode=modes, padding_mode='border'),
         'ElasticDeformation': lambda: mt.Rand3DElasticd(keys, sigma_range=(5, 8), magnitude_range=(100, 200),
-                                                        prob=1.0, mode=modes, padding_mode='border'),
+                                                        prob=p, mode=modes, padding_mode='border'),
     }[name]()
 
 
@@ -148,7 +211,10 @@ def bench_augment(args) -> None:
     # TorchIO warns that its default 7.5 mm may fold the small --quick volumes.
     warnings.filterwarnings('ignore', 'The maximum displacement is larger', RuntimeWarning)
     print('\n'.join(machine()))
-    print(f'median of {repeats} calls after one warm-up; all transforms at p=1; times in ms\n')
+    print('\ndevice ops per call and bytes moved per voxel (meta tensors, image + label)\n')
+    count_table(shapes)
+    print(f'median of {repeats} calls after one warm-up at p=1; mean of {4 * repeats} calls at p=0.5; '
+          'times in ms\n')
     for shape in shapes:
         image, label = sample(shape)
         batch_device = 'cuda' if cuda else 'cpu'
@@ -162,31 +228,31 @@ def bench_augment(args) -> None:
         print(f'### {"x".join(map(str, shape))} image + label\n')
         print('| transform | ' + ' | '.join(columns) + ' |')
         print('|---' * (len(columns) + 1) + '|')
-        for name in TRANSFORMS:
-            transform = ours(name)
-            cpu_generator = torch.Generator().manual_seed(0)
-            row = {'ours CPU': median_seconds(lambda: transform(image, label, cpu_generator), repeats)}
+        for name, p in [(name, 1.0) for name in TRANSFORMS] + [('pipeline', 0.5)]:
+            transform = ours(name, p)
+            n, statistic = (repeats, statistics.median) if p == 1 else (4 * repeats, statistics.mean)
+            generator = torch.Generator().manual_seed(0)  # CPU, whatever the device
+            row = {'ours CPU': median_seconds(lambda: transform(image, label, generator), n, statistic=statistic)}
             if tio is not None:
                 subject = tio.Subject(image=tio.ScalarImage(tensor=image[0]), label=tio.LabelMap(tensor=label[0]))
-                theirs = torchio_transform(name)
-                row['TorchIO CPU'] = median_seconds(lambda: theirs(subject), repeats)
+                theirs = torchio_transform(name, p)
+                row['TorchIO CPU'] = median_seconds(lambda: theirs(subject), n, statistic=statistic)
                 row['TorchIO / ours CPU'] = row['TorchIO CPU'] / row['ours CPU']
-            monai_call = monai_transform(name) if monai is not None else None
+            monai_call = monai_transform(name, p) if monai is not None else None
             if monai_call is not None:
                 data = {'image': image[0], 'label': label[0]}
-                row['MONAI CPU'] = median_seconds(lambda: monai_call(data), repeats)
-            batch_generator = torch.Generator(device=batch_device).manual_seed(0)
+                row['MONAI CPU'] = median_seconds(lambda: monai_call(data), n, statistic=statistic)
             if cuda:
                 row['ours CUDA'] = median_seconds(
-                    lambda: transform(cuda_image, cuda_label, batch_generator), repeats, cuda=True)
+                    lambda: transform(cuda_image, cuda_label, generator), n, cuda=True, statistic=statistic)
                 if 'TorchIO CPU' in row:
                     row['TorchIO / ours CUDA'] = row['TorchIO CPU'] / row['ours CUDA']
             row[batch_column] = median_seconds(
-                lambda: transform(batch_image, batch_label, batch_generator), repeats, cuda=cuda) / 8
+                lambda: transform(batch_image, batch_label, generator), n, cuda=cuda, statistic=statistic) / 8
             if 'TorchIO CPU' in row:
                 row['TorchIO / ours batch 8'] = row['TorchIO CPU'] / row[batch_column]
             cells = [format_cell(column, row.get(column)) for column in columns]
-            print(f'| {name} | ' + ' | '.join(cells) + ' |')
+            print(f'| {name}{"" if p == 1 else f" p={p:g}"} | ' + ' | '.join(cells) + ' |')
         print(f'\nload average after this table: {load()}\n')
     if monai is not None:
         print('MONAI has no motion artefact: its pipeline has five transforms.')

@@ -18,6 +18,10 @@ import augment as A
 
 ATOL, MEAN_ATOL = 1e-5, 1e-6
 
+# TorchIO's default 7.5 mm elastic displacement may fold the grid of these small volumes, and
+# says so, as ours does (tested below); the warning is expected here.
+pytestmark = pytest.mark.filterwarnings('ignore:The maximum displacement is larger:RuntimeWarning')
+
 
 def generator(seed=0, device='cpu'):
     return torch.Generator(device=device).manual_seed(seed)
@@ -396,3 +400,98 @@ def test_znormalization_matches_torchio(tio):
                          (A.ZNormalization(A.ZNormalization.mean),
                           tio.ZNormalization(masking_method=tio.ZNormalization.mean))):
         assert_parity(ours(x)[0], theirs(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Device work (counted on meta tensors: one dispatched op is one kernel on a GPU)
+
+def test_op_count_does_not_grow_with_the_batch():
+    import bench
+    pipeline = A.paper_augmentation(p=1.0)
+    single, batch = (bench.device_ops(pipeline, b, (24, 24, 24)) for b in (1, 8))
+    assert single.ops == batch.ops and 0 < single.ops <= 50
+
+
+@pytest.mark.parametrize('make', [
+    lambda p: A.RandomFlip(flip_probability=1.0, p=p), lambda p: A.RandomMotion(p=p),
+    lambda p: A.RandomBiasField(p=p), lambda p: A.RandomNoise(p=p), lambda p: A.RandomAffine(p=p),
+    lambda p: A.RandomElasticDeformation(p=p), lambda p: A.paper_augmentation(p=p)],
+    ids=['Flip', 'Motion', 'BiasField', 'Noise', 'Affine', 'Elastic', 'pipeline'])
+def test_at_p_zero_no_full_volume_op_runs(make):
+    import bench
+    assert bench.device_ops(make(0.0), 2, (24, 24, 24)).largest < 24 ** 3
+    # the counter does see full-volume ops when there are some
+    assert bench.device_ops(make(1.0), 2, (24, 24, 24)).largest >= 2 * 24 ** 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Pad values, TorchIO's argument forms
+
+@pytest.mark.parametrize('make', [
+    lambda pad: A.Motion(degrees=[[5, -3, 8], [0, 2, -4]], translation=[[1, -2, .5], [.3, 0, -1]],
+                         times=[0.3, 0.62], default_pad_value=pad),
+    lambda pad: A.ElasticDeformation(np.random.default_rng(3).uniform(-3, 3, (7, 6, 5, 3)), default_pad_value=pad),
+    lambda pad: A.Affine(scales=0.8, degrees=(0, 0, 30), translation=0, default_pad_value=pad),
+], ids=['Motion', 'ElasticDeformation', 'Affine'])
+def test_a_numeric_pad_equal_to_the_minimum_gives_the_default(make):
+    x = volume(1, 2, 14, 12, 10)
+    minimum = x.amin((2, 3, 4))  # (B, C): one value per channel
+    torch.testing.assert_close(make(minimum)(x)[0], make('minimum')(x)[0], atol=1e-6, rtol=0)
+    assert (make(minimum.numpy()[0])(x)[0] - make(-3.0)(x)[0]).abs().max() > 0.5  # (C,) form; the pad matters
+
+
+@pytest.mark.parametrize('transform', [A.RandomMotion, A.RandomAffine, A.RandomElasticDeformation])
+def test_numeric_pad_parity_with_torchio(tio, transform):
+    """TorchIO pads with each channel's minimum: an image whose minimum is the pad value we ask
+    for must come out the same. Deterministic classes, TorchIO's parameters."""
+    x = volume(1, 14, 12, 10) + 0.5
+    x[0, 3, 4, 5] = -0.75  # the minimum, inside the volume
+    if transform is A.RandomMotion:
+        degrees, translation, times = np.array([[5., -3, 8], [0, 2, -4]]), np.array([[1, -2, .5], [.3, 0, -1]]), [.3, .62]
+        centre = (np.array(x.shape[1:]) - 1) / 2
+        theirs = tio.Motion(degrees=degrees, translation=translation, times=np.array(times),
+                            image_interpolation='linear')(subject(tio, x, origin=-centre)).image.data
+        ours = A.Motion(degrees, translation, times, default_pad_value=-0.75)(x)[0]
+    elif transform is A.RandomAffine:
+        theirs = tio.Affine(scales=0.8, degrees=(0, 0, 30), translation=0)(x)
+        ours = A.Affine(scales=0.8, degrees=(0, 0, 30), translation=0, default_pad_value=-0.75)(x)[0]
+    else:
+        control_points = np.random.default_rng(1).uniform(-1, 1, (7, 6, 5, 3)) * np.array([3, 2, 4])
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', RuntimeWarning)
+            theirs = tio.ElasticDeformation(control_points=control_points, max_displacement=(3, 2, 4))(x)
+        ours = A.ElasticDeformation(control_points, default_pad_value=-0.75)(x)[0]
+    assert_parity(ours, theirs)
+
+
+def test_background_per_element_and_channel_frames_a_rotated_patch():
+    x = torch.ones(2, 2, 17, 17, 17)
+    background = torch.tensor([[0.0, -1.0], [-2.0, -3.0]])
+    pipeline = A.Compose([A.RandomAffine(scales=0, degrees=(0, 0, 0, 0, 45, 45), default_pad_value=background)])
+    out, _ = pipeline(x, generator=generator())
+    corners = out[:, :, 0, 0, :]  # rotated 45 degrees about Z: the corner column comes from outside
+    assert torch.equal(corners, background[:, :, None].expand(2, 2, 17))
+    augmentation = A.paper_augmentation(p=1.0, background=[0.0, -1.0])  # per channel: C = 2, B = 1
+    assert augmentation(x[:1], generator=generator())[0].shape == (1, 2, 17, 17, 17)
+    with pytest.raises(ValueError, match='ambiguous|give a'):
+        A.paper_augmentation(p=1.0, background=[0.0, -1.0])(x, generator=generator())  # B == C == 2
+    with pytest.raises(ValueError, match='background'):
+        A.paper_augmentation(background='otsu')
+
+
+def test_elastic_takes_torchio_max_displacement():
+    x = volume(1, 1, 12, 12, 12)
+    control_points = np.random.default_rng(0).uniform(-1, 1, (7, 7, 7, 3))
+    assert A.ElasticDeformation(control_points, max_displacement=0)(x)[0] is x  # TorchIO's early return
+    with pytest.warns(RuntimeWarning, match='folding'):  # 12.25 mm / 4 = 3.06 mm grid: 2 mm > 1.53 mm
+        A.ElasticDeformation(control_points, max_displacement=2)(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', RuntimeWarning)
+        A.ElasticDeformation(control_points, max_displacement=1)(x)
+
+
+def test_range_arguments_accept_numpy_arrays_and_tensors():
+    assert A.RandomAffine(degrees=np.array([5, 10, 15])).degrees == A.RandomAffine(degrees=(5, 10, 15)).degrees
+    assert A.RandomMotion(translation=torch.tensor([1.0, 2.0])).translation_range == (1.0, 2.0)
+    assert A.RandomNoise(std=np.float64(0.1)).std_range == (0.0, 0.1)
+    assert A.RandomElasticDeformation(max_displacement=np.array([1.0, 2.0, 3.0])).max_displacement == (1, 2, 3)
