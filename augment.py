@@ -281,8 +281,18 @@ def _theta(matrix: torch.Tensor, offset: torch.Tensor, shape) -> torch.Tensor:
 
 def _affine_grid(theta: torch.Tensor, batch: int, shape) -> torch.Tensor:
     """The sampling grid ``(batch, n * X, Y, Z, 3)`` of ``theta`` (batch * n, 3, 4) on the device:
-    the n maps of an element are stacked along X, so one grid_sample pulls them all."""
-    grid = F.affine_grid(theta, [len(theta), 1, *shape], align_corners=True)
+    the n maps of an element are stacked along X, so one grid_sample pulls them all.
+
+    On a GPU it is one ``affine_grid``. On the CPU, where affine_grid writes a (X, Y, Z, 4) base
+    grid and multiplies it (three times the time), the same sum is built by broadcasting: the
+    (X, Y) and Z parts are small, and one addition writes the grid."""
+    if theta.device.type != 'cpu':
+        return F.affine_grid(theta, [len(theta), 1, *shape], align_corners=True).view(batch, -1, *shape[1:], 3)
+    i, j, k = (torch.linspace(-1, 1, n, dtype=theta.dtype) if n > 1 else torch.zeros(1, dtype=theta.dtype)
+               for n in shape)
+    columns = theta.transpose(1, 2)[:, :, None, None, None, :]  # (N, 4, 1, 1, 1, 3): x=k, y=j, z=i, 1
+    along_ij = i.view(-1, 1, 1, 1) * columns[:, 2] + j.view(1, -1, 1, 1) * columns[:, 1]
+    grid = along_ij + (k.view(1, 1, -1, 1) * columns[:, 0] + columns[:, 3])
     return grid.view(batch, -1, *shape[1:], 3)
 
 
@@ -308,23 +318,42 @@ def _grid_sample(x: torch.Tensor, grid: torch.Tensor, mode: str, padding: str = 
     return torch.cat([out, F.grid_sample(x, grid[:, rows:], **options)], 2)
 
 
+def _inside_by_lookup(grid: torch.Tensor, shape) -> torch.Tensor:
+    """(N, 1, ...) float: 1 where ``grid`` points inside a volume of ``shape``, else 0."""
+    unit = _unit(grid.device, grid.dtype).expand(len(grid), 1, *shape)
+    return _grid_sample(unit, grid, 'nearest', 'zeros')
+
+
+def _inside_by_bounds(grid: torch.Tensor, shape) -> torch.Tensor:
+    """(N, 1, ...) bool: ``-0.5 <= u < n - 0.5`` on every axis, compared in normalised units."""
+    a, b = _normalisation(tuple(shape))
+    low = torch.tensor((b - a / 2).flip(0).tolist(), dtype=grid.dtype, device=grid.device)
+    high = torch.tensor((a * (torch.tensor(shape, dtype=torch.float64) - 0.5) + b).flip(0).tolist(),
+                        dtype=grid.dtype, device=grid.device)
+    return (grid >= low).logical_and_(grid < high).all(-1)[:, None]
+
+
 def _resample(items, test_grid: torch.Tensor) -> list[torch.Tensor]:
     """Pull volumes (N, C, X, Y, Z) through grids with ITK's rule; ``items`` are
     ``(volume, grid, pad, mode)``, pad a (N | 1, C | 1, 1, 1, 1) tensor, mode 'bilinear' or
     'nearest'; the inside test is made on ``test_grid``.
 
-    The inside test is one more grid_sample: a nearest lookup of ones with zero padding is 1
-    where the nearest voxel exists, i.e. inside, so no test runs over a stored grid; ``lerp``
-    then takes the pad where it is 0 and the sample where it is 1, exactly. Work is in the grid's
+    On a GPU (and on meta tensors) the inside test is one more grid_sample: a nearest lookup of
+    ones with zero padding is 1 where the nearest voxel exists, i.e. inside, one kernel instead
+    of a chain of comparisons over the stored grid; ``lerp`` then takes the pad where it is 0
+    and the sample where it is 1, exactly. On the CPU, where the 3-D grid_sample is scalar code
+    and comparisons are vectorised, the test compares the grid with the bounds ``-0.5`` and
+    ``n - 0.5`` (normalised) instead; the two differ only at exact ties. Work is in the grid's
     dtype; every volume keeps its own.
     """
-    shape = items[0][0].shape[2:]
-    unit = _unit(test_grid.device, test_grid.dtype).expand(len(test_grid), 1, *shape)
-    inside = _grid_sample(unit, test_grid, 'nearest', 'zeros')
+    shape = tuple(items[0][0].shape[2:])
+    inside = (_inside_by_bounds if test_grid.device.type == 'cpu' else _inside_by_lookup)(test_grid, shape)
     out = []
     for volume, grid, pad, mode in items:
         sampled = _grid_sample(volume.to(grid.dtype), grid, mode)
-        out.append(torch.lerp(pad, sampled, inside, out=sampled).to(volume.dtype))  # in place: no new volume
+        select = torch.lerp(pad, sampled, inside, out=sampled) if inside.is_floating_point() \
+            else torch.where(inside, sampled, pad, out=sampled)  # in place: no new volume
+        out.append(select.to(volume.dtype))
     return out
 
 

@@ -495,3 +495,15 @@ def test_range_arguments_accept_numpy_arrays_and_tensors():
     assert A.RandomMotion(translation=torch.tensor([1.0, 2.0])).translation_range == (1.0, 2.0)
     assert A.RandomNoise(std=np.float64(0.1)).std_range == (0.0, 0.1)
     assert A.RandomElasticDeformation(max_displacement=np.array([1.0, 2.0, 3.0])).max_displacement == (1, 2, 3)
+
+
+def test_both_inside_tests_agree():
+    """The GPU's inside test (a nearest lookup of ones) and the CPU's (comparisons with the
+    bounds) agree on a rotated, scaled grid, whose voxels are never at an exact tie."""
+    shape = (14, 12, 10)
+    matrix, offset = A._affine_maps(torch.tensor([[0.83, 1.17, 1.06]], dtype=torch.float64),
+                                    torch.tensor([[5.3, -7.1, 20.2]], dtype=torch.float64),
+                                    torch.tensor([[1.3, 2.2, -0.7]], dtype=torch.float64), (1, 1, 1), shape, 'image')
+    grid = A._affine_grid(A._theta(matrix, offset, shape).float(), 1, shape)
+    lookup, bounds = A._inside_by_lookup(grid, shape), A._inside_by_bounds(grid, shape)
+    assert 0 < bounds.float().mean() < 1 and torch.equal(lookup.bool(), bounds)
