@@ -1001,8 +1001,9 @@ class PatchSampler:
     ``scans``: prepared ``Scan`` objects; their image and mask tensors are copied to
     ``device`` once, here, and stay there. ``patch_size``: P or (PX, PY, PZ) voxels
     (default 144, the paper's). ``patches_per_scan``: patches per scan and epoch (default
-    10, the paper's). Iterating yields ``len(self)`` pairs ``(image, label)``, float32
-    ``(1, C, PX, PY, PZ)`` and ``(1, 1, PX, PY, PZ)`` on ``device``, in random order.
+    10, the paper's). Iterating yields ``len(self)`` triples ``(image, label, s)``: float32
+    ``(1, C, PX, PY, PZ)`` and ``(1, 1, PX, PY, PZ)`` on ``device``, in random order, and the
+    index ``s`` of the patch's scan in ``scans`` (its spacing and background, for augmentation).
 
     Centres are drawn as TorchIO's ``LabelSampler`` with label probabilities {0: 0, 1: 1}
     draws them: a lesion voxel, uniformly, so every patch holds lesion and large lesions
@@ -1059,7 +1060,7 @@ class PatchSampler:
             for axis, (step, start) in enumerate(zip(self._steps, starts[i])):
                 index = step + start
                 image, mask = image.index_select(axis + 1, index), mask.index_select(axis, index)
-            yield image[None], mask[None, None].float()
+            yield image[None], mask[None, None].float(), s
 
     def _starts(self, s: int, u: torch.Tensor) -> torch.Tensor:
         """Patch corners for uniforms ``u`` (m, 3) in [0, 1): lesion voxel u[:, 0] of scan s,

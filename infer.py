@@ -71,34 +71,36 @@ FLIPS = [axes for k in range(4) for axes in itertools.combinations((2, 3, 4), k)
 """The 8 mirrorings of a (B, C, X, Y, Z) tensor over its three spatial axes, identity first."""
 
 
-def _forward(model, x, amp, tta):
+def _forward(model, x, amp, tta, background):
     """Logits of one (1, C, ...) input, float32; with ``tta`` the mean of the logits over the 8 mirrorings
     (nnU-Net v2 also averages logits, before the sigmoid)."""
     device = x.device
     if not tta:
         with autocast(device, amp):
-            return model(x).float()
+            return model(x, pad_value=background).float()
     total = torch.zeros(x.shape[:1] + (1,) + x.shape[2:], device=device)
     for axes in FLIPS:
         with autocast(device, amp):
-            y = model(x.flip(axes) if axes else x).float()
+            y = model(x.flip(axes) if axes else x, pad_value=background).float()
         total += y.flip(axes) if axes else y
     return total / len(FLIPS)
 
 
 @torch.inference_mode()
-def predict_logits(model, image, window=None, overlap=0.5, amp=True, tta=False) -> torch.Tensor:
+def predict_logits(model, image, window=None, overlap=0.5, amp=True, tta=False, background=0.0) -> torch.Tensor:
     """Logits (X, Y, Z), float32, of one prepared scan ``image`` (C, X, Y, Z) on the model's device.
 
     ``window`` None, or a scan that fits in it: the scan goes through in one pass (the network pads it to
     its multiple), as the paper predicts whole crops. Otherwise tiles of ``window`` voxels overlapping by
     ``overlap`` (default 0.5) cover it and their logits are blended with Gaussian weights (sigma = window /
     8), as nnU-Net does, so that tile borders leave no seams. ``tta``: mirroring at test time (8 flips).
+    ``background``: the scan's value outside the brain, one number or one per channel, with which the
+    network pads the scan up to its size multiple.
     Runs under ``torch.inference_mode``: no autograd graph, no saved activations.
     """
     model.eval()
     if window is None or all(n <= window for n in image.shape[1:]):
-        return _forward(model, image[None], amp, tta)[0, 0]
+        return _forward(model, image[None], amp, tta, background)[0, 0]
     shape = image.shape[1:]
     size = [min(window, n) for n in shape]
     weights = gaussian_weights(size, image.device)
@@ -106,7 +108,7 @@ def predict_logits(model, image, window=None, overlap=0.5, amp=True, tta=False) 
     norm = torch.zeros(shape, device=image.device)
     for x, y, z in itertools.product(*tile_starts(shape, window, overlap)):
         tile = (slice(x, x + size[0]), slice(y, y + size[1]), slice(z, z + size[2]))
-        total[tile] += _forward(model, image[(slice(None),) + tile][None], amp, tta)[0, 0] * weights
+        total[tile] += _forward(model, image[(slice(None),) + tile][None], amp, tta, background)[0, 0] * weights
         norm[tile] += weights
     return total / norm
 
@@ -321,8 +323,8 @@ def predict(checkpoint, inputs, output, threshold=0.5, window=None, tta=False, s
     bar = tqdm(list(zip(cases, plan)), desc="scans", disable=len(cases) == 1 or not os.isatty(2))
     for case, (mask_path, prob_path) in bar:
         try:
-            image, geometry, _ = data.read_scan(case, norm=facts["norm"], spacing=spacing)
-            logits = predict_logits(model, image.to(device), window, amp=amp, tta=tta)
+            image, geometry, background = data.read_scan(case, norm=facts["norm"], spacing=spacing)
+            logits = predict_logits(model, image.to(device), window, amp=amp, tta=tta, background=background)
             mask_path.parent.mkdir(parents=True, exist_ok=True)
             voxels = write_prediction(mask_path, logits, geometry, threshold, prob_path)
             print(f"{mask_path}: {voxels} lesion voxels")

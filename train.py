@@ -106,7 +106,7 @@ def train(protocol: Protocol, out, resume: bool = False, overwrite: bool = False
     log = open_run(out, protocol, facts, resume, overwrite)
 
     torch.manual_seed(protocol.seed)  # the initial weights and dropout
-    model = build_model(**network(protocol)).to(device)
+    model = build_model(**facts["network"]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=protocol.lr, weight_decay=protocol.weight_decay)
     generator = torch.Generator().manual_seed(protocol.seed)  # patches and augmentation, drawn on the host
     sampler = data.PatchSampler(train_scans, protocol.patch_size, protocol.patches_per_scan, device, generator)
@@ -134,7 +134,7 @@ def train(protocol: Protocol, out, resume: bool = False, overwrite: bool = False
 
     load_checkpoint(out / "best.pt", model, device=device)
     results, masks = test(model, test_scans, protocol, device, out)
-    results.update(dataset=dataset, model=protocol.model, channels=list(protocol.channels), split_ids=split_ids,
+    results.update(dataset=dataset, model=protocol.model, channels=facts["channels"], split_ids=split_ids,
                    best_epoch=stopper.best_epoch, epochs_run=stopper.epoch, early_stopped=stopper.stop)
     write_json(out / "metrics.json", results)
     report(out, protocol, facts, history, results, test_scans, masks)
@@ -152,11 +152,10 @@ def train_one_epoch(model, optimizer, sampler, augmentations, protocol, generato
     model.train()
     loss_fn = metrics.BCEDiceLoss()
     total = torch.zeros((), device=device)
-    steps = progress(sampler, "patches")
-    for i, batch in enumerate(steps, 1):
-        image, label, scan = batch if len(batch) == 3 else (*batch, 0)  # TEMP-DEV
-        if augmentations is not None:
-            image, label = augmentations[scan](image, label, generator=generator)
+    patches = augmented(sampler, augmentations, generator)
+    if protocol.mixup > 0:
+        patches = mix_up(patches, augmented(sampler, augmentations, generator), protocol.mixup, generator)
+    for i, (image, label) in enumerate(progress(patches, "patches", len(sampler)), 1):
         with infer.autocast(device, protocol.amp):
             loss = loss_fn(model(image), label)
         optimizer.zero_grad(set_to_none=True)
@@ -164,12 +163,30 @@ def train_one_epoch(model, optimizer, sampler, augmentations, protocol, generato
         optimizer.step()
         total += loss.detach()
         if i % 10 == 0 or i == len(sampler):  # a host sync only every 10 steps
-            mean = total.item() / i
-            if not math.isfinite(mean):
+            if not math.isfinite(mean := total.item() / i):
                 raise Diverged(f"the training loss became {mean} within the last 10 steps")
-            if hasattr(steps, "set_postfix"):
-                steps.set_postfix(loss=f"{mean:.4f}")
     return total.item() / len(sampler)
+
+
+def augmented(sampler, augmentations, generator):
+    """The epoch's patches, each through its scan's augmentation pipeline (when augmenting)."""
+    for image, label, s in sampler:
+        if augmentations is not None:
+            image, label = augmentations[s](image, label, generator=generator)
+        yield image, label
+
+
+def mix_up(first, second, alpha, generator):
+    """Mix-up (Zhang et al. 2018), the paper's future work (§5): each patch of ``first`` is mixed with the
+    patch of ``second``, another pass over the same sampler (so a second lesion-centred, augmented patch of
+    a random training scan: one more patch per step). Image and mask get the same λ ~ Beta(α, α), taken as
+    max(λ, 1 - λ) so that the first patch dominates and α -> 0 gives it back unmixed; the mask becomes soft,
+    which BCE-Dice takes. λ comes from a numpy generator seeded from the run's generator: same seed, same run."""
+    rng = np.random.default_rng(int(torch.randint(2**62, (), generator=generator)))
+    for (x1, y1), (x2, y2) in zip(first, second):
+        lam = float(rng.beta(alpha, alpha))
+        lam = max(lam, 1 - lam)
+        yield lam * x1 + (1 - lam) * x2, lam * y1 + (1 - lam) * y2
 
 
 def make_augmentations(protocol, scans):
@@ -180,7 +197,7 @@ def make_augmentations(protocol, scans):
     pipelines = {}
     for s in scans:
         key = (tuple(s.spacing), tuple(s.background))
-        pipelines.setdefault(key, augment.paper_augmentation(spacing=key[0]))  # TEMP-DEV
+        pipelines.setdefault(key, augment.paper_augmentation(spacing=key[0], background=list(key[1])))
     return [pipelines[(tuple(s.spacing), tuple(s.background))] for s in scans]
 
 
@@ -190,7 +207,8 @@ def validate(model, scans, protocol, device) -> tuple[float, float]:
     losses, dscs = [], []
     for scan in scans:
         truth = scan.mask.to(device)
-        logits = infer.predict_logits(model, scan.image.to(device), protocol.window, amp=protocol.amp)
+        logits = infer.predict_logits(model, scan.image.to(device), protocol.window, amp=protocol.amp,
+                                      background=scan.background)
         losses.append(loss_fn(logits, truth))
         dscs.append(metrics.dice(infer.segment(logits), truth))
     loss = torch.stack(losses).mean().item()
@@ -251,12 +269,12 @@ def load_checkpoint(path, model, optimizer=None, generator=None, device="cpu"):
     return EarlyStopping(**checkpoint["stopper"]), checkpoint["history"]
 
 
-def network(protocol) -> dict:
+def network(protocol, in_channels) -> dict:
     """The keyword arguments of ``build_model`` for the protocol's network: its own options only. Stored in
     every checkpoint, so that ``infer.load_model`` rebuilds the same network."""
     options = ({"dropout": protocol.dropout, "shared_context": protocol.shared_context}
                if protocol.model == "residual" else {"norm": protocol.unet_norm})
-    return {"name": protocol.model, "in_channels": len(protocol.channels), "base_filters": protocol.base_filters,
+    return {"name": protocol.model, "in_channels": in_channels, "base_filters": protocol.base_filters,
             **options}
 
 
@@ -269,10 +287,10 @@ def test(model, scans, protocol, device, out) -> dict:
     (out / "predictions").mkdir(exist_ok=True)
     for scan in progress(scans, "test"):
         logits = infer.predict_logits(model, scan.image.to(device), protocol.window, amp=protocol.amp,
-                                      tta=protocol.tta)
+                                      tta=protocol.tta, background=scan.background)
         pred = infer.segment(logits)
         per_scan[scan.id] = metrics.scan_scores(pred, scan.mask.to(device), scan.spacing,
-                                                raters=[r.to(device) for r in scan.raters.values()] or None)
+                                                raters=[r.to(device) for r in scan.raters.values()] if len(scan.raters) == 2 else None)
         infer.write_prediction(out / "predictions" / f"{scan.id}_pred.nii.gz", logits, scan.geometry)
         masks[scan.id] = pred.cpu()
     return {"scans": per_scan, "mean": metrics.summarise(per_scan)}, masks
@@ -318,7 +336,7 @@ def check_protocol(protocol) -> torch.device:
     if protocol.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {protocol.seed}")
     if not (math.isfinite(protocol.mixup) and protocol.mixup >= 0):
-        raise UsageError(f"--mixup must be a finite number > 0, got {protocol.mixup}")
+        raise UsageError(f"--mixup must be a finite number > 0 (0 is off), got {protocol.mixup}")
     if not 0 <= protocol.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {protocol.dropout}")
     if protocol.spacing is not None and not (math.isfinite(protocol.spacing) and protocol.spacing > 0):
@@ -452,8 +470,8 @@ def run_facts(protocol, scans, dataset, fingerprint, split_ids, device) -> dict:
     import nibabel
     import scipy
     return {"protocol": json.loads(json.dumps(asdict(protocol))), "dataset": dataset, "split_ids": split_ids,
-            "data_fingerprint": fingerprint, "network": network(protocol),
-            "channels": list(protocol.channels), "spacing_mm": list(scans[0].spacing), "norm": protocol.norm,
+            "data_fingerprint": fingerprint, "network": network(protocol, len(scans[0].channels)),
+            "channels": list(scans[0].channels), "spacing_mm": list(scans[0].spacing), "norm": protocol.norm,
             "device_name": describe_device(device),
             "precision": "bf16 autocast" if protocol.amp and infer.amp_supported(device) else "fp32",
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
@@ -496,9 +514,9 @@ class Log:
              f"ETA at most {duration(left * elapsed / max(stopper.epoch, 1))}")
 
 
-def progress(items, desc):
-    """A progress bar on a terminal, the plain iterable otherwise."""
-    return tqdm(items, desc=desc, leave=False) if sys.stderr.isatty() else items
+def progress(items, desc, total=None):
+    """A progress bar on a terminal, the plain iterable otherwise (no carriage returns in a log)."""
+    return tqdm(items, desc=desc, total=total, leave=False) if sys.stderr.isatty() else items
 
 
 def duration(seconds) -> str:

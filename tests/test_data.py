@@ -485,16 +485,17 @@ def test_patches_have_the_asked_size_and_hold_lesion(size):
     patches = list(sampler)
     assert len(sampler) == len(patches) == 14
     sources = []
-    for image, label in patches:
+    for image, label, s in patches:
         assert image.shape == label.shape == (1, 1, *p)
         assert image.dtype == label.dtype == torch.float32 and image.device.type == "cpu"
         assert label.sum() > 0
         source = int(image[0, 0, 0, 0, 0] >= 10**5)
+        assert s == source  # the sampler names the scan it cut from
         assert_cut_from(scans[source], source * 10**5, image, label)
         sources.append(source)
     assert sorted(sources) == [0] * 7 + [1] * 7 and sources != sorted(sources)  # 7 each, shuffled
     # both lesions of scan b are drawn as centres, each patch centred on its lesion voxel where it fits
-    starts_b = {int(im[0, 0, 0, 0, 0]) for im, _ in patches if im[0, 0, 0, 0, 0] >= 10**5}
+    starts_b = {int(im[0, 0, 0, 0, 0]) for im, _, _ in patches if im[0, 0, 0, 0, 0] >= 10**5}
     assert len(starts_b) > 1
 
 
@@ -502,15 +503,15 @@ def test_sampler_is_seeded():
     scans = [counting_scan((30, 26, 22), [(3, 4, 5), (20, 18, 15), (12, 2, 9)])]
     def firsts(seed):
         g = torch.Generator().manual_seed(seed)
-        return [int(im[0, 0, 0, 0, 0]) for im, _ in PatchSampler(scans, 8, 10, generator=g)]
+        return [int(im[0, 0, 0, 0, 0]) for im, _, _ in PatchSampler(scans, 8, 10, generator=g)]
     assert firsts(1) == firsts(1) and firsts(1) != firsts(2)
     sampler = PatchSampler(scans, 8, 10, generator=torch.Generator().manual_seed(1))
-    assert [int(im[0, 0, 0, 0, 0]) for im, _ in sampler] != [int(im[0, 0, 0, 0, 0]) for im, _ in sampler]
+    assert [int(im[0, 0, 0, 0, 0]) for im, _, _ in sampler] != [int(im[0, 0, 0, 0, 0]) for im, _, _ in sampler]
 
 
 def test_small_scan_is_padded_with_background():
     scan = counting_scan((10, 12, 8), [(4, 5, 3)], offset=1)  # offset 1: no scan voxel equals BACKGROUND
-    (image, label), = PatchSampler([scan], patch_size=(16, 12, 10), patches_per_scan=1)
+    (image, label, _), = PatchSampler([scan], patch_size=(16, 12, 10), patches_per_scan=1)
     inner = image[0, 0, 3:13, :, 1:9]  # padded centred: (16-10)//2 = 3, 0, (10-8)//2 = 1
     assert torch.equal(inner, scan.image[0]) and label[0, 0, 3:13, :, 1:9].sum() == scan.mask.sum() == 8
     assert (image == data.BACKGROUND).sum() == 16 * 12 * 10 - 10 * 12 * 8
@@ -522,7 +523,7 @@ def test_multi_channel_patches_pad_with_each_channels_background():
     mask = np.zeros(shape, np.uint8)
     mask[4, 5, 3] = 1
     scan = make_scan(image, mask, background=(-1.5, -2.5))
-    (patch, label), = PatchSampler([scan], patch_size=(16, 12, 10), patches_per_scan=1,
+    (patch, label, _), = PatchSampler([scan], patch_size=(16, 12, 10), patches_per_scan=1,
                                    generator=torch.Generator().manual_seed(0))
     assert patch.shape == (1, 2, 16, 12, 10) and label.shape == (1, 1, 16, 12, 10)
     inside = torch.zeros(16, 12, 10, dtype=torch.bool)
@@ -535,10 +536,10 @@ def test_multi_channel_patches_pad_with_each_channels_background():
 def test_scan_without_lesion_falls_back_to_uniform_centres():
     scan = counting_scan((30, 26, 22), [])
     patches = list(PatchSampler([scan], patch_size=8, patches_per_scan=20, generator=torch.Generator().manual_seed(0)))
-    for image, label in patches:
+    for image, label, _ in patches:
         assert image.shape == (1, 1, 8, 8, 8) and label.sum() == 0
         assert_cut_from(scan, 0, image, label)
-    assert len({int(im[0, 0, 0, 0, 0]) for im, _ in patches}) > 10
+    assert len({int(im[0, 0, 0, 0, 0]) for im, _, _ in patches}) > 10
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -547,7 +548,7 @@ def test_sampler_on_cuda(generator_device):
     scan = counting_scan((30, 26, 22), [(3, 4, 5), (20, 18, 15)])
     g = torch.Generator(device=generator_device).manual_seed(0)
     sampler = PatchSampler([scan], patch_size=12, patches_per_scan=5, device="cuda", generator=g)
-    for image, label in sampler:
+    for image, label, _ in sampler:
         assert image.device.type == label.device.type == "cuda" and label.sum() > 0
         assert_cut_from(scan, 0, image.cpu(), label.cpu())
 

@@ -160,3 +160,51 @@ def test_bf16_autocast_on_a_cpu_that_has_it(dataset, tmp_path):
         assert net(torch.zeros(1, 1, 4, 4, 4)).dtype == torch.bfloat16
     with infer.autocast(torch.device("cpu"), False):
         assert net(torch.zeros(1, 1, 4, 4, 4)).dtype == torch.float32
+
+
+def constant_patches(value, n=20):
+    return [(torch.full((1, 1, 4, 4, 4), float(value)), torch.full((1, 1, 4, 4, 4), float(value)))
+            for _ in range(n)]
+
+
+def test_mix_up_mixes_image_and_mask_with_the_same_lambda():
+    mixed = list(train.mix_up(constant_patches(1), constant_patches(0), 0.4, torch.Generator().manual_seed(0)))
+    lams = [image.flatten()[0].item() for image, _ in mixed]
+    for (image, label), lam in zip(mixed, lams):
+        assert torch.equal(image, label) and (image == lam).all()  # one λ per pair, image and mask alike
+    assert min(lams) >= 0.5 and max(lams) < 1 and len(set(lams)) == len(lams)  # λ = max(λ, 1 - λ), drawn anew
+    again = list(train.mix_up(constant_patches(1), constant_patches(0), 0.4, torch.Generator().manual_seed(0)))
+    assert [i.flatten()[0].item() for i, _ in again] == lams  # seeded by the run's generator
+
+
+def test_mix_up_with_alpha_near_zero_gives_back_the_first_patch():
+    mixed = list(train.mix_up(constant_patches(1), constant_patches(0), 1e-4, torch.Generator().manual_seed(0)))
+    for image, label in mixed:
+        torch.testing.assert_close(image, torch.ones_like(image), atol=1e-3, rtol=0)
+        torch.testing.assert_close(label, torch.ones_like(label), atol=1e-3, rtol=0)
+
+
+def test_a_two_channel_mix_up_run_resumes_exactly(dataset, tmp_path, monkeypatch):
+    argv = ["--data", str(dataset), *TINY, "--channel", "FLAIR,T2W", "--mixup", "0.4"]
+    whole = tmp_path / "whole"
+    assert repro.main([*argv, "--out", str(whole)]) == 0
+    config = json.loads((whole / "config.json").read_text())
+    assert config["channels"] == ["FLAIR", "T2W"] and config["network"]["in_channels"] == 2
+    assert torch.load(whole / "best.pt", weights_only=False)["facts"]["channels"] == ["FLAIR", "T2W"]
+    validate, calls = train.validate, []
+
+    def interrupt_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "validate", interrupt_in_epoch_two)
+    part = tmp_path / "part"
+    assert repro.main([*argv, "--out", str(part)]) == 130
+    monkeypatch.setattr(train, "validate", validate)
+    assert repro.main([*argv, "--out", str(part), "--resume"]) == 0
+    assert history(part) == history(whole)
+    plain = tmp_path / "plain"
+    assert repro.main(["--data", str(dataset), *TINY, "--channel", "FLAIR,T2W", "--out", str(plain)]) == 0
+    assert history(plain) != history(whole)  # mix-up changed what was trained on
