@@ -275,7 +275,9 @@ def plan_outputs(cases, output, overwrite, save_probabilities) -> list[tuple[Pat
         parent = parent.parent
     if not parent.is_dir():
         raise UsageError(f"--output {output}: {parent} is a file, not a folder")
-    if len(cases) == 1 and not output.is_dir():
+    if len(cases) == 1 and output.is_dir():
+        raise UsageError(f"--output {output}: is a folder; one scan takes a file name ending in .nii.gz")
+    if len(cases) == 1:
         if not output.name.endswith((".nii", ".nii.gz")):
             raise UsageError(f"--output {output}: expected a NIfTI file name ending in .nii or .nii.gz (or an "
                              "existing folder)")

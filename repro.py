@@ -50,9 +50,16 @@ def seeds_list(text):
     return seeds
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line reported as one line (the usage is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see python {self.prog} --help)\n")
+
+
 def parser():
     d = PAPER
-    p = argparse.ArgumentParser(prog="repro.py", usage=USAGE, description=__doc__,
+    p = Parser(prog="repro.py", usage=USAGE, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)  # only what was given overrides the preset
     run = p.add_argument_group("what to train (a resumed run must keep these)")
@@ -231,7 +238,7 @@ def findings(means, channels, n):
 # predict
 
 def predict_parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="repro.py predict", description="Segment new scans with a trained model. Each scan is read as in "
         "training: reoriented to RAS, resampled to the checkpoint's voxel size (unless --no-resample), cropped to "
         "its non-zero brain and z-normalised; it should be skull-stripped like the training data. The mask comes "
@@ -264,8 +271,12 @@ def predict(argv):
         if facts["network"]["name"] != args.model:
             raise UsageError(f"--checkpoint {args.checkpoint} holds a {MODEL_NAMES[facts['network']['name']]}, "
                              f"not a {MODEL_NAMES[args.model]}")
-    if args.window is not None and args.window < 16:
-        raise UsageError(f"--window must be at least 16 voxels, got {args.window}")
+    if not 0 < args.threshold < 1:
+        raise UsageError(f"--threshold must be in (0, 1), got {args.threshold}")
+    if args.window is not None:
+        smallest = train.MODELS[infer.read_checkpoint(args.checkpoint)["facts"]["network"]["name"]].min_side
+        if args.window < smallest:
+            raise UsageError(f"--window must be at least {smallest} voxels for this network, got {args.window}")
     return infer.predict(args.checkpoint, args.input, args.output, args.threshold, args.window, args.tta,
                          args.save_probabilities, args.resample, args.overwrite, args.amp, device)
 

@@ -370,12 +370,12 @@ def resolve_device(name) -> torch.device:
 
 
 def check_sizes(protocol, scans):
-    """A patch no scan can hold, or a scan the network cannot take, is refused before training."""
+    """A scan the network cannot take, or a patch no scan can hold, is refused before training."""
+    data.check_scan_sizes(scans, MODELS[protocol.model].min_side)
     if all(protocol.patch_size > n for scan in scans for n in scan.image.shape[1:]):
         largest = max(max(scan.image.shape[1:]) for scan in scans)
         raise UsageError(f"--patch-size {protocol.patch_size} is larger than every cropped scan (the largest side "
                          f"is {largest} voxels); choose a smaller patch")
-    data.check_scan_sizes(scans, MODELS[protocol.model].min_side)
 
 
 def load_scans(protocol):
@@ -419,6 +419,10 @@ def check_out(out: Path, resume: bool, overwrite: bool):
                              "without --resume")
         if not (out / "config.json").exists():
             raise UsageError(f"--resume: {out / 'config.json'} is missing; start again with --overwrite")
+        try:
+            infer.read_checkpoint(out / "last.pt")
+        except UsageError as e:
+            raise UsageError(f"--resume: {e}; start again with --overwrite") from None
     elif started(out) and not overwrite:
         raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to "
                          "replace it, or choose another --out")

@@ -1,0 +1,247 @@
+"""Every user error is one clear line naming the flag or file, a non-zero exit, no traceback, and nothing
+left behind in --out or beside --output. One case per row; the fixtures build the bad inputs."""
+import csv
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import repro
+from conftest import TINY
+
+
+def run(argv):
+    try:
+        return repro.main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        return e.code
+
+
+def listing(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else None
+
+
+def check_refused(capsys, argv, names, watch, code=2):
+    before = {w: listing(w) for w in watch}
+    assert run(argv) == code
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "Traceback" not in captured.err + captured.out
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error:") and names in err, err
+    for w in watch:
+        assert listing(w) == before[w], f"{w} changed"
+    return err
+
+
+@pytest.fixture(scope="module")
+def manifests(dataset, tmp_path_factory):
+    """Bad manifests built from the phantom's files."""
+    root = tmp_path_factory.mktemp("manifests")
+    rows = []
+    for image in sorted((dataset / "training").glob("*/preprocessed/*_flair_pp.nii")):
+        sid = image.name[: -len("_flair_pp.nii")]
+        subject, tp = sid.split("_")
+        rows.append({"subject": subject, "timepoint": int(tp), "FLAIR": str(image),
+                     "mask": str(image.parent.parent / "masks" / f"{sid}_mask1.nii")})
+
+    def write(name, rows, fields=None):
+        path = root / name
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields or list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        return path
+
+    out = {"no_val": write("no_val.csv", [{**r, "split": "train" if i < 5 else "test"} for i, r in enumerate(rows)]),
+           "missing": write("missing.csv", [*rows[:-1], {**rows[-1], "FLAIR": str(root / "gone.nii")}]),
+           "twice": write("twice.csv", [*rows[:-1], {**rows[-1], "FLAIR": rows[0]["FLAIR"]}])}
+    empty = root / "empty_masks"
+    empty.mkdir()
+    blank = []
+    for r in rows:
+        m = nib.load(r["mask"])
+        path = empty / f"{r['subject']}_{r['timepoint']}_mask.nii"
+        nib.save(nib.Nifti1Image(np.zeros(m.shape, np.uint8), m.affine), path)
+        blank.append({**r, "mask": str(path)})
+    out["empty_masks"] = write("empty_masks.csv", blank)
+    tiny = root / "tiny"
+    tiny.mkdir()
+    small = []
+    for i in range(6):
+        image = np.zeros((8, 8, 8), np.float32)
+        image[1:7, 1:7, 1:7] = np.random.default_rng(i).random((6, 6, 6)) + 1
+        mask = np.zeros((8, 8, 8), np.uint8)
+        mask[3:5, 3:5, 3:5] = 1
+        nib.save(nib.Nifti1Image(image, np.eye(4)), tiny / f"s{i}.nii.gz")
+        nib.save(nib.Nifti1Image(mask, np.eye(4)), tiny / f"s{i}_mask.nii.gz")
+        small.append({"subject": f"s{i}", "timepoint": 1, "FLAIR": str(tiny / f"s{i}.nii.gz"),
+                      "mask": str(tiny / f"s{i}_mask.nii.gz")})
+    out["tiny"] = write("tiny.csv", small)
+    (root / "no_scans").mkdir()
+    out["no_scans"] = root / "no_scans"
+    return out
+
+
+TRAIN_CASES = [
+    (["--lr", "0"], "--lr"), (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"),
+    (["--lr", "fast"], "--lr"), (["--weight-decay", "-1"], "--weight-decay"), (["--seed", "-1"], "--seed"),
+    (["--epochs", "0"], "--epochs"), (["--patience", "0"], "--patience"), (["--patch-size", "0"], "--patch-size"),
+    (["--patch-size", "40"], "--patch-size"), (["--patch-size", "16"], "--patch-size"),
+    (["--patches-per-scan", "0"], "--patches-per-scan"), (["--base-filters", "0"], "--base-filters"),
+    (["--window", "8"], "--window"), (["--device", "mps"], "--device"), (["--device", "meta"], "--device"),
+    (["--device", "gpu"], "--device"), (["--channel", "DWI"], "DWI"), (["--channel", "FLAIR,flair"], "repeated"),
+    (["--channel", ""], "--channel"), (["--mixup", "0"], "--mixup"), (["--mixup", "-1"], "--mixup"),
+    (["--dropout", "1"], "--dropout"), (["--spacing", "0"], "--spacing"), (["--spacing", "-2"], "--spacing"),
+    (["--model", "vnet"], "--model"), (["--seeds", "0,1"], "--seeds"),
+    (["--table2", "--seeds", "0,0"], "--seeds"), (["--table2", "--seeds", "0,x"], "--seeds"),
+    (["--table2", "--seeds", "0,1", "--seed", "2"], "--seeds"), (["--all-channels-row"], "--all-channels-row"),
+    (["--unet-norm", "layer"], "--unet-norm"), (["--norm", "zscore"], "--norm"),
+]
+if not torch.cuda.is_available():
+    TRAIN_CASES.append((["--device", "cuda"], "--device"))
+
+
+@pytest.mark.parametrize("flags,names", TRAIN_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_a_bad_setting_is_refused_before_anything_is_created(flags, names, dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    check_refused(capsys, ["--data", str(dataset), "--out", str(out), *TINY, *flags], names, [tmp_path])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name,names", [("no_val", "val empty"), ("missing", "gone.nii"), ("twice", "flair_pp.nii"),
+                                        ("empty_masks", "empty"), ("tiny", "smaller than"), ("no_scans", "no_scans")])
+def test_a_bad_dataset_is_refused_before_anything_is_created(name, names, manifests, tmp_path, capsys):
+    out = tmp_path / "out"
+    check_refused(capsys, ["--data", str(manifests[name]), "--out", str(out), *TINY], names, [tmp_path])
+    assert not out.exists()
+
+
+def test_a_missing_data_path_is_refused(tmp_path, capsys):
+    check_refused(capsys, ["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), *TINY], "nowhere",
+                  [tmp_path])
+
+
+def test_a_patch_larger_than_every_scan_is_refused(dataset, tmp_path, capsys):
+    check_refused(capsys, ["--data", str(dataset), "--out", str(tmp_path / "o"), *TINY, "--patch-size", "128"],
+                  "larger than every cropped scan", [tmp_path])
+
+
+def test_an_out_that_is_a_file_or_under_one_is_refused(dataset, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for out in (blocker, blocker / "run"):
+        check_refused(capsys, ["--data", str(dataset), "--out", str(out), *TINY], str(blocker), [tmp_path])
+    assert blocker.read_text() == ""
+
+
+def test_resume_refusals_say_what_to_do(finished, dataset, tmp_path, capsys):
+    fresh = tmp_path / "fresh"
+    check_refused(capsys, ["--data", str(dataset), "--out", str(fresh), *TINY, "--resume"], "without --resume",
+                  [tmp_path])
+    broken = tmp_path / "broken"
+    shutil.copytree(finished, broken)
+    (broken / "last.pt").write_bytes((finished / "last.pt").read_bytes()[:1000])  # truncated
+    check_refused(capsys, ["--data", str(dataset), "--out", str(broken), *TINY, "--resume"], "--overwrite", [])
+    (broken / "last.pt").write_bytes((finished / "last.pt").read_bytes())
+    (broken / "config.json").unlink()
+    check_refused(capsys, ["--data", str(dataset), "--out", str(broken), *TINY, "--resume"], "config.json", [broken])
+    before = (finished / "metrics.json").read_bytes()
+    check_refused(capsys, ["--data", str(dataset), "--out", str(finished), *TINY, "--resume", "--lr", "0.01"],
+                  "lr=0.0001", [finished])
+    check_refused(capsys, ["--data", str(dataset), "--out", str(finished), *TINY], "--overwrite", [finished])
+    assert (finished / "metrics.json").read_bytes() == before
+
+
+def test_resume_refuses_changed_data(finished, dataset, tmp_path, capsys):
+    data_copy = tmp_path / "data"
+    shutil.copytree(dataset, data_copy)
+    run_copy = tmp_path / "run"
+    shutil.copytree(finished, run_copy)
+    subject = sorted((data_copy / "training").iterdir())[0]
+    for file in list(subject.rglob(f"{subject.name}_01_*")):  # a scan added to --data: time point 09
+        shutil.copy(file, file.with_name(file.name.replace("_01_", "_09_")))
+    check_refused(capsys, ["--data", str(data_copy), "--out", str(run_copy), *TINY, "--resume"], "--resume",
+                  [run_copy])
+
+
+@pytest.fixture
+def scan(dataset, tmp_path):
+    source = sorted((dataset / "training").glob("*/preprocessed/*_flair_pp.nii"))[0]
+    path = tmp_path / "in" / "scan.nii.gz"
+    path.parent.mkdir()
+    nib.save(nib.load(source), path)
+    return path
+
+
+def image_file(path, array):
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    return path
+
+
+def predict_cases(finished, scan, tmp):
+    ckpt = str(finished / "best.pt")
+    base = ["predict", "--checkpoint", ckpt, "--device", "cpu"]
+    out = str(tmp / "out" / "mask.nii.gz")
+    text = tmp / "in" / "notes.txt"
+    text.write_text("hello")
+    truncated = tmp / "in" / "cut.pt"
+    truncated.write_bytes((finished / "best.pt").read_bytes()[:500])
+    existing = tmp / "in" / "taken.nii.gz"
+    existing.write_bytes(b"someone's file")
+    blocker = tmp / "in" / "blocker"
+    blocker.write_text("")
+    empty = tmp / "in" / "empty"
+    empty.mkdir()
+    four_d = image_file(tmp / "in" / "4d.nii.gz", np.ones((8, 8, 8, 2), np.float32))
+    nonfinite = np.ones((40, 40, 40), np.float32)
+    nonfinite[3, 3, 3] = np.nan
+    nan_file = image_file(tmp / "in" / "nan.nii.gz", nonfinite)
+    corrupt = tmp / "in" / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b garbage")
+    return [
+        ([*base[:2], str(tmp / "none.pt"), "--input", str(scan), "--output", out], "none.pt"),
+        ([*base[:2], str(finished / "history.csv"), "--input", str(scan), "--output", out], "history.csv"),
+        ([*base[:2], str(truncated), "--input", str(scan), "--output", out], "cut.pt"),
+        ([*base[:2], str(finished), "--input", str(scan), "--output", out], str(finished)),
+        ([*base, "--input", str(tmp / "nope.nii.gz"), "--output", out], "nope.nii.gz"),
+        ([*base, "--input", str(empty), "--output", str(tmp / "out")], "no NIfTI"),
+        ([*base, "--input", str(scan), str(scan), "--output", str(tmp / "out")], "listed twice"),
+        ([*base, "--input", str(scan), "--output", str(scan)], "one of the inputs"),
+        ([*base, "--input", str(scan), "--output", str(scan.parent)], "is a folder"),
+        ([*base, "--input", str(scan), "--output", str(existing)], "--overwrite"),
+        ([*base, "--input", str(scan), "--output", str(blocker / "m.nii.gz")], "blocker"),
+        ([*base, "--input", str(scan), "--output", str(tmp / "mask.png")], "--output"),
+        ([*base, "--input", str(scan), "--output", out, "--threshold", "0"], "--threshold"),
+        ([*base, "--input", str(scan), "--output", out, "--threshold", "1.5"], "--threshold"),
+        ([*base, "--input", str(scan), "--output", out, "--window", "4"], "--window"),
+        ([*base, "--input", str(scan), "--output", out, "--model", "unet"], "3D U-Net"),
+        ([*base[:4], "mps", "--input", str(scan), "--output", out], "--device"),
+        ([*base, "--input", str(text), "--output", out], "notes.txt"),
+        ([*base, "--input", str(four_d), "--output", out], "4d.nii.gz"),
+        ([*base, "--input", str(nan_file), "--output", out], "nan.nii.gz"),
+        ([*base, "--input", str(corrupt), "--output", out], "corrupt.nii.gz"),
+        ([*base, "--input", str(scan), "--output", out, "--threshold", "half"], "--threshold"),
+    ]
+
+
+def test_predict_refuses_bad_input_and_writes_nothing(finished, scan, tmp_path, capsys):
+    cases = predict_cases(finished, scan, tmp_path)
+    assert len(cases) >= 20
+    for argv, names in cases:
+        check_refused(capsys, argv, names, [tmp_path])
+
+
+def test_a_multi_channel_checkpoint_refuses_one_input(dataset, tmp_path, capsys):
+    out = tmp_path / "two"
+    assert repro.main(["--data", str(dataset), "--out", str(out), *TINY, "--epochs", "1", "--channel",
+                       "FLAIR,T2W"]) == 0
+    flair = sorted((dataset / "training").glob("*/preprocessed/*_flair_pp.nii"))[0]
+    check_refused(capsys, ["predict", "--checkpoint", str(out / "best.pt"), "--input", str(flair), "--output",
+                           str(tmp_path / "m.nii.gz")], "2 channels", [tmp_path])
+    t2 = flair.with_name(flair.name.replace("flair", "t2"))
+    assert repro.main(["predict", "--checkpoint", str(out / "best.pt"), "--input", str(flair), str(t2),
+                       "--output", str(tmp_path / "m.nii.gz")]) == 0
+    assert nib.load(tmp_path / "m.nii.gz").shape == nib.load(flair).shape
