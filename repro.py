@@ -166,8 +166,12 @@ def table2(base, run, explicit_channels):
                      "dsc": results["mean"]["dsc"], "iou": results["mean"]["iou"],
                      "test_scans": len(results["scans"]), "dataset": results["dataset"],
                      "report": f"seed{seed}/{name}/report.md"})
-    write_table2(out, rows, seeds, channels)
-    print(f"Table 2 written to {out}/table2.md and table2.csv")
+    # The whole table is table2.md; a subset of channels or several seeds is named after itself, so that the
+    # headline pair with three seeds and the eight cells can share their cells in one folder.
+    stem = "table2" + ("" if tuple(channels) == data.CHANNELS else "-" + "+".join(channels)) + \
+        ("" if seeds == [0] else "-seeds" + "-".join(map(str, seeds)))
+    write_table2(out, stem, rows, seeds, channels)
+    print(f"Table 2 written to {out}/{stem}.md and {stem}.csv")
 
 
 def run_cell(protocol, cell, overwrite):
@@ -187,9 +191,9 @@ def mean_sd(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def write_table2(out, rows, seeds, channels):
-    """table2.md (ours beside the paper's: mean ± sd over seeds and each seed's value; the findings) and
-    table2.csv (one row per cell and seed)."""
+def write_table2(out, stem, rows, seeds, channels):
+    """<stem>.md (ours beside the paper's: mean ± sd over seeds and each seed's value; the findings) and
+    <stem>.csv (one row per cell and seed)."""
     by = {}
     for r in rows:
         by.setdefault((r["model"], r["channel"]), []).append(r)
@@ -210,8 +214,8 @@ def write_table2(out, rows, seeds, channels):
                      f"{', '.join(format(r['dsc'], '.3f') for r in cell)} | {paper[1]} | {fmt(*iou)} | "
                      f"{cell[0]['test_scans']} | " + " ".join(f"[seed {r['seed']}]({r['report']})" for r in cell) + " |")
     lines += ["", "## The paper's findings, on our data", "", *findings(means, channels, len(seeds))]
-    infer.atomic(out / "table2.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
-    train.write_csv(out / "table2.csv", rows)
+    infer.atomic(out / f"{stem}.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    train.write_csv(out / f"{stem}.csv", rows)
 
 
 def findings(means, channels, n):

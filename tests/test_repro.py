@@ -31,9 +31,9 @@ def test_table2_with_two_seeds_writes_every_cell_the_spread_and_the_findings(dat
             for channel in ("FLAIR", "MPRAGE", "T2W", "PDW"):
                 cell = out / f"seed{seed}" / f"{model}-{channel}"
                 assert (cell / "metrics.json").is_file() and (cell / "report.md").is_file(), cell
-    rows = list(csv.DictReader(open(out / "table2.csv")))
+    rows = list(csv.DictReader(open(out / "table2-seeds0-1.csv")))
     assert len(rows) == 16 and {r["seed"] for r in rows} == {"0", "1"}
-    table = (out / "table2.md").read_text()
+    table = (out / "table2-seeds0-1.md").read_text()
     flair = [r for r in rows if r["model"] == "residual" and r["channel"] == "FLAIR"]
     mean = (float(flair[0]["dsc"]) + float(flair[1]["dsc"])) / 2
     assert f"| Residual 3D U-Net | FLAIR | 0.7068 | {mean:.4f} ± " in table
@@ -49,7 +49,7 @@ def test_table2_with_two_seeds_writes_every_cell_the_spread_and_the_findings(dat
 def test_table2_refuses_a_finished_cell_of_other_settings(dataset, tmp_path, capsys):
     out = tmp_path / "table"
     assert repro.main(["--table2", "--channel", "FLAIR", "--data", str(dataset), "--out", str(out), *ONE_EPOCH]) == 0
-    assert len(list(csv.DictReader(open(out / "table2.csv")))) == 2
+    assert len(list(csv.DictReader(open(out / "table2-FLAIR.csv")))) == 2
     assert repro.main(["--table2", "--channel", "FLAIR", "--data", str(dataset), "--out", str(out), *ONE_EPOCH,
                        "--lr", "0.01"]) == 2
     assert "other settings (lr)" in capsys.readouterr().err
