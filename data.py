@@ -1014,6 +1014,10 @@ class PatchSampler:
     (lesion-free) patches. A scan smaller than the patch along an axis is padded once,
     centred, each channel with its own ``Scan.background`` (label 0).
 
+    Several processes (torchrun): ``rank`` of ``world`` draws the same epoch as every other
+    process, from a generator seeded alike, and keeps the patches ``rank, rank + world, ...``
+    of its order, so that the shares never overlap and together make one epoch.
+
     Randomness: all draws of an epoch come from ``generator`` at the start of the epoch.
     The generator may live on the CPU or on ``device`` (None: that device's default
     generator). Lesion coordinates are computed once, here; per step there is no disk
@@ -1024,7 +1028,7 @@ class PatchSampler:
 
     def __init__(self, scans: list[Scan], patch_size: int | tuple[int, int, int] = 144,
                  patches_per_scan: int = 10, device: str | torch.device = "cpu",
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, rank: int = 0, world: int = 1):
         size = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(patch_size)
         if len(size) != 3 or min(size) < 1 or patches_per_scan < 1 or not scans:
             raise ValueError(f"need scans, patch_size of 3 positive ints and patches_per_scan >= 1; got "
@@ -1033,6 +1037,7 @@ class PatchSampler:
             raise ValueError(f"scans with different channel counts: {sorted({s.image.shape[0] for s in scans})}")
         self.patch_size, self.patches_per_scan = size, patches_per_scan
         self.device, self.generator = torch.device(device), generator
+        self.rank, self.world = rank, world
         self.images, self.masks, self.lesions, self.shapes = [], [], [], []
         for scan in scans:
             image, mask = _pad_to(scan, size, self.device)
@@ -1046,15 +1051,21 @@ class PatchSampler:
         self._steps = [torch.arange(p, device=self.device) for p in size]
 
     def __len__(self) -> int:
+        """Patches this process trains on per epoch: its share of the epoch under torchrun."""
+        return len(range(self.rank, self.epoch_size, self.world))
+
+    @property
+    def epoch_size(self) -> int:
+        """Patches of an epoch, over all processes: ``patches_per_scan`` per scan."""
         return len(self.images) * self.patches_per_scan
 
     def __iter__(self):
         gdevice = self.generator.device if self.generator is not None else self.device
-        n, k = len(self), self.patches_per_scan
+        n, k = self.epoch_size, self.patches_per_scan
         order = torch.randperm(n, generator=self.generator, device=gdevice).tolist()
         u = torch.rand(n, 3, generator=self.generator, device=gdevice).to(self.device)
         starts = torch.cat([self._starts(s, u[s * k:(s + 1) * k]) for s in range(len(self.images))])
-        for i in order:
+        for i in order[self.rank::self.world]:  # every process draws the same epoch and keeps its share
             s = i // k
             image, mask = self.images[s], self.masks[s]
             for axis, (step, start) in enumerate(zip(self._steps, starts[i])):

@@ -8,7 +8,7 @@
 
 The protocol and the training loop are in train.py, every prediction in infer.py; this file is the command
 line and Table 2. Without --data the built-in synthetic MS dataset (phantom.py) is generated once into a
-cache: $RESUNET_CACHE, else ~/.cache/resunet3d.
+cache: $RESUNET_CACHE, else ~/.cache/resunet3d-ms.
 """
 import argparse
 import ctypes
@@ -68,7 +68,7 @@ def parser():
                      help="FLAIR, MPRAGE, T2W or PDW (T1 for MICCAI 2008), or several stacked as input channels, "
                           "e.g. FLAIR,T2W, or 'all' (default FLAIR)")
     run.add_argument("--data", help="ISBI 2015 folder, MICCAI 2008 folder or CSV manifest (default: the built-in "
-                                    "synthetic data, cached in $RESUNET_CACHE or ~/.cache/resunet3d)")
+                                    "synthetic data, cached in $RESUNET_CACHE or ~/.cache/resunet3d-ms)")
     run.add_argument("--label", choices=data.LABEL_CHOICES, help=f"which rater's mask (default {d.label})")
     run.add_argument("--split", choices=("scan", "subject"), help="split by scan (the paper's, default) or subject")
     run.add_argument("--seed", type=int, help="split, weights, patches and augmentation (default 0)")
@@ -315,27 +315,35 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     make_deterministic()
     keep_freed_memory()
-    protocol, out = None, None
+    protocol, group = None, train.Group()
     try:
         if argv[:1] == ["predict"]:
             return predict(argv[1:])
         protocol, run = parse(argv)
+        group = train.start_group(protocol.device)  # a process group under torchrun only
         if run["table2"]:
             table2(protocol, run, explicit_channels="--channel" in argv)
         else:
             out = run["out"] or default_out(protocol, run["quick"])
             train.train(protocol, out, resume=run["resume"], overwrite=run["overwrite"])
     except (UsageError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(group, f"error: {e}", 2)
     except train.Diverged as e:
-        print(f"error: {train.ACTIVE.get('out')}: {e}; the last good checkpoint and history.csv are kept. Try a "
-              f"lower --lr (this run: {protocol.lr:g}).", file=sys.stderr)
-        return 1
+        return fail(group, f"error: {train.ACTIVE.get('out')}: {e}; the last good checkpoint and history.csv are "
+                           f"kept. Try a lower --lr (this run: {protocol.lr:g}).", 1)
     except KeyboardInterrupt:
-        print(interrupted_message(), file=sys.stderr)
-        return 130
+        return fail(group, interrupted_message(), 130)
+    finally:
+        if group.world > 1:
+            torch.distributed.destroy_process_group()
     return 0
+
+
+def fail(group, message, status):
+    """One line on stderr (from rank 0 only under torchrun) and the exit status."""
+    if group.lead:
+        print(message, file=sys.stderr)
+    return status
 
 
 def interrupted_message():

@@ -11,6 +11,7 @@ scores the validation scans (``validate``), checkpoints, and stops early; the be
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import augment
@@ -93,44 +95,46 @@ OUTPUTS = ("config.json", "history.csv", "train.log", "metrics.json", "report.md
 # --------------------------------------------------------------------------------------------
 # One run, top to bottom
 
-def train(protocol: Protocol, out, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train and test one cell of Table 2 into the folder ``out``; returns its metrics."""
-    device = check_protocol(protocol)
+def train(protocol: Protocol, out, resume: bool = False, overwrite: bool = False) -> dict | None:
+    """Train and test one cell of Table 2 into the folder ``out``; returns its metrics (None on ranks > 0)."""
+    group = Group.current()
+    device = check_protocol(protocol, group)
     out = Path(out)
     check_out(out, resume, overwrite)
     scans, dataset, fingerprint = load_scans(protocol)
     split_ids = data.split_scans(scans, by=protocol.split, seed=protocol.seed)
     train_scans, val_scans, test_scans = ([s for s in scans if s.id in split_ids[k]] for k in SPLITS)
-    check_sizes(protocol, scans)
-    facts = run_facts(protocol, scans, dataset, fingerprint, split_ids, device)
-    log = open_run(out, protocol, facts, resume, overwrite)
+    check_sizes(protocol, scans, len(train_scans), group)
+    facts = run_facts(protocol, scans, dataset, fingerprint, split_ids, device, group)
+    log = open_run(out, protocol, facts, resume, overwrite, group)
 
     torch.manual_seed(protocol.seed)  # the initial weights and dropout
     model = build_model(**facts["network"]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=protocol.lr, weight_decay=protocol.weight_decay)
-    generator = torch.Generator().manual_seed(protocol.seed)  # patches and augmentation, drawn on the host
-    sampler = data.PatchSampler(train_scans, protocol.patch_size, protocol.patches_per_scan, device, generator)
+    generators = group.generators(protocol.seed)  # drawn on the host: (patches, augmentation and mix-up)
+    sampler = data.PatchSampler(train_scans, protocol.patch_size, protocol.patches_per_scan, device,
+                                generators[0], group.rank, group.world)
     augmentations = make_augmentations(protocol, train_scans)
     stopper, history = EarlyStopping(protocol.patience), []
     if resume:
-        stopper, history = load_checkpoint(out / "last.pt", model, optimizer, generator, device)
+        stopper, history = load_checkpoint(out / "last.pt", model, optimizer, generators, device, group)
         log(f"Resuming {out} after epoch {stopper.epoch}.")
-    log(describe_run(protocol, dataset, split_ids, device, len(sampler)))
+    log(describe_run(protocol, dataset, split_ids, device, sampler, group))
+    net = group.wrap(model, device)  # DistributedDataParallel under torchrun, else the model itself
 
     for epoch in range(stopper.epoch, protocol.epochs):
         if stopper.stop:
             break
         start = time.perf_counter()
-        train_loss = train_one_epoch(model, optimizer, sampler, augmentations, protocol, generator, device)
-        val_loss, val_dsc = validate(model, val_scans, protocol, device)
+        train_loss = train_one_epoch(net, optimizer, sampler, augmentations, protocol, generators[1], device, group)
+        val_loss, val_dsc = group.from_lead(validate, model, val_scans, protocol, device)  # all follow rank 0
         improved = stopper.record(val_loss)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_dsc": val_dsc,
                         "seconds": round(time.perf_counter() - start, 2)})
-        if improved:
-            save_checkpoint(out / "best.pt", model, facts)
-        save_checkpoint(out / "last.pt", model, facts, optimizer, generator, stopper, history)
-        write_csv(out / "history.csv", history)
+        save_epoch(out, model, facts, improved, optimizer, generators, stopper, history, group)
         log.epoch(history[-1], stopper, protocol.epochs)
+    if not group.lead:
+        return None
 
     load_checkpoint(out / "best.pt", model, device=device)
     results, masks = test(model, test_scans, protocol, device, out)
@@ -138,34 +142,34 @@ def train(protocol: Protocol, out, resume: bool = False, overwrite: bool = False
                    best_epoch=stopper.best_epoch, epochs_run=stopper.epoch, early_stopped=stopper.stop)
     write_json(out / "metrics.json", results)
     report(out, protocol, facts, history, results, test_scans, masks)
-    mean = results["mean"]
-    log(f"Test ({len(test_scans)} scans, best epoch {stopper.best_epoch} of {stopper.epoch}): DSC {mean['dsc']:.4f}, "
-        f"IoU {mean['iou']:.4f}, lesion TPR {mean['ltpr']:.3f}, lesion FPR {mean['lfpr']:.3f}. Results in {out}/")
+    log.test(results, stopper, out)
     return results
 
 
 # --------------------------------------------------------------------------------------------
 # The epoch: training and validation
 
-def train_one_epoch(model, optimizer, sampler, augmentations, protocol, generator, device) -> float:
-    """One pass over the epoch's patches, one Adam step per patch (the paper's batch size of 1)."""
-    model.train()
+def train_one_epoch(net, optimizer, sampler, augmentations, protocol, generator, device, group) -> float:
+    """One pass over the epoch's patches, one Adam step per patch (the paper's batch size of 1; under
+    torchrun one patch per process and step, gradients averaged). Returns the mean loss of the epoch."""
+    net.train()
     loss_fn = metrics.BCEDiceLoss()
     total = torch.zeros((), device=device)
     patches = augmented(sampler, augmentations, generator)
     if protocol.mixup > 0:
         patches = mix_up(patches, augmented(sampler, augmentations, generator), protocol.mixup, generator)
-    for i, (image, label) in enumerate(progress(patches, "patches", len(sampler)), 1):
-        with infer.autocast(device, protocol.amp):
-            loss = loss_fn(model(image), label)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
-        if i % 10 == 0 or i == len(sampler):  # a host sync only every 10 steps
-            if not math.isfinite(mean := total.item() / i):
-                raise Diverged(f"the training loss became {mean} within the last 10 steps")
-    return total.item() / len(sampler)
+    with group.join(net):  # shares of an epoch may differ by one patch between processes
+        for i, (image, label) in enumerate(progress(patches, "patches", len(sampler)), 1):
+            with infer.autocast(device, protocol.amp):
+                loss = loss_fn(net(image), label)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            if i % 10 == 0 or i == len(sampler):  # a host sync only every 10 steps
+                if not math.isfinite(mean := total.item() / i):
+                    raise Diverged(f"the training loss became {mean} within the last 10 steps")
+    return group.mean(total, len(sampler))
 
 
 def augmented(sampler, augmentations, generator):
@@ -243,18 +247,30 @@ class EarlyStopping:
 # --------------------------------------------------------------------------------------------
 # Checkpoints: the model alone (best.pt) or everything a resume needs (last.pt)
 
-def save_checkpoint(path, model, facts, optimizer=None, generator=None, stopper=None, history=None):
+def save_epoch(out, model, facts, improved, optimizer, generators, stopper, history, group):
+    """After each epoch: best.pt when the validation loss improved, last.pt and history.csv always.
+    Every process takes part (last.pt holds each one's random state); only rank 0 writes."""
+    states = group.gather(random_state(generators))
+    if not group.lead:
+        return
+    if improved:
+        save_checkpoint(out / "best.pt", model, facts)
+    save_checkpoint(out / "last.pt", model, facts, optimizer, states, stopper, history)
+    write_csv(out / "history.csv", history)
+
+
+def save_checkpoint(path, model, facts, optimizer=None, states=None, stopper=None, history=None):
     """best.pt holds the weights and the run's facts (what ``predict`` needs); last.pt adds the optimizer,
-    the early-stopping state, the history and every random state, so that a resumed run is exact."""
+    the early-stopping state, the history and the random states (rank 0's as ``rng``, every process's
+    under torchrun as ``ranks``), so that a resumed run is exact."""
     checkpoint = {"model": model.state_dict(), "facts": facts}
     if optimizer is not None:
         checkpoint.update(optimizer=optimizer.state_dict(), stopper=asdict(stopper), history=history,
-                          rng={"torch": torch.get_rng_state(), "generator": generator.get_state(),
-                               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+                          rng=states[0], **({"ranks": states} if len(states) > 1 else {}))
     atomic_save(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def load_checkpoint(path, model, optimizer=None, generator=None, device="cpu"):
+def load_checkpoint(path, model, optimizer=None, generators=None, device="cpu", group=None):
     """Load ``save_checkpoint``'s file into ``model`` (and the rest, for last.pt); returns
     (EarlyStopping, history) for last.pt."""
     checkpoint = infer.read_checkpoint(path, device)
@@ -262,11 +278,94 @@ def load_checkpoint(path, model, optimizer=None, generator=None, device="cpu"):
     if optimizer is None:
         return None
     optimizer.load_state_dict(checkpoint["optimizer"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    generator.set_state(checkpoint["rng"]["generator"])
-    if checkpoint["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    state = checkpoint["ranks"][group.rank] if group.world > 1 else checkpoint["rng"]
+    torch.set_rng_state(state["torch"])
+    generators[1].set_state(state["generator"])
+    generators[0].set_state(state.get("patch_generator", state["generator"]))
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
     return EarlyStopping(**checkpoint["stopper"]), checkpoint["history"]
+
+
+def random_state(generators) -> dict:
+    patches, rest = generators
+    return {"torch": torch.get_rng_state(), "generator": rest.get_state(),
+            **({"patch_generator": patches.get_state()} if patches is not rest else {}),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+# --------------------------------------------------------------------------------------------
+# More than one process: torch.distributed, started by torchrun
+
+@dataclass(frozen=True)
+class Group:
+    """This process among torchrun's (rank 0 of 1 in a plain run). Rank 0 validates, decides early
+    stopping and writes every file; the others train their share of each epoch and follow it."""
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> "Group":
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    def generators(self, seed):
+        """(patches, augmentation and mix-up). One generator in a plain run. Under torchrun the patch draws
+        come from a generator every process holds alike, so that their shares of an epoch never overlap,
+        and augmentation from one of each process's own."""
+        patches = torch.Generator().manual_seed(seed)
+        if self.world == 1:
+            return patches, patches
+        return patches, torch.Generator().manual_seed(seed + 1_000_003 * (self.rank + 1))
+
+    def wrap(self, model, device):
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def join(self, net):
+        return net.join() if self.world > 1 else contextlib.nullcontext()
+
+    def from_lead(self, fn, *args):
+        """``fn(*args)`` computed on rank 0 and handed to every process."""
+        box = [fn(*args) if self.lead else None]
+        if self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        objects = [None] * self.world
+        dist.all_gather_object(objects, obj)
+        return objects
+
+    def mean(self, total: torch.Tensor, count: int) -> float:
+        """The mean over every process of a sum of ``count`` values."""
+        if self.world == 1:
+            return total.item() / count
+        device = total.device if dist.get_backend() == "nccl" else "cpu"
+        both = torch.tensor([total.item(), float(count)], device=device)
+        dist.all_reduce(both)
+        return (both[0] / both[1]).item()
+
+
+def start_group(device_name):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, gloo on the CPU, NCCL with one GPU per
+    process. A plain run has no process group. Returns the Group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Group()
+    cuda = resolve_device(device_name).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return Group.current()
 
 
 def network(protocol, in_channels) -> dict:
@@ -320,8 +419,8 @@ def report(out, protocol, facts, history, results, test_scans, masks):
 # --------------------------------------------------------------------------------------------
 # Checks before anything is created
 
-def check_protocol(protocol) -> torch.device:
-    """Every setting, before any file is read or written; returns the device."""
+def check_protocol(protocol, group=Group()) -> torch.device:
+    """Every setting, before any file is read or written; returns this process's device."""
     if protocol.model not in MODELS:
         raise UsageError(f"--model {protocol.model!r}: expected one of {', '.join(sorted(MODELS))}")
     for name in ("epochs", "patience", "patch_size", "patches_per_scan"):
@@ -349,7 +448,10 @@ def check_protocol(protocol) -> torch.device:
     if protocol.window is not None and protocol.window < smallest:
         raise UsageError(f"--window must be at least {smallest} voxels for the {MODEL_NAMES[protocol.model]}, "
                          f"got {protocol.window}")
-    return resolve_device(protocol.device)
+    device = resolve_device(protocol.device)
+    if group.world > 1 and device.type == "cuda":  # one GPU per process
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def resolve_device(name) -> torch.device:
@@ -369,13 +471,16 @@ def resolve_device(name) -> torch.device:
     return device
 
 
-def check_sizes(protocol, scans):
+def check_sizes(protocol, scans, n_train, group=Group()):
     """A scan the network cannot take, or a patch no scan can hold, is refused before training."""
     data.check_scan_sizes(scans, MODELS[protocol.model].min_side)
     if all(protocol.patch_size > n for scan in scans for n in scan.image.shape[1:]):
         largest = max(max(scan.image.shape[1:]) for scan in scans)
         raise UsageError(f"--patch-size {protocol.patch_size} is larger than every cropped scan (the largest side "
                          f"is {largest} voxels); choose a smaller patch")
+    if group.world > n_train * protocol.patches_per_scan:
+        raise UsageError(f"torchrun: {group.world} processes but an epoch has only {n_train * protocol.patches_per_scan} "
+                         "patches; use fewer processes (--nproc-per-node) or more --patches-per-scan")
 
 
 def load_scans(protocol):
@@ -394,7 +499,7 @@ def load_scans(protocol):
             dataset = f"synthetic MS data (phantom.py, seed {info['seed']}, {info['spacing_mm']:g} mm) at {root}"
     else:
         built_in = spacing or 1.0
-        root = phantom.ensure_cached(seed=0, spacing=built_in)
+        root = phantom.ensure_cached(seed=0, spacing=built_in, progress=sys.stderr.isatty())
         dataset = f"built-in synthetic MS data (phantom.py, seed 0, {built_in:g} mm)"
         spacing = None  # generated at that spacing
     scans = data.load_dataset(root, protocol.channels, protocol.label, norm=protocol.norm, spacing=spacing)
@@ -433,17 +538,21 @@ def started(out: Path) -> bool:
     return (out / "last.pt").exists() or (out / "metrics.json").exists()
 
 
-def open_run(out, protocol, facts, resume, overwrite):
-    """Create or reopen the run folder: refuse a resume whose settings or data differ, clear what a
-    replaced run or a killed process left, write config.json; returns the run's log."""
+def open_run(out, protocol, facts, resume, overwrite, group=Group()):
+    """Create or reopen the run folder: refuse a resume whose settings, data or process count differ,
+    clear what a replaced run or a killed process left, write config.json (rank 0 only); returns the
+    run's log, silent on the other ranks."""
     if resume:
         old = json.loads((out / "config.json").read_text())
         changed = [k for k in SAME_ON_RESUME if old["protocol"].get(k) != facts["protocol"][k]]
         changed += [k for k in ("split_ids", "data_fingerprint") if old.get(k) != facts[k]]
+        changed += ["world_size"] * (old.get("world_size", 1) != facts["world_size"])
         if changed:
             raise UsageError(f"--resume: {out} was run with other settings or data: " + ", ".join(
                 f"{k}={old['protocol'].get(k, old.get(k))!r} (now {facts['protocol'].get(k, facts.get(k))!r})"
                 for k in changed))
+    if not group.lead:
+        return Log(None)
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob(".tmp-*"):  # left by a process killed while writing
         tmp.unlink()
@@ -469,14 +578,14 @@ def remove_outputs(out: Path):
             path.unlink(missing_ok=True)
 
 
-def run_facts(protocol, scans, dataset, fingerprint, split_ids, device) -> dict:
+def run_facts(protocol, scans, dataset, fingerprint, split_ids, device, group=Group()) -> dict:
     """config.json: the protocol that ran, plus the facts of this run."""
     import nibabel
     import scipy
     return {"protocol": json.loads(json.dumps(asdict(protocol))), "dataset": dataset, "split_ids": split_ids,
             "data_fingerprint": fingerprint, "network": network(protocol, len(scans[0].channels)),
             "channels": list(scans[0].channels), "spacing_mm": list(scans[0].spacing), "norm": protocol.norm,
-            "device_name": describe_device(device),
+            "device_name": describe_device(device), "world_size": group.world,
             "precision": "bf16 autocast" if protocol.amp and infer.amp_supported(device) else "fp32",
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                          "scipy": scipy.__version__, "nibabel": nibabel.__version__}}
@@ -485,14 +594,16 @@ def run_facts(protocol, scans, dataset, fingerprint, split_ids, device) -> dict:
 def describe_device(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' * (threads > 1)})"
 
 
-def describe_run(protocol, dataset, split_ids, device, patches) -> str:
+def describe_run(protocol, dataset, split_ids, device, sampler, group) -> str:
     n = [len(split_ids[k]) for k in SPLITS]
+    processes = f", {group.world} processes (torchrun) of {len(sampler)} each" if group.world > 1 else ""
     return (f"{MODEL_NAMES[protocol.model]} on {'+'.join(protocol.channels)}, {dataset}; {n[0]}:{n[1]}:{n[2]} scans "
-            f"({protocol.split} split); {describe_device(device)}; {patches} patches per epoch, at most "
-            f"{protocol.epochs} epochs.")
+            f"({protocol.split} split); {describe_device(device)}; {sampler.epoch_size} patches per epoch"
+            f"{processes}, at most {protocol.epochs} epochs.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -502,10 +613,12 @@ class Log:
     """Lines to the terminal and to train.log. On a terminal the epochs show as progress bars; otherwise
     (nohup, a cluster job) one plain line per epoch, so that the log holds no carriage returns."""
 
-    def __init__(self, path):
-        self.path, self.start = Path(path), time.perf_counter()
+    def __init__(self, path):  # None: a silent log, for ranks > 0 under torchrun
+        self.path, self.start = path and Path(path), time.perf_counter()
 
     def __call__(self, line):
+        if self.path is None:
+            return
         print(line, flush=True)
         with open(self.path, "a") as f:
             f.write(line + "\n")
@@ -516,6 +629,12 @@ class Log:
         self(f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
              f"val DSC {row['val_dsc']:.4f}, {row['seconds']:.0f} s; best epoch {stopper.best_epoch}; "
              f"ETA at most {duration(left * elapsed / max(stopper.epoch, 1))}")
+
+    def test(self, results, stopper, out):
+        mean = results["mean"]
+        self(f"Test ({len(results['scans'])} scans, best epoch {stopper.best_epoch} of {stopper.epoch}): DSC "
+             f"{mean['dsc']:.4f}, IoU {mean['iou']:.4f}, lesion TPR {mean['ltpr']:.3f}, lesion FPR {mean['lfpr']:.3f}. "
+             f"Results in {out}/")
 
 
 def progress(items, desc, total=None):

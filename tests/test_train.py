@@ -208,3 +208,46 @@ def test_a_two_channel_mix_up_run_resumes_exactly(dataset, tmp_path, monkeypatch
     plain = tmp_path / "plain"
     assert repro.main(["--data", str(dataset), *TINY, "--channel", "FLAIR,T2W", "--out", str(plain)]) == 0
     assert history(plain) != history(whole)  # mix-up changed what was trained on
+
+
+DDP_WRAPPER = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import repro, train
+save_epoch = train.save_epoch
+def save_and_dump(out, model, *args, **kwargs):
+    save_epoch(out, model, *args, **kwargs)  # every rank dumps its parameters: they must agree
+    torch.save(model.state_dict(), {dump!r} + f"/rank{{dist.get_rank()}}.pt")
+train.save_epoch = save_and_dump
+sys.exit(repro.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL needs two GPUs"))])
+def test_two_processes_under_torchrun_write_a_run_and_agree(device, finished, dataset, tmp_path):
+    import os
+    import subprocess
+    import sys
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(DDP_WRAPPER.format(root=str(os.getcwd()), dump=str(dump)))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(wrapper),
+               "--data", str(dataset), "--out", str(out), *TINY, "--device", device]  # gloo on cpu, NCCL on cuda
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in finished.iterdir())
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and len(history(out)) == 2
+    ranks = [torch.load(dump / f"rank{r}.pt") for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    last = torch.load(out / "last.pt", weights_only=False)
+    assert len(last["ranks"]) == 2 and "patch_generator" in last["ranks"][1]
+    assert all(torch.equal(last["model"][k], ranks[0][k]) for k in ranks[0])
+    # the log says how the epoch was shared, once (rank 0 alone prints)
+    assert done.stdout.count("2 processes (torchrun) of 4 each") == 1
+    # a resume on another process count is refused by name
+    assert repro.main(["--data", str(dataset), "--out", str(out), *TINY, "--resume", "--epochs", "3"]) == 2
