@@ -19,9 +19,12 @@ import sys
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import torch
 
 import data
+import figures
 import infer
 import train
 from train import MODEL_NAMES, PAPER, QUICK, Protocol, UsageError
@@ -68,7 +71,10 @@ def parser():
                      help="FLAIR, MPRAGE, T2W or PDW (T1 for MICCAI 2008), or several stacked as input channels, "
                           "e.g. FLAIR,T2W, or 'all' (default FLAIR)")
     run.add_argument("--data", help="ISBI 2015 folder, MICCAI 2008 folder or CSV manifest (default: the built-in "
-                                    "synthetic data, cached in $RESUNET_CACHE or ~/.cache/resunet3d-ms)")
+                                    "synthetic data, cached in $RESUNET_CACHE or ~/.cache/resunet3d-ms). Scans are "
+                                    "expected skull-stripped: the crop and the z-score use the non-zero voxels. "
+                                    "MICCAI 2008 is not (whole heads at 0.5 mm): give a manifest with a brainmask "
+                                    "column, else the whole head is cropped and normalised")
     run.add_argument("--label", choices=data.LABEL_CHOICES, help=f"which rater's mask (default {d.label})")
     run.add_argument("--split", choices=("scan", "subject"), help="split by scan (the paper's, default) or subject")
     run.add_argument("--seed", type=int, help="split, weights, patches and augmentation (default 0)")
@@ -171,7 +177,23 @@ def table2(base, run, explicit_channels):
     stem = "table2" + ("" if tuple(channels) == data.CHANNELS else "-" + "+".join(channels)) + \
         ("" if seeds == [0] else "-seeds" + "-".join(map(str, seeds)))
     write_table2(out, stem, rows, seeds, channels)
+    draw_fig7(out / f"seed{seeds[0]}", base, channels)
     print(f"Table 2 written to {out}/{stem}.md and {stem}.csv")
+
+
+def draw_fig7(root, base, channels):
+    """Fig. 7 as the paper draws it: both networks' test predictions on FLAIR, side by side. The cells
+    may come from an earlier run, so their masks are read back from predictions/ into the scans' grid."""
+    cells = {MODEL_NAMES[m]: root / f"{m}-FLAIR" for m in ("residual", "unet")}
+    if "FLAIR" not in channels or not all((c / "metrics.json").exists() for c in cells.values()):
+        return
+    protocol = replace(base, channels=("FLAIR",))
+    test_ids = json.loads((cells[MODEL_NAMES["residual"]] / "metrics.json").read_text())["split_ids"]["test"]
+    scans = [s for s in train.load_scans(protocol)[0] if s.id in test_ids]
+    masks = {name: {s.id: s.geometry.apply(np.asarray(nib.load(cell / "predictions" / f"{s.id}_pred.nii.gz")
+                                                      .dataobj), order=0) for s in scans}
+             for name, cell in cells.items()}
+    figures.slices(root.parent / "fig7.png", scans, masks, "FLAIR")
 
 
 def run_cell(protocol, cell, overwrite):

@@ -614,7 +614,7 @@ class Log:
     (nohup, a cluster job) one plain line per epoch, so that the log holds no carriage returns."""
 
     def __init__(self, path):  # None: a silent log, for ranks > 0 under torchrun
-        self.path, self.start = path and Path(path), time.perf_counter()
+        self.path, self.start, self.epochs = path and Path(path), time.perf_counter(), 0
 
     def __call__(self, line):
         if self.path is None:
@@ -624,11 +624,13 @@ class Log:
             f.write(line + "\n")
 
     def epoch(self, row, stopper, epochs):
-        elapsed = time.perf_counter() - self.start
-        left = min(epochs - stopper.epoch, stopper.patience - stopper.bad_epochs)  # the most that can remain
+        self.epochs += 1  # in this process: a resumed run's earlier epochs took no time here
+        per_epoch = (time.perf_counter() - self.start) / self.epochs
+        most = epochs - stopper.epoch  # if the validation loss keeps improving
+        least = min(most, stopper.patience - stopper.bad_epochs)  # if it never improves again
         self(f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
              f"val DSC {row['val_dsc']:.4f}, {row['seconds']:.0f} s; best epoch {stopper.best_epoch}; "
-             f"ETA at most {duration(left * elapsed / max(stopper.epoch, 1))}")
+             f"ETA {duration(least * per_epoch)} to {duration(most * per_epoch)}")
 
     def test(self, results, stopper, out):
         mean = results["mean"]

@@ -245,3 +245,27 @@ def test_a_multi_channel_checkpoint_refuses_one_input(dataset, tmp_path, capsys)
     assert repro.main(["predict", "--checkpoint", str(out / "best.pt"), "--input", str(flair), str(t2),
                        "--output", str(tmp_path / "m.nii.gz")]) == 0
     assert nib.load(tmp_path / "m.nii.gz").shape == nib.load(flair).shape
+
+
+def test_a_full_disk_is_told_apart_and_leaves_no_temporary_file(dataset, tmp_path, monkeypatch, capsys):
+    import os
+    import train
+    save = torch.save
+
+    def full(obj, path, *args, **kwargs):  # as torch.save fails on a full disk, after writing part of the file
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 757 vs 0")
+
+    class Stats:
+        f_bavail, f_frsize = 10, 4096
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(train.os, "statvfs", lambda path: Stats())
+    out = tmp_path / "run"
+    assert run(["--data", str(dataset), "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device while writing" in err and "best.pt" in err and "Traceback" not in err
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(train.os, "statvfs", os.statvfs)
+    assert run(["--data", str(dataset), "--out", str(out), *TINY]) == 0  # the failed start is replaced

@@ -41,6 +41,7 @@ def test_table2_with_two_seeds_writes_every_cell_the_spread_and_the_findings(dat
     assert "FLAIR is the best channel for the 3D U-Net: **" in table
     assert "The residual net beats the plain one on FLAIR: **" in table and "2 seeds" in table
     assert "(seed0/residual-FLAIR/report.md)" in table
+    assert (out / "fig7.png").is_file()  # both networks on FLAIR, read back from the cells' predictions
     seeds = {json.loads((out / f"seed{s}" / "residual-FLAIR" / "config.json").read_text())["protocol"]["seed"]
              for s in (0, 1)}
     assert seeds == {0, 1}
