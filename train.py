@@ -110,7 +110,7 @@ def train(protocol: Protocol, out, resume: bool = False, overwrite: bool = False
 
     torch.manual_seed(protocol.seed)  # the initial weights and dropout
     model = build_model(**facts["network"]).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=protocol.lr, weight_decay=protocol.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=protocol.lr, weight_decay=protocol.weight_decay)  # Table 1
     generators = group.generators(protocol.seed)  # drawn on the host: (patches, augmentation and mix-up)
     sampler = data.PatchSampler(train_scans, protocol.patch_size, protocol.patches_per_scan, device,
                                 generators[0], group.rank, group.world)
@@ -135,15 +135,8 @@ def train(protocol: Protocol, out, resume: bool = False, overwrite: bool = False
         log.epoch(history[-1], stopper, protocol.epochs)
     if not group.lead:
         return None
-
     load_checkpoint(out / "best.pt", model, device=device)
-    results, masks = test(model, test_scans, protocol, device, out)
-    results.update(dataset=dataset, model=protocol.model, channels=facts["channels"], split_ids=split_ids,
-                   best_epoch=stopper.best_epoch, epochs_run=stopper.epoch, early_stopped=stopper.stop)
-    write_json(out / "metrics.json", results)
-    report(out, protocol, facts, history, results, test_scans, masks)
-    log.test(results, stopper, out)
-    return results
+    return test_and_report(model, test_scans, protocol, facts, stopper, history, device, out, log)
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,6 +372,18 @@ def network(protocol, in_channels) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # Test and report
+
+def test_and_report(model, test_scans, protocol, facts, stopper, history, device, out, log) -> dict:
+    """The best checkpoint on the test scans: metrics.json, the figures and report.md; returns the metrics."""
+    results, masks = test(model, test_scans, protocol, device, out)
+    results.update(dataset=facts["dataset"], model=protocol.model, channels=facts["channels"],
+                   split_ids=facts["split_ids"], best_epoch=stopper.best_epoch, epochs_run=stopper.epoch,
+                   early_stopped=stopper.stop)
+    write_json(out / "metrics.json", results)
+    report(out, protocol, facts, history, results, test_scans, masks)
+    log.test(results, stopper, out)
+    return results
+
 
 def test(model, scans, protocol, device, out) -> dict:
     """Score the test scans with the best checkpoint and write their masks in their original grids."""

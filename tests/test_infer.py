@@ -150,3 +150,29 @@ def test_predict_resamples_a_scan_of_another_voxel_size_to_the_training_one(fini
     # Resampled to the checkpoint's 4 mm, the fine scan is the training-grid scan again: the same probabilities
     # up to the interpolation at the brain's edge.
     assert np.abs(back - ref).mean() < 0.02 and np.abs(back - ref).max() < 0.5
+
+
+def test_any_orientation_of_a_scan_gives_the_same_mask_in_world_space(finished, dataset, tmp_path):
+    source = nib.load(scans_of(dataset)[0])
+    array = np.asarray(source.dataobj, dtype=np.float32)
+    flip_x = np.diag([-1.0, 1, 1, 1])
+    flip_x[0, 3] = array.shape[0] - 1
+    flip_xy = np.diag([-1.0, -1, 1, 1])
+    flip_xy[:2, 3] = np.array(array.shape[:2]) - 1
+    permute = np.eye(4)[[2, 0, 1, 3]]  # voxel (i, j, k) of the copy is voxel (j, k, i) of the RAS scan
+    copies = {"RAS": (array, source.affine),
+              "LAS": (array[::-1], source.affine @ flip_x),
+              "LPS": (array[::-1, ::-1], source.affine @ flip_xy),
+              "PIL-like": (array.transpose(2, 0, 1), source.affine @ permute.T)}
+    masks = {}
+    for name, (data_, affine) in copies.items():
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(data_), affine), path)
+        out = tmp_path / f"{name}_mask.nii.gz"
+        assert predict("--checkpoint", finished / "best.pt", "--input", path, "--output", out) == 0
+        written = nib.load(out)
+        assert written.shape == data_.shape and np.allclose(written.affine, affine)  # the input's own grid
+        masks[name] = np.asarray(nib.as_closest_canonical(written).dataobj)  # the same world-space grid
+    assert masks["RAS"].any()
+    for name, mask in masks.items():
+        assert np.array_equal(mask, masks["RAS"]), name
