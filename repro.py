@@ -133,6 +133,8 @@ def parse(argv):
         raise UsageError("--seeds applies to --table2; a single run takes --seed")
     if run["seeds"] and "seed" in args:
         raise UsageError("--seeds replaces --seed; give one of them")
+    if "data" in args:  # DIR/ and DIR are the same data, for --resume and for reused --table2 cells
+        args["data"] = os.path.normpath(os.path.expanduser(args["data"]))
     base = QUICK if run["quick"] else PAPER
     config = Path(run["out"] or "") / "config.json"
     if run["resume"] and not run["table2"] and run["out"] and config.is_file():

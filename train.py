@@ -22,7 +22,9 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import nibabel
 import numpy as np
+import scipy
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -585,8 +587,6 @@ def remove_outputs(out: Path):
 
 def run_facts(protocol, scans, dataset, fingerprint, split_ids, device, group=Group()) -> dict:
     """config.json: the protocol that ran, plus the facts of this run."""
-    import nibabel
-    import scipy
     return {"protocol": json.loads(json.dumps(asdict(protocol))), "dataset": dataset, "split_ids": split_ids,
             "data_fingerprint": fingerprint, "network": network(protocol, len(scans[0].channels)),
             "channels": list(scans[0].channels), "spacing_mm": list(scans[0].spacing), "norm": protocol.norm,

@@ -251,3 +251,20 @@ def test_two_processes_under_torchrun_write_a_run_and_agree(device, finished, da
     assert done.stdout.count("2 processes (torchrun) of 4 each") == 1
     # a resume on another process count is refused by name
     assert repro.main(["--data", str(dataset), "--out", str(out), *TINY, "--resume", "--epochs", "3"]) == 2
+
+
+def test_norm_crop_trains_and_predicts_with_the_scans_own_background(dataset, tmp_path, monkeypatch):
+    seen = []
+    paper_augmentation = train.augment.paper_augmentation
+
+    def spy(**kwargs):
+        seen.append(kwargs["background"])
+        return paper_augmentation(**kwargs)
+    monkeypatch.setattr(train.augment, "paper_augmentation", spy)
+    out = tmp_path / "crop"
+    assert repro.main(["--data", str(dataset), "--out", str(out), *TINY, "--epochs", "1", "--norm", "crop"]) == 0
+    assert seen and all(b[0] < -0.1 for b in seen)  # TorchIO's whole-crop z-score puts the background below 0
+    assert json.loads((out / "config.json").read_text())["norm"] == "crop"
+    source = sorted((dataset / "training").glob("*/preprocessed/*_flair_pp.nii"))[0]
+    assert repro.main(["predict", "--checkpoint", str(out / "best.pt"), "--input", str(source), "--output",
+                       str(tmp_path / "m.nii.gz")]) == 0
