@@ -53,17 +53,22 @@ def test_predictions_are_in_the_original_grid(finished, dataset):
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
 
 
-def test_interrupted_run_resumed_matches_uninterrupted(finished, dataset, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "interrupted"
+def interrupt_in_epoch_two(monkeypatch):
+    """Ctrl-C during the second validation; returns the real validate, to undo it."""
     validate, calls = train.validate, []
 
-    def interrupt_in_epoch_two(*args, **kwargs):
+    def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return validate(*args, **kwargs)
+    monkeypatch.setattr(train, "validate", interrupted)
+    return validate
 
-    monkeypatch.setattr(train, "validate", interrupt_in_epoch_two)
+
+def test_interrupted_run_resumed_matches_uninterrupted(finished, dataset, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "interrupted"
+    validate = interrupt_in_epoch_two(monkeypatch)
     assert repro.main(["--data", str(dataset), "--out", str(out), *TINY]) == 130
     err = capsys.readouterr().err
     assert "last saved after epoch 1" in err and "--resume" in err and "Traceback" not in err
@@ -191,15 +196,7 @@ def test_a_two_channel_mix_up_run_resumes_exactly(dataset, tmp_path, monkeypatch
     config = json.loads((whole / "config.json").read_text())
     assert config["channels"] == ["FLAIR", "T2W"] and config["network"]["in_channels"] == 2
     assert torch.load(whole / "best.pt", weights_only=False)["facts"]["channels"] == ["FLAIR", "T2W"]
-    validate, calls = train.validate, []
-
-    def interrupt_in_epoch_two(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return validate(*args, **kwargs)
-
-    monkeypatch.setattr(train, "validate", interrupt_in_epoch_two)
+    validate = interrupt_in_epoch_two(monkeypatch)
     part = tmp_path / "part"
     assert repro.main([*argv, "--out", str(part)]) == 130
     monkeypatch.setattr(train, "validate", validate)
