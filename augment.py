@@ -240,7 +240,11 @@ def _uniform(low, high, shape, generator: torch.Generator) -> torch.Tensor:
 
 def _upload(device: torch.device, dtype: torch.dtype, *tensors: torch.Tensor) -> list[torch.Tensor]:
     """Host tensors on ``device`` as ``dtype``, in one copy: packed into one buffer, pinned and
-    copied without blocking on CUDA, so that the host queues the call's kernels without waiting."""
+    copied without blocking on CUDA, so that the host queues the call's kernels without waiting.
+    Tensors already on ``device`` as ``dtype`` (the static buffers of a :class:`CUDAGraphCall`)
+    are used as they are."""
+    if all(tensor.device == device and tensor.dtype == dtype for tensor in tensors):
+        return list(tensors)
     flat = torch.cat([tensor.reshape(-1).to(dtype) for tensor in tensors])
     if device.type == 'cuda':
         flat = flat.pin_memory()
@@ -302,11 +306,18 @@ def _unit(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.ones((1, 1, 1, 1, 1), device=device, dtype=dtype)
 
 
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    """torch's CPU thread count; a constant of the graph under torch.compile, which cannot trace
+    the call (a changed count takes effect at the next compilation)."""
+    return torch.get_num_threads()
+
+
 def _grid_sample(x: torch.Tensor, grid: torch.Tensor, mode: str, padding: str = 'border') -> torch.Tensor:
     """``F.grid_sample``. On the CPU the 3-D kernel runs one thread per batch element, so a single
     volume is cut into as many slabs along X as there are threads."""
     options = dict(mode=mode, padding_mode=padding, align_corners=True)
-    threads, size = torch.get_num_threads(), grid.shape[1]
+    threads, size = _threads(), grid.shape[1]
     if x.device.type != 'cpu' or len(x) > 1 or threads == 1 or size < threads:
         return F.grid_sample(x, grid, **options)
     rows = size // threads * threads
@@ -324,12 +335,20 @@ def _inside_by_lookup(grid: torch.Tensor, shape) -> torch.Tensor:
     return _grid_sample(unit, grid, 'nearest', 'zeros')
 
 
+@functools.lru_cache(maxsize=64)
+def _bounds(shape: tuple[int, int, int]) -> tuple[list[float], list[float]]:
+    """The inside bounds ``-0.5`` and ``n - 0.5`` in normalised units, (k, j, i) order: Python
+    numbers, from ``_normalisation``'s a and b in the same float64 steps, so that the compiled
+    graph holds them as constants and reads no tensor back."""
+    ab = [(2 / (n - 1), -1.0) if n > 1 else (1.0, 0.0) for n in shape]
+    low = [b - a / 2 for a, b in ab]
+    high = [a * (n - 0.5) + b for (a, b), n in zip(ab, shape)]
+    return low[::-1], high[::-1]
+
+
 def _inside_by_bounds(grid: torch.Tensor, shape) -> torch.Tensor:
     """(N, 1, ...) bool: ``-0.5 <= u < n - 0.5`` on every axis, compared in normalised units."""
-    a, b = _normalisation(tuple(shape))
-    low = torch.tensor((b - a / 2).flip(0).tolist(), dtype=grid.dtype, device=grid.device)
-    high = torch.tensor((a * (torch.tensor(shape, dtype=torch.float64) - 0.5) + b).flip(0).tolist(),
-                        dtype=grid.dtype, device=grid.device)
+    low, high = (torch.tensor(bound, dtype=grid.dtype, device=grid.device) for bound in _bounds(tuple(shape)))
     return (grid >= low).logical_and_(grid < high).all(-1)[:, None]
 
 
@@ -375,9 +394,9 @@ def _half_up(shape) -> torch.Tensor:
 
 
 def _resample_pair(image, label, grids, image_pad, label_pad, interpolation):
-    """Image and optional label through ``grids`` (2N, ...): the first N for the image, the last
-    N shifted by ``_half_up`` for the label and the inside test."""
-    grid, nearest_grid = grids.chunk(2)
+    """Image and optional label through ``grids`` (2, N, X, Y, Z, 3): grids 0 for the image,
+    grids 1, shifted by ``_half_up``, for the label and the inside test."""
+    grid, nearest_grid = grids[0], grids[1]
     items = [(image, grid, image_pad, _mode(interpolation))]
     if label is not None:
         items.append((label, nearest_grid, label_pad, 'nearest'))
@@ -442,9 +461,11 @@ class Transform:
             came. Deviation from TorchIO: the parameters of every element are drawn whatever its
             decision, so that a call always takes the same count of numbers from the generator.
 
-    Subclasses implement ``_draw(batch, channels, shape, generator)`` (host, returns the call's
-    parameters, tensors with a leading batch axis) and ``_apply(image, label, params)`` (device,
-    5-D tensors).
+    Subclasses implement ``_draw(batch, channels, shape, generator, device)`` (host: draws and
+    parameter arithmetic; returns host tensors with a leading batch axis and Python values),
+    ``_apply(image, label, params)`` (device work on 5-D tensors: one upload of the host tensors,
+    no branch on a tensor's value) and, where params hold more than batch-indexed tensors,
+    ``_select(params, index)``.
     """
 
     def __init__(self, p: float = 1.0):
@@ -478,20 +499,26 @@ class Transform:
         unbatched = image.ndim == 4
         if unbatched:
             image, label = image[None], None if label is None else label[None]
-        plan = self.plan(len(image), image.shape[1], tuple(image.shape[2:]), generator)
+        plan = self.plan(len(image), image.shape[1], tuple(image.shape[2:]), generator, image.device)
         image, label = self.run(image, label, plan)
         if unbatched:
             image, label = image[0], None if label is None else label[0]
         return image, label
 
-    def plan(self, batch: int, channels: int, shape: tuple[int, int, int], generator: torch.Generator):
-        """Draw, on the host, everything random in a call on a ``(batch, channels, *shape)`` image:
-        first the ``batch`` decisions (when p < 1), then the parameters of every element."""
+    def plan(self, batch: int, channels: int, shape: tuple[int, int, int], generator: torch.Generator,
+             device: torch.device | str = 'cpu'):
+        """Everything on the host for a call on a ``(batch, channels, *shape)`` image on ``device``:
+        draw first the ``batch`` decisions (when p < 1), then the parameters of every element, and
+        do the parameter arithmetic (matrices, spline coefficients, k-space weights) in float64.
+        Returns ``(chosen, params)``: chosen None (p = 1) or a bool tensor (batch,); params holds
+        host tensors with a leading batch axis and Python values (which :meth:`run` may branch on)."""
         chosen = None if self.p == 1 else torch.rand(batch, dtype=torch.float64, generator=generator) < self.p
-        return chosen, self._draw(batch, channels, shape, generator)
+        return chosen, self._draw(batch, channels, shape, generator, torch.device(device))
 
     def run(self, image: torch.Tensor, label: torch.Tensor | None, plan):
-        """Apply a plan to 5-D tensors: only the elements it chose go through ``_apply``."""
+        """Apply a plan to 5-D tensors: only the elements it chose go through ``_apply``. At p = 1
+        this is device work only, with no graph break under ``torch.compile`` and no host sync;
+        below 1 it indexes the chosen elements, which changes shapes (eager mode)."""
         chosen, params = plan
         if chosen is None or bool(chosen.all()):
             return self._apply(image, label, params)
@@ -500,12 +527,16 @@ class Transform:
         index = chosen.nonzero()[:, 0]
         on_device = index.to(image.device, non_blocking=True)
         new_image, new_label = self._apply(image.index_select(0, on_device), None if label is None
-                                           else label.index_select(0, on_device), _take(params, index))
+                                           else label.index_select(0, on_device), self._select(params, index))
         return (image.index_copy(0, on_device, new_image),
                 None if label is None else label.index_copy(0, on_device, new_label))
 
-    def _draw(self, batch, channels, shape, generator):
+    def _draw(self, batch, channels, shape, generator, device):
         return None
+
+    def _select(self, params, index: torch.Tensor):
+        """The parameters of the batch elements ``index`` (host)."""
+        return _take(params, index)
 
     def _apply(self, image, label, params):
         raise NotImplementedError
@@ -535,9 +566,13 @@ class Compose(Transform):
             raise ValueError(f'transforms must be a sequence of transforms, got {transforms!r}')
         self.transforms = list(transforms)
 
-    def _draw(self, batch, channels, shape, generator):
-        return [t.plan(batch, channels, shape, generator) if isinstance(t, Transform) else generator
+    def _draw(self, batch, channels, shape, generator, device):
+        return [t.plan(batch, channels, shape, generator, device) if isinstance(t, Transform) else generator
                 for t in self.transforms]
+
+    def _select(self, params, index):
+        return [(None if plan[0] is None else plan[0][index], transform._select(plan[1], index))
+                if isinstance(transform, Transform) else plan for transform, plan in zip(self.transforms, params)]
 
     def _apply(self, image, label, params):
         for transform, plan in zip(self.transforms, params):
@@ -636,12 +671,25 @@ def _parse_axes(axes) -> tuple[int, ...]:
     return tuple(sorted(set(parsed)))
 
 
-def _flip_where(x: torch.Tensor, flip: torch.Tensor, dim: int) -> torch.Tensor:
-    """Flip ``dim`` of the batch elements where the host mask ``flip`` is True."""
-    if bool(flip.all()):
+def _flip_where(x: torch.Tensor, flip, dim: int) -> torch.Tensor:
+    """Flip ``dim`` of the batch elements ``flip``: ``'all'`` or a host index tensor."""
+    if isinstance(flip, str):
         return x.flip(dim)
-    index = flip.nonzero()[:, 0].to(x.device, non_blocking=True)
+    index = flip.to(x.device, non_blocking=True)
     return x.index_copy(0, index, x.index_select(0, index).flip(dim))
+
+
+def _flip_plan(flips: torch.Tensor, axes) -> dict:
+    """Per axis of ``axes`` that some element flips: ``'all'`` or the host index of the elements
+    that flip it, decided on the host so that the device part does not branch on a tensor."""
+    plan = []
+    for axis in axes:
+        flip = flips[:, axis]
+        if bool(flip.all()):
+            plan.append((axis, 'all'))
+        elif bool(flip.any()):
+            plan.append((axis, flip.nonzero()[:, 0]))
+    return {'flips': flips, 'axes': tuple(plan)}
 
 
 class Flip(Transform):
@@ -692,15 +740,17 @@ class RandomFlip(Transform):
         self.axes = _parse_axes(axes)
         self.flip_probability = _parse_probability(flip_probability, 'flip_probability')
 
-    def _draw(self, batch, channels, shape, generator):
-        return torch.rand(batch, 3, dtype=torch.float64, generator=generator) < self.flip_probability
+    def _draw(self, batch, channels, shape, generator, device):
+        return _flip_plan(torch.rand(batch, 3, dtype=torch.float64, generator=generator) < self.flip_probability,
+                          self.axes)
 
-    def _apply(self, image, label, flips):
-        for axis in self.axes:
-            flip = flips[:, axis]
-            if bool(flip.any()):
-                image = _flip_where(image, flip, axis + 2)
-                label = None if label is None else _flip_where(label, flip, axis + 2)
+    def _select(self, params, index):
+        return _flip_plan(params['flips'][index], self.axes)
+
+    def _apply(self, image, label, params):
+        for axis, flip in params['axes']:
+            image = _flip_where(image, flip, axis + 2)
+            label = None if label is None else _flip_where(label, flip, axis + 2)
         return image, label
 
 
@@ -750,19 +800,26 @@ def _motion_maps(degrees: torch.Tensor, translation: torch.Tensor, spacing, shap
     return matrix.view(batch, n, 3, 3), offset.view(batch, n, 3)
 
 
-def _motion(image, params, spacing, interpolation):
-    """Motion artefact; ``params`` holds host degrees, translation (B, n, 3), times (B, n) and
-    the pad ('minimum' or (B, C))."""
+def _motion_plan(degrees, translation, times, pad, spacing, shape) -> dict:
+    """Host float64 parameters of a Motion call: the affine_grid matrices (B, n, 3, 4) of the
+    moved poses, the k-space weights (B, n + 1, Z // 2 + 1) and the pad ('minimum' or (B, C))."""
+    batch, n, _ = degrees.shape
+    matrix, offset = _motion_maps(degrees, translation, spacing, shape)
+    theta = _theta(matrix.view(-1, 3, 3), offset.view(-1, 3), shape).view(batch, n, 3, 4)
+    return {'theta': theta, 'weights': _kspace_weights(times, shape[2]), 'pad': pad}
+
+
+def _motion(image, params, interpolation):
+    """Motion artefact from the host parameters of ``_motion_plan``."""
     x = image.to(_work_dtype(image.dtype))
     batch, channels, *shape = x.shape
-    n = params['times'].shape[1]
-    matrix, offset = _motion_maps(params['degrees'], params['translation'], spacing, shape)
-    host = [_theta(matrix.view(-1, 3, 3), offset.view(-1, 3), shape), _kspace_weights(params['times'], shape[2])]
+    n = params['theta'].shape[1]
     numeric_pad = isinstance(params['pad'], torch.Tensor)
-    theta, weights, *pad = _upload(x.device, x.dtype, *host, *([params['pad']] if numeric_pad else []))
+    theta, weights, *pad = _upload(x.device, x.dtype, params['theta'], params['weights'],
+                                   *([params['pad']] if numeric_pad else []))
     pad = pad[0].view(batch, channels, 1, 1, 1) if numeric_pad else _min_pad(x, x.dtype)
     # All moved copies of all elements in one resampling, one FFT along Z, one weighted sum.
-    grid = _affine_grid(theta, batch, shape)
+    grid = _affine_grid(theta.view(-1, 3, 4), batch, shape)
     moved, = _resample([(x, grid, pad, _mode(interpolation))], grid)
     spectra = torch.fft.rfft(moved.view(batch, channels, n, *shape), dim=-1)
     weights = weights.view(batch, 1, n + 1, 1, 1, -1)
@@ -824,13 +881,12 @@ class Motion(Transform):
         self.spacing = _parse_spacing(spacing)
         self.default_pad_value = _parse_pad(default_pad_value, 'default_pad_value')
 
-    def _draw(self, batch, channels, shape, generator):
-        params = {name: _per_element(getattr(self, name), batch, name) for name in ('degrees', 'translation', 'times')}
-        params['pad'] = _pad_plan(self.default_pad_value, batch, channels, 'default_pad_value')
-        return params
+    def _draw(self, batch, channels, shape, generator, device):
+        return _motion_plan(*(_per_element(getattr(self, name), batch, name) for name in ('degrees', 'translation', 'times')),
+                            _pad_plan(self.default_pad_value, batch, channels, 'default_pad_value'), self.spacing, shape)
 
     def _apply(self, image, label, params):
-        return _motion(image, params, self.spacing, self.image_interpolation), label
+        return _motion(image, params, self.image_interpolation), label
 
 
 class RandomMotion(Transform):
@@ -869,15 +925,15 @@ class RandomMotion(Transform):
         self.spacing = _parse_spacing(spacing)
         self.default_pad_value = _parse_pad(default_pad_value, 'default_pad_value')
 
-    def _draw(self, batch, channels, shape, generator):
+    def _draw(self, batch, channels, shape, generator, device):
         n = self.num_transforms
         degrees = _uniform(*self.degrees_range, (batch, n, 3), generator)
         translation = _uniform(*self.translation_range, (batch, n, 3), generator)
         step = 1 / (n + 1)
         times = torch.arange(1, n + 1, dtype=torch.float64) * step + _uniform(-0.3 * step, 0.3 * step, (batch, n),
                                                                                generator)
-        return {'degrees': degrees, 'translation': translation, 'times': times,
-                'pad': _pad_plan(self.default_pad_value, batch, channels, 'default_pad_value')}
+        return _motion_plan(degrees, translation, times,
+                            _pad_plan(self.default_pad_value, batch, channels, 'default_pad_value'), self.spacing, shape)
 
     _apply = Motion._apply
 
@@ -903,13 +959,19 @@ def _bias_powers(shape: tuple[int, int, int], order: int, device: torch.device, 
     return powers
 
 
-def _bias_field(image: torch.Tensor, coefficients: torch.Tensor, order: int) -> torch.Tensor:
-    """``image * exp(sum_n coef[n] x^a y^b z^c)``; coefficients (B, N) on the host."""
-    x = image.to(_work_dtype(image.dtype))
-    batch = len(x)
+def _dense_coefficients(coefficients: torch.Tensor, order: int) -> torch.Tensor:
+    """Host float64 (B, o + 1, o + 1, o + 1) array of the coefficients (B, N), zero where a + b + c > o."""
+    batch = len(coefficients)
     dense = torch.zeros(batch, (order + 1) ** 3, dtype=torch.float64)
     dense[:, [(a * (order + 1) + b) * (order + 1) + c for a, b, c in _bias_exponents(order)]] = coefficients
-    dense, = _upload(x.device, x.dtype, dense.view(batch, order + 1, order + 1, order + 1))
+    return dense.view(batch, order + 1, order + 1, order + 1)
+
+
+def _bias_field(image: torch.Tensor, dense: torch.Tensor, order: int) -> torch.Tensor:
+    """``image * exp(sum_n coef[n] x^a y^b z^c)``; ``dense`` from ``_dense_coefficients``, on the host."""
+    x = image.to(_work_dtype(image.dtype))
+    batch = len(x)
+    dense, = _upload(x.device, x.dtype, dense)
     px, py, pz = _bias_powers(tuple(x.shape[2:]), order, x.device, x.dtype)
     # Separable: contract z, then y on small tensors, then x in one matmul for the full volume.
     partial = torch.einsum('yb,zc,nabc->nayz', py, pz, dense)
@@ -950,8 +1012,8 @@ class BiasField(Transform):
         self.order = _parse_order(order)
         self.coefficients = _parameter(coefficients, (len(_bias_exponents(self.order)),), 'coefficients')
 
-    def _draw(self, batch, channels, shape, generator):
-        return _per_element(self.coefficients, batch, 'coefficients')
+    def _draw(self, batch, channels, shape, generator, device):
+        return _dense_coefficients(_per_element(self.coefficients, batch, 'coefficients'), self.order)
 
     def _apply(self, image, label, coefficients):
         return _bias_field(image, coefficients, self.order), label
@@ -980,8 +1042,9 @@ class RandomBiasField(Transform):
         self.coefficients_range = _parse_range(coefficients, 'coefficients')
         self.order = _parse_order(order)
 
-    def _draw(self, batch, channels, shape, generator):
-        return _uniform(*self.coefficients_range, (batch, len(_bias_exponents(self.order))), generator)
+    def _draw(self, batch, channels, shape, generator, device):
+        return _dense_coefficients(_uniform(*self.coefficients_range, (batch, len(_bias_exponents(self.order))),
+                                            generator), self.order)
 
     _apply = BiasField._apply
 
@@ -989,18 +1052,43 @@ class RandomBiasField(Transform):
 # ---------------------------------------------------------------------------------------------
 # Noise (TorchIO's transforms/augmentation/intensity/random_noise.py).
 
-def _noise_field(shape, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Standard normal noise of ``shape`` drawn on ``device`` from ``seed`` (a fresh generator,
-    so that no global state is touched). Meta tensors carry shapes only."""
+def _noise_plan(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> dict:
+    """Host parameters of a Noise call: mean and std (B,), whether any mean is non-zero, and the
+    seed of the noise field (63 bits, from the host generator)."""
+    seed = torch.randint(0, 2 ** 63 - 1, (1,), generator=generator)
+    # The seed once per element (the same value), so that selecting elements keeps it; a tensor,
+    # so that torch.compile does not specialise the graph on its value.
+    return {'mean': mean, 'std': std, 'shift': bool(mean.any()), 'seed': seed.expand(len(mean)),
+            'batch': len(mean), 'element': torch.arange(len(mean))}
+
+
+# While a CUDAGraphCall captures: the CUDA generators registered with its graph, one per noise
+# field in call order (the graph reads their seeds at every replay; see CUDAGraphCall).
+_capture_generators: list[torch.Generator] = []
+
+
+@torch.library.custom_op('augment::noise_field', mutates_args=())
+def _noise_field(shape: Sequence[int], seed: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise of ``shape`` on ``device``, from a fresh generator seeded with
+    ``seed[0]`` (a host tensor), so that no global state is touched. A custom op, opaque to
+    torch.compile, which can neither make nor take a generator inside a graph. Meta tensors
+    carry shapes only."""
     if device.type == 'meta':
-        return torch.randn(shape, device=device, dtype=dtype)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+        return torch.empty(shape, device=device, dtype=dtype)
+    if device.type == 'cuda' and torch.cuda.is_current_stream_capturing():
+        generator = _capture_generators.pop(0)
+    else:
+        generator = torch.Generator(device=device).manual_seed(int(seed[0]))
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
+@_noise_field.register_fake
+def _(shape, seed, device, dtype):
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 def _noise(image, params):
-    """``image + N(mean, std^2)``: one field for the whole planned batch, from one host seed, of
+    """``image + N(mean, std^2)``: one field for the whole planned batch, from one generator, of
     which each element takes its own slab (so an element's noise does not depend on the others'
     decisions)."""
     x = image.to(_work_dtype(image.dtype))
@@ -1009,14 +1097,9 @@ def _noise(image, params):
     if len(x) < params['batch']:
         noise = noise.index_select(0, params['element'].to(x.device, non_blocking=True))
     noise = torch.addcmul(x, noise, std.view(-1, 1, 1, 1, 1), out=noise)
-    if bool(params['mean'].any()):  # known on the host; TorchIO's default mean is exactly 0
+    if params['shift']:  # known on the host; TorchIO's default mean is exactly 0
         noise.add_(mean.view(-1, 1, 1, 1, 1))
     return noise.to(image.dtype)
-
-
-def _noise_seed(generator: torch.Generator) -> int:
-    """The device seed of a noise field, drawn from the host generator (63 bits)."""
-    return int(torch.randint(0, 2 ** 63 - 1, (1,), generator=generator))
 
 
 class Noise(Transform):
@@ -1046,9 +1129,8 @@ class Noise(Transform):
         if (self.std < 0).any():
             raise ValueError(f'std must be >= 0, got {std!r}')
 
-    def _draw(self, batch, channels, shape, generator):
-        return {'mean': _per_element(self.mean, batch, 'mean'), 'std': _per_element(self.std, batch, 'std'),
-                'seed': _noise_seed(generator), 'batch': batch, 'element': torch.arange(batch)}
+    def _draw(self, batch, channels, shape, generator, device):
+        return _noise_plan(_per_element(self.mean, batch, 'mean'), _per_element(self.std, batch, 'std'), generator)
 
     def _apply(self, image, label, params):
         return _noise(image, params), label
@@ -1076,11 +1158,10 @@ class RandomNoise(Transform):
         self.mean_range = _parse_range(mean, 'mean')
         self.std_range = _parse_range(std, 'std', min_constraint=0)
 
-    def _draw(self, batch, channels, shape, generator):
+    def _draw(self, batch, channels, shape, generator, device):
         mean = _uniform(*self.mean_range, (batch,), generator)
         std = _uniform(*self.std_range, (batch,), generator)
-        return {'mean': mean, 'std': std, 'seed': _noise_seed(generator), 'batch': batch,
-                'element': torch.arange(batch)}
+        return _noise_plan(mean, std, generator)
 
     _apply = Noise._apply
 
@@ -1115,28 +1196,47 @@ def _affine_maps(scales, degrees, translation, spacing, shape, center):
     return matrix, offset
 
 
-def _affine(image, label, params, spacing, options):
-    """Affine resampling; ``params`` holds host scales, degrees, translation (B, 3) and the pad
-    ('minimum', 'mean' or (B, C))."""
-    center, _, pad_label, interpolation = options
+def _affine_theta(scales, degrees, translation, spacing, shape, center) -> torch.Tensor:
+    """Host float64 affine_grid matrices (B, 3, 4) of the output -> input map."""
+    matrix, offset = _affine_maps(scales, degrees, translation, spacing, shape, center)
+    return _theta(matrix, offset, shape)
+
+
+def _with_label_grid(theta: torch.Tensor, shape) -> torch.Tensor:
+    """(B, 3, 4) -> (B, 2, 3, 4): per element the image's matrix and the label's, shifted by ``_half_up``."""
+    return torch.stack([theta, theta + torch.cat([torch.zeros(3, 3), _half_up(shape)[:, None]], 1)], 1)
+
+
+def _affine_plan(scales, degrees, translation, pad, spacing, shape, options) -> dict:
+    """Host float64 parameters of an Affine call: the matrices (B, 2, 3, 4) of ``_with_label_grid``,
+    the label pad (B, 1) and the image pad ('minimum', 'mean' or (B, C))."""
+    theta = _affine_theta(scales, degrees, translation, spacing, shape, options[0])
+    return {'theta': _with_label_grid(theta, shape), 'label_pad': torch.full((len(theta), 1), options[2],
+                                                                             dtype=torch.float64), 'pad': pad}
+
+
+def _image_pad(image, pad, uploaded, dtype):
+    """The image pad (B | 1, C | 1, 1, 1, 1): ``uploaded`` for a numeric pad, else each channel's
+    minimum or (``'mean'``) the mean of the six faces, edges counted once per face (TorchIO)."""
+    if isinstance(pad, torch.Tensor):
+        return uploaded.view(*pad.shape, 1, 1, 1)
+    if pad == 'minimum':
+        return _min_pad(image, dtype)
+    faces = [image.select(axis, end) for axis in (2, 3, 4) for end in (0, -1)]
+    return torch.cat([face.flatten(2) for face in faces], 2).to(dtype).mean(2)[..., None, None, None]
+
+
+def _affine(image, label, params, interpolation):
+    """Affine resampling from the host parameters of ``_affine_plan``."""
     dtype = _work_dtype(image.dtype)
     batch, channels, *shape = image.shape
-    matrix, offset = _affine_maps(params['scales'], params['degrees'], params['translation'], spacing, shape, center)
     pad = params['pad']
-    numeric_pad = isinstance(pad, torch.Tensor)
-    theta = _theta(matrix, offset, shape)
-    theta = torch.cat([theta, theta + torch.cat([torch.zeros(3, 3), _half_up(shape)[:, None]], 1)])
-    theta, label_pad, *pad_values = _upload(image.device, dtype, theta, torch.tensor(pad_label),
-                                            *([pad] if numeric_pad else []))
-    if numeric_pad:
-        pad = pad_values[0].view(batch, channels, 1, 1, 1)
-    elif pad == 'minimum':
-        pad = _min_pad(image, dtype)
-    else:  # 'mean': mean of the six faces, edges counted once per face (TorchIO)
-        faces = [image.select(axis, end) for axis in (2, 3, 4) for end in (0, -1)]
-        pad = torch.cat([face.flatten(2) for face in faces], 2).to(dtype).mean(2)[..., None, None, None]
-    return _resample_pair(image, label, _affine_grid(theta, 2 * batch, shape), pad, label_pad.view(1, 1, 1, 1, 1),
-                          interpolation)
+    # Uploaded as (2, B): the image grids and the label grids each contiguous.
+    theta, label_pad, *pad_values = _upload(image.device, dtype, params['theta'].transpose(0, 1), params['label_pad'],
+                                            *([pad] if isinstance(pad, torch.Tensor) else []))
+    grids = _affine_grid(theta.reshape(-1, 3, 4), 2 * batch, shape).view(2, batch, *shape, 3)
+    return _resample_pair(image, label, grids, _image_pad(image, pad, pad_values[0] if pad_values else None, dtype),
+                          label_pad.view(batch, 1, 1, 1, 1), interpolation)
 
 
 class Affine(Transform):
@@ -1182,13 +1282,24 @@ class Affine(Transform):
         self.options = _parse_affine_options(center, default_pad_value, default_pad_label, image_interpolation)
         self.spacing = _parse_spacing(spacing)
 
-    def _draw(self, batch, channels, shape, generator):
-        params = {name: _per_element(getattr(self, name), batch, name) for name in ('scales', 'degrees', 'translation')}
-        params['pad'] = _pad_plan(self.options[1], batch, channels, 'default_pad_value')
-        return params
+    def _draw(self, batch, channels, shape, generator, device):
+        return _affine_plan(*(_per_element(getattr(self, name), batch, name) for name in ('scales', 'degrees', 'translation')),
+                            _pad_plan(self.options[1], batch, channels, 'default_pad_value'), self.spacing, shape,
+                            self.options)
 
     def _apply(self, image, label, params):
-        return _affine(image, label, params, self.spacing, self.options)
+        return _affine(image, label, params, self.options[3])
+
+
+def _affine_draws(transform, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A RandomAffine's host draws (B, 3) in order: scales, degrees, translation."""
+    draws = []
+    for name in ('scales', 'degrees', 'translation'):
+        low, high = zip(*getattr(transform, name))
+        draws.append(_uniform(low, high, (batch, 3), generator))
+    if transform.isotropic:
+        draws[0] = draws[0][:, :1].expand(batch, 3)
+    return draws
 
 
 class RandomAffine(Transform):
@@ -1229,15 +1340,10 @@ class RandomAffine(Transform):
         self.options = _parse_affine_options(center, default_pad_value, default_pad_label, image_interpolation)
         self.spacing = _parse_spacing(spacing)
 
-    def _draw(self, batch, channels, shape, generator):
-        params = {}
-        for name in ('scales', 'degrees', 'translation'):
-            low, high = zip(*getattr(self, name))
-            params[name] = _uniform(low, high, (batch, 3), generator)
-        if self.isotropic:
-            params['scales'] = params['scales'][:, :1].expand(batch, 3)
-        params['pad'] = _pad_plan(self.options[1], batch, channels, 'default_pad_value')
-        return params
+    def _draw(self, batch, channels, shape, generator, device):
+        return _affine_plan(*_affine_draws(self, batch, generator),
+                            _pad_plan(self.options[1], batch, channels, 'default_pad_value'), self.spacing, shape,
+                            self.options)
 
     _apply = Affine._apply
 
@@ -1289,9 +1395,12 @@ def _grid_spacing(shape, points, spacing) -> tuple[float, float, float]:
     return tuple((size + 0.25) * s / (count - 3) for size, count, s in zip(shape, points, spacing))
 
 
-def _warn_folding(max_displacement, shape, points, spacing) -> None:
+def _warn_folding(max_displacement, shape, points, spacing, chosen) -> None:
     """TorchIO's warning (``ElasticDeformation.parse_free_form_transform``): a displacement above
-    half the control-grid spacing can fold the grid."""
+    half the control-grid spacing can fold the grid; at planning time, as TorchIO only for a call
+    that deforms (``chosen`` None or some element chosen)."""
+    if chosen is not None and not bool(chosen.any()):
+        return
     grid_spacing = _grid_spacing(shape, points, spacing)
     axes = [axis for axis in range(3) if max_displacement[axis] > grid_spacing[axis] / 2]
     if axes:
@@ -1300,28 +1409,42 @@ def _warn_folding(max_displacement, shape, points, spacing) -> None:
                       RuntimeWarning, stacklevel=4)
 
 
-def _elastic(image, label, control_points, pad, spacing, interpolation):
-    """Elastic resampling; control_points (B, nx, ny, nz, 3) on the host, TorchIO convention;
-    pad 'minimum' or (B, C) on the host."""
+def _spline_coefficients(control_points: torch.Tensor, spacing, shape) -> torch.Tensor:
+    """Host float64 (B, nx, ny, nz, 3): the B-spline coefficients of the sampling grid itself
+    (normalised units, grid_sample's (k, j, i) order) from TorchIO's control points (B, nx, ny,
+    nz, 3), mm, LPS."""
+    to_grid, identity = _bspline_frame(tuple(shape), tuple(control_points.shape[1:4]), spacing)
+    # TorchIO's grid axes 0 and 1 run from the last voxel of X and Y to the first: flip them.
+    return control_points.flip(1, 2).flip(-1) * to_grid + identity
+
+
+def _with_label_coefficients(coefficients: torch.Tensor, shape) -> torch.Tensor:
+    """(B, nx, ny, nz, 3) -> (B, 2, nx, ny, nz, 3): per element the image's coefficients and the
+    label's; the B-spline reproduces constants, so shifted coefficients give the shifted grid."""
+    return torch.stack([coefficients, coefficients + _half_up(shape)], 1)
+
+
+def _elastic(image, label, params, interpolation):
+    """Resampling through a B-spline grid: params hold the host coefficients (B, 2, nx, ny, nz, 3)
+    of ``_with_label_coefficients``, the image pad ('minimum' or (B, C)) and, optionally, the
+    label pad (B, 1) (default: each label channel's minimum, TorchIO's rule)."""
     dtype = _work_dtype(image.dtype)
     batch, channels, *shape = image.shape
     shape = tuple(shape)
-    points = tuple(control_points.shape[1:4])
-    to_grid, identity = _bspline_frame(shape, points, spacing)
-    numeric_pad = isinstance(pad, torch.Tensor)
-    # TorchIO's grid axes 0 and 1 run from the last voxel of X and Y to the first: flip them.
-    coefficients = control_points.flip(1, 2).flip(-1) * to_grid + identity
-    # The B-spline reproduces constants: shifted coefficients give the shifted (label) grid.
-    coefficients = torch.cat([coefficients, coefficients + _half_up(shape)])
-    coefficients, *pad_values = _upload(image.device, dtype, coefficients, *([pad] if numeric_pad else []))
+    points = tuple(params['coefficients'].shape[2:5])
+    pad, fixed_label_pad = params['pad'], 'label_pad' in params
+    # Uploaded as (2, B): the image grids and the label grids each contiguous.
+    coefficients, *pads = _upload(image.device, dtype, params['coefficients'].transpose(0, 1),
+                                  *([params['label_pad']] if fixed_label_pad else []),
+                                  *([pad] if isinstance(pad, torch.Tensor) else []))
     wx, wy, wz = _bspline_weights(shape, points, image.device, dtype)
     # Separable: contract z and y on small tensors, then x in one matmul that writes the grids.
-    partial = torch.einsum('yb,zc,nabcd->nayzd', wy, wz, coefficients).reshape(2 * batch, points[0], -1)
-    grid = (wx @ partial).view(2 * batch, *shape, 3)
-    # TorchIO pads with each channel's minimum, labels included.
-    image_pad = pad_values[0].view(batch, channels, 1, 1, 1) if numeric_pad else _min_pad(image, dtype)
-    return _resample_pair(image, label, grid, image_pad, None if label is None else _min_pad(label, dtype),
-                          interpolation)
+    partial = torch.einsum('yb,zc,nabcd->nayzd', wy, wz, coefficients.reshape(2 * batch, *points, 3))
+    grids = (wx @ partial.reshape(2 * batch, points[0], -1)).view(2, batch, *shape, 3)
+    label_pad = None if label is None else pads[0].view(batch, 1, 1, 1, 1) if fixed_label_pad \
+        else _min_pad(label, dtype)
+    return _resample_pair(image, label, grids, _image_pad(image, pad, pads[-1] if pads[fixed_label_pad:] else None,
+                                                          dtype), label_pad, interpolation)
 
 
 def _displacement_scale(points, max_displacement, locked_borders) -> torch.Tensor:
@@ -1391,17 +1514,28 @@ class ElasticDeformation(Transform):
         self.spacing = _parse_spacing(spacing)
         self.default_pad_value = _parse_pad(default_pad_value, 'default_pad_value')
 
-    def _draw(self, batch, channels, shape, generator):
-        return {'control_points': _per_element(self.control_points, batch, 'control_points'),
+    def _draw(self, batch, channels, shape, generator, device):
+        control_points = _per_element(self.control_points, batch, 'control_points')
+        return {'coefficients': _with_label_coefficients(_spline_coefficients(control_points, self.spacing, shape),
+                                                         shape),
                 'pad': _pad_plan(self.default_pad_value, batch, channels, 'default_pad_value')}
 
-    def _apply(self, image, label, params):
+    def plan(self, batch, channels, shape, generator, device='cpu'):
+        plan = super().plan(batch, channels, shape, generator, device)
         if self.max_displacement is not None:
-            if not any(self.max_displacement):
-                return image, label
-            _warn_folding(self.max_displacement, image.shape[2:], params['control_points'].shape[1:4], self.spacing)
-        return _elastic(image, label, params['control_points'], params['pad'], self.spacing,
-                        self.image_interpolation)
+            _warn_folding(self.max_displacement, shape, self.control_points.shape[1:4], self.spacing, plan[0])
+        return plan
+
+    def _apply(self, image, label, params):
+        if self.max_displacement is not None and not any(self.max_displacement):
+            return image, label
+        return _elastic(image, label, params, self.image_interpolation)
+
+
+def _elastic_draws(transform, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """A RandomElasticDeformation's host draws: control points (B, nx, ny, nz, 3), mm, TorchIO's convention."""
+    draws = torch.rand(batch, *transform.num_control_points, 3, dtype=torch.float64, generator=generator)
+    return (draws - 0.5) * transform._scale
 
 
 class RandomElasticDeformation(Transform):
@@ -1445,10 +1579,16 @@ class RandomElasticDeformation(Transform):
         self.default_pad_value = _parse_pad(default_pad_value, 'default_pad_value')
         self._scale = _displacement_scale(self.num_control_points, self.max_displacement, locked_borders)
 
-    def _draw(self, batch, channels, shape, generator):
-        draws = torch.rand(batch, *self.num_control_points, 3, dtype=torch.float64, generator=generator)
-        return {'control_points': (draws - 0.5) * self._scale,
+    def _draw(self, batch, channels, shape, generator, device):
+        control_points = _elastic_draws(self, batch, generator)
+        return {'coefficients': _with_label_coefficients(_spline_coefficients(control_points, self.spacing, shape),
+                                                         shape),
                 'pad': _pad_plan(self.default_pad_value, batch, channels, 'default_pad_value')}
+
+    def plan(self, batch, channels, shape, generator, device='cpu'):
+        plan = super().plan(batch, channels, shape, generator, device)
+        _warn_folding(self.max_displacement, shape, self.num_control_points, self.spacing, plan[0])
+        return plan
 
     _apply = ElasticDeformation._apply
 

@@ -507,3 +507,28 @@ def test_both_inside_tests_agree():
     grid = A._affine_grid(A._theta(matrix, offset, shape).float(), 1, shape)
     lookup, bounds = A._inside_by_lookup(grid, shape), A._inside_by_bounds(grid, shape)
     assert 0 < bounds.float().mean() < 1 and torch.equal(lookup.bool(), bounds)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile and CUDA graphs
+
+# Our lru_caches hold pure functions of their arguments, so dynamo's tracing through them is exact.
+@pytest.mark.filterwarnings('ignore:Dynamo detected a call to a `functools.lru_cache`:UserWarning')
+def test_run_compiles_in_one_graph_without_recompiling():
+    """At p = 1 the device part of a call, ``run`` given a plan, is one graph: no graph break (a
+    generator, a read-back or a branch on a tensor would make one), and new parameters (a new
+    noise seed, new matrices) reuse it, with the eager result."""
+    from torch._dynamo.testing import CompileCounter
+    x, y = volume(2, 2, 16, 14, 12), binary(2, 1, 16, 14, 12)
+    pipeline = A.paper_augmentation(p=1.0, background=[[0.0, -1.0]])  # (B, C): one pad per channel
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(pipeline.run)(x, y, pipeline.plan(2, 2, (16, 14, 12), generator(0)))
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    counter = CompileCounter()
+    compiled = torch.compile(pipeline.run, backend=counter)
+    for seed in (1, 2):
+        plan = pipeline.plan(2, 2, (16, 14, 12), generator(seed))
+        ours, eager = compiled(x, y, plan), pipeline.run(x, y, plan)
+        assert torch.equal(ours[0], eager[0]) and torch.equal(ours[1], eager[1])
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
