@@ -532,3 +532,54 @@ def test_run_compiles_in_one_graph_without_recompiling():
         assert torch.equal(ours[0], eager[0]) and torch.equal(ours[1], eager[1])
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# Affine and elastic deformation in one resampling
+
+AFFINE = dict(scales=(1.05, 0.95, 1.0), degrees=(5, -7, 9), translation=(1, 0, -1))
+
+
+def test_affine_elastic_reduces_to_each_step_alone():
+    x, y = volume(1, 1, 20, 18, 16), binary(1, 1, 20, 18, 16)
+    control_points = np.random.default_rng(0).uniform(-2, 2, (7, 7, 7, 3))
+    both = A.AffineElasticDeformation(**AFFINE, control_points=np.zeros((7, 7, 7, 3)))(x, y)
+    affine = A.Affine(**AFFINE)(x, y)
+    torch.testing.assert_close(both[0], affine[0], atol=1e-5, rtol=0)
+    assert (both[1] != affine[1]).float().mean() < 1e-3  # one grid from the coefficients, one from affine_grid: ties
+    both = A.AffineElasticDeformation(1, 0, 0, control_points=control_points)(x, y)
+    elastic = A.ElasticDeformation(control_points)(x, y)
+    assert torch.equal(both[0], elastic[0]) and torch.equal(both[1], elastic[1])
+
+
+def test_affine_elastic_equals_the_two_steps_on_a_linear_image():
+    """Trilinear interpolation reproduces a linear image, so resampling once or twice differs
+    only near the edges (edge clamping, pads): the composed map is the two steps' map."""
+    shape = (24, 22, 20)
+    i, j, k = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in shape), indexing='ij')
+    ramp = ((i + 2 * j + 3 * k) / 50)[None, None]
+    control_points = np.random.default_rng(1).uniform(-1, 1, (7, 7, 7, 3))
+    one = A.AffineElasticDeformation(**AFFINE, control_points=control_points)(ramp)[0]
+    two = A.ElasticDeformation(control_points)(A.Affine(**AFFINE)(ramp)[0])[0]
+    core = (slice(None), slice(None), slice(5, -5), slice(5, -5), slice(5, -5))
+    torch.testing.assert_close(one[core], two[core], atol=1e-5, rtol=0)
+    reverse = A.Affine(**AFFINE)(A.ElasticDeformation(control_points)(ramp)[0])[0]
+    assert (one[core] - reverse[core]).abs().max() > 0.01  # the order matters, and it is Affine first
+
+
+def test_random_affine_elastic_draws_what_the_two_steps_draw():
+    x, y = volume(2, 1, 16, 16, 16), binary(2, 1, 16, 16, 16)
+    g, reference = generator(3), generator(3)
+    one = A.RandomAffineElasticDeformation()
+    one(x, y, generator=g)
+    A.Compose([A.RandomAffine(), A.RandomElasticDeformation()]).plan(2, 1, (16, 16, 16), reference)
+    assert torch.equal(g.get_state(), reference.get_state())
+    two = A.Compose([A.RandomAffine(), A.RandomElasticDeformation()])(x, y, generator=generator(3))
+    single = one(x, y, generator=generator(3))
+    assert not torch.equal(single[0], two[0]) and (single[0] - two[0]).abs().mean() < 0.2
+    assert [type(t) for t in A.paper_augmentation().transforms][-2:] == [A.RandomAffine, A.RandomElasticDeformation]
+    single = A.paper_augmentation(p=1.0, background=0.0, single_resampling=True)
+    assert [type(t) for t in single.transforms][-2:] == [A.RandomNoise, A.RandomAffineElasticDeformation]
+    pipelines = (A.paper_augmentation(p=1.0, background=0.0), single)
+    first, second = (pipeline(x, y, generator=generator(4)) for pipeline in pipelines)
+    assert 0 < (first[0] - second[0]).abs().mean() < 0.2  # at p = 1 the same draws: close, not equal
