@@ -87,13 +87,14 @@ from numbers import Real
 
 import torch
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
 
 __all__ = [
     'Transform', 'Compose', 'ZNormalization',
     'Flip', 'RandomFlip', 'Motion', 'RandomMotion', 'BiasField', 'RandomBiasField',
     'Noise', 'RandomNoise', 'Affine', 'RandomAffine',
     'ElasticDeformation', 'RandomElasticDeformation', 'AffineElasticDeformation',
-    'RandomAffineElasticDeformation', 'paper_augmentation',
+    'RandomAffineElasticDeformation', 'paper_augmentation', 'CUDAGraphCall',
 ]
 
 
@@ -1724,6 +1725,158 @@ class RandomAffineElasticDeformation(Transform):
         return plan
 
     _apply = AffineElasticDeformation._apply
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs: a plan's parameters in static buffers, the device part captured once.
+
+class _StaticPlan:
+    """A plan whose floating-point host tensors live in one static device buffer (``plan``), and
+    ``load`` copies another plan of the same structure into it: through one static pinned buffer
+    on CUDA, without blocking. Every other leaf (decisions, flip indices, element indices) must
+    equal the first plan's, since the device part may branch on them; noise seeds (the leaves
+    named ``seed``) are copied into static host tensors and returned, for a graph's generators."""
+
+    def __init__(self, plan, device: torch.device, dtype: torch.dtype):
+        leaves, self._spec = pytree.tree_flatten_with_path(plan)
+        self._floats = [i for i, (_, leaf) in enumerate(leaves)
+                        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+        self._seeds = [i for i, (path, _) in enumerate(leaves) if getattr(path[-1], 'key', None) == 'seed']
+        self._loaded = set(self._floats + self._seeds)
+        self._fixed = [leaf for i, (_, leaf) in enumerate(leaves) if i not in self._loaded]
+        sizes = [leaves[i][1].numel() for i in self._floats]
+        cuda = device.type == 'cuda'
+        self._host = torch.empty(sum(sizes), dtype=dtype, pin_memory=cuda)
+        self._device = torch.empty(sum(sizes), dtype=dtype, device=device)
+        self._copied = torch.cuda.Event() if cuda else None
+        pieces = iter(zip(self._host.split(sizes), self._device.split(sizes)))
+        self._pieces, static = [], [leaf for _, leaf in leaves]
+        for i in self._floats:
+            host, on_device = next(pieces)
+            self._pieces.append(host.view(static[i].shape))
+            static[i] = on_device.view(static[i].shape)
+        for i in self._seeds:  # host tensors, read by the noise op outside a graph
+            static[i] = static[i].clone()
+        self._seed_leaves = [static[i] for i in self._seeds]
+        self.plan = pytree.tree_unflatten(static, self._spec)
+
+    def load(self, plan) -> list[int]:
+        """Copy ``plan``'s parameters into the static buffers; returns its noise seeds."""
+        leaves, spec = pytree.tree_flatten_with_path(plan)
+        values = [leaf for _, leaf in leaves]
+        fixed = [leaf for i, leaf in enumerate(values) if i not in self._loaded]
+        if spec != self._spec or not all(_same(a, b) for a, b in zip(fixed, self._fixed)) or not all(
+                isinstance(values[i], torch.Tensor) and values[i].shape == piece.shape
+                for piece, i in zip(self._pieces, self._floats)):
+            raise ValueError('this call plans differently from the captured one (another shape, pad form or '
+                             'flip pattern): a CUDA graph replays one structure')
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous call's copy has left the pinned buffer
+        for piece, i in zip(self._pieces, self._floats):
+            piece.copy_(values[i])
+        self._device.copy_(self._host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        for leaf, i in zip(self._seed_leaves, self._seeds):
+            leaf.copy_(values[i])
+        return [int(values[i][0]) for i in self._seeds]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+            and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
+def _graph_safe(transform) -> bool:
+    """p = 1 throughout, and no user callable inside: the plan's structure is then fixed."""
+    return isinstance(transform, Transform) and transform.p == 1 and all(
+        _graph_safe(t) for t in getattr(transform, 'transforms', ()))
+
+
+class CUDAGraphCall:
+    """A transform's device work at p = 1, captured once in a CUDA graph and replayed per call.
+
+    The host still draws a plan per call (the same numbers as ``transform(image, label,
+    generator)``); its parameters are copied into one static pinned buffer and from there, in one
+    non-blocking copy, into the graph's static device buffer; the inputs are copied into the
+    graph's static inputs, and the graph replays: one launch, whatever the kernels. Noise fields
+    come from CUDA generators registered with the graph and seeded from the plan before each
+    replay, so a replay gives the eager call's result. Needs CUDA and a torch with
+    ``CUDAGraph.register_generator_state`` (2.5 and later) when the transform adds noise.
+
+    Args:
+        transform: A transform of this module with p = 1 throughout (a Compose of them
+            included): below 1, real skipping changes shapes, which a graph cannot replay. Its
+            plans must keep their structure call after call (e.g. RandomFlip with
+            ``flip_probability`` 0 or 1, pads of one form); a call that plans differently raises
+            ValueError.
+        image: A ``(B, C, X, Y, Z)`` CUDA tensor: the batch size, shape, dtype and device of
+            every call. Used for the warm-up call and the capture.
+        label: None or a label of the same layout: every call then passes one alike.
+        generator: CPU ``torch.Generator`` for the warm-up and capture plans. Default: torch's.
+
+    A call ``captured(image, label=None, generator=None)`` returns ``(image, label)``, the graph's
+    static outputs, overwritten by the next call: clone them to keep them.
+
+    Example (needs CUDA)::
+
+        captured = CUDAGraphCall(paper_augmentation(p=1.0, background=0.0), image, label, generator)
+        for image, label in batches:
+            out, out_label = captured(image, label, generator)
+    """
+
+    def __init__(self, transform: Transform, image: torch.Tensor, label: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None):
+        if not _graph_safe(transform):
+            raise ValueError('CUDAGraphCall needs a transform of this module with p = 1 throughout, got '
+                             f'{transform!r}')
+        if not isinstance(image, torch.Tensor) or image.ndim != 5 or image.device.type != 'cuda':
+            raise ValueError('CUDAGraphCall needs a (B, C, X, Y, Z) CUDA image, got '
+                             f'{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image)} '
+                             f'on {getattr(image, "device", None)}')
+        self.transform = transform
+        self._layout = (len(image), image.shape[1], tuple(image.shape[2:]))
+        self._image = image.clone()
+        self._label = None if label is None else label.clone()
+        plan = transform.plan(*self._layout, _host_generator(generator), image.device)
+        self._static = _StaticPlan(plan, image.device, _work_dtype(image.dtype))
+        seeds = self._static.load(plan)
+        self._generators = [torch.Generator(device=image.device) for _ in seeds]
+        self._seed(seeds)
+        # Warm-up on a side stream (caches, FFT plans, lazy initialisation), then the capture.
+        stream = torch.cuda.Stream(image.device)
+        stream.wait_stream(torch.cuda.current_stream(image.device))
+        with torch.cuda.stream(stream):
+            transform.run(self._image, self._label, self._static.plan)
+        torch.cuda.current_stream(image.device).wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        for g in self._generators:
+            self._graph.register_generator_state(g)
+        _capture_generators[:] = self._generators
+        try:
+            with torch.cuda.graph(self._graph):
+                self._out = transform.run(self._image, self._label, self._static.plan)
+        finally:
+            _capture_generators.clear()
+
+    def _seed(self, seeds: list[int]) -> None:
+        for g, seed in zip(self._generators, seeds):
+            g.manual_seed(seed)  # the replay reads the seed, and the offset 0, from the generator
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None):
+        if image.shape != self._image.shape or image.dtype != self._image.dtype or (label is None) != (
+                self._label is None) or (label is not None and label.shape != self._label.shape):
+            raise ValueError('CUDAGraphCall replays the image (and label) layout it captured: '
+                             f'{tuple(self._image.shape)}, label {None if self._label is None else tuple(self._label.shape)}')
+        self._seed(self._static.load(self.transform.plan(*self._layout, _host_generator(generator), image.device)))
+        self._image.copy_(image, non_blocking=True)
+        if label is not None:
+            self._label.copy_(label, non_blocking=True)
+        self._graph.replay()
+        return self._out
 
 
 # ---------------------------------------------------------------------------------------------

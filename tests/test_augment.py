@@ -583,3 +583,48 @@ def test_random_affine_elastic_draws_what_the_two_steps_draw():
     pipelines = (A.paper_augmentation(p=1.0, background=0.0), single)
     first, second = (pipeline(x, y, generator=generator(4)) for pipeline in pipelines)
     assert 0 < (first[0] - second[0]).abs().mean() < 0.2  # at p = 1 the same draws: close, not equal
+
+
+def test_static_buffers_replay_any_plan_of_the_same_structure():
+    """The CUDA graph's parameter path, on the CPU: a plan's floating-point tensors copied into
+    static buffers give the plan's own result, and another structure is refused."""
+    x, y = volume(2, 2, 16, 14, 12), binary(2, 1, 16, 14, 12)
+    pipeline = A.paper_augmentation(p=1.0, background=[[0.0, -1.0]])
+    static = A._StaticPlan(pipeline.plan(2, 2, (16, 14, 12), generator(0)), torch.device('cpu'), torch.float32)
+    for seed in (1, 2):
+        plan = pipeline.plan(2, 2, (16, 14, 12), generator(seed))
+        seeds = static.load(plan)
+        replayed, eager = pipeline.run(x, y, static.plan), pipeline.run(x, y, plan)
+        assert len(seeds) == 1 and seeds[0] == int(plan[1][3][1]['seed'][0])
+        torch.testing.assert_close(replayed[0], eager[0], atol=1e-6, rtol=0)
+        assert torch.equal(replayed[1], eager[1])
+    with pytest.raises(ValueError, match='plans differently'):
+        static.load(A.paper_augmentation(p=1.0).plan(2, 2, (16, 14, 12), generator(3)))  # 'minimum' pads
+
+
+def test_cuda_graph_call_checks_its_transform_and_device():
+    x = volume(1, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match='p = 1'):
+        A.CUDAGraphCall(A.paper_augmentation(p=0.5), x)
+    with pytest.raises(ValueError, match='p = 1'):
+        A.CUDAGraphCall(A.Compose([A.RandomNoise(), lambda image, label, generator: (image, label)]), x)
+    with pytest.raises(ValueError, match='CUDA'):
+        A.CUDAGraphCall(A.paper_augmentation(p=1.0), x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_graph_replays_the_eager_call():
+    """Captured after one warm-up call, the graph gives the eager result for new inputs and new
+    draws, noise included (its generators are registered with the graph and seeded per call)."""
+    shape = (2, 2, 24, 22, 20)
+    x, y = volume(*shape).cuda(), binary(2, 1, *shape[2:]).cuda()
+    pipeline = A.paper_augmentation(p=1.0, background=[[0.0, -1.0]])
+    captured = A.CUDAGraphCall(pipeline, x, y, generator(0))
+    for seed in (1, 2):
+        image = volume(*shape, seed=seed).cuda()
+        ours = [t.clone() for t in captured(image, y, generator(seed))]
+        eager = pipeline(image, y, generator=generator(seed))
+        torch.testing.assert_close(ours[0], eager[0], atol=1e-6, rtol=0)
+        assert torch.equal(ours[1], eager[1])
+    with pytest.raises(ValueError, match='layout'):
+        captured(x[:1], y[:1], generator(3))
