@@ -6,7 +6,8 @@
 ``augment`` first counts, for each of the paper's six augmentations and the whole pipeline
 (TorchIO's default parameters, the flip always happening), the device ops one call dispatches
 and the bytes they move per voxel: the call runs on ``meta`` tensors with a CPU generator under
-a ``TorchDispatchMode``, where every non-view op on a meta tensor is one kernel on a GPU and
+a ``TorchDispatchMode``, where every non-view op on a meta tensor is one kernel on a GPU (``_unsafe_view``,
+with which matmul reshapes its result, is a view: no kernel) and
 host arithmetic on CPU tensors is not counted; bytes are the inputs and outputs of those ops,
 each storage once per op, counting the span of memory a view covers (not the whole storage it
 belongs to). Counts are given at p = 1 and at the pipeline's p = 0.5 (there the mean over 20
@@ -90,6 +91,11 @@ def median_seconds(call, repeats: int, cuda: bool = False, statistic=statistics.
 # ---------------------------------------------------------------------------------------------
 # augment
 
+# Ops that return a view of their input without being marked as views: no kernel runs (matmul
+# reshapes its bmm result with one).
+ALIASES = {torch.ops.aten._unsafe_view.default}
+
+
 class DeviceOps(TorchDispatchMode):
     """Count the non-view ops that touch a meta tensor, the bytes they read and write (each
     storage once per op, the span its views cover), and the largest tensor an op writes."""
@@ -101,7 +107,7 @@ class DeviceOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor) and t.device.type == 'meta']
-        if func.is_view or not tensors:
+        if func.is_view or func in ALIASES or not tensors:
             return out
         spans = {}
         for t in tensors:
