@@ -39,6 +39,13 @@ Devices, dtypes, randomness
     float16 and bfloat16 images are upcast for it, because sampling coordinates, FFTs and the
     bias polynomial need float32 precision, and the result is cast back to the input dtype.
 
+Compilation and CUDA graphs
+    A call is ``plan`` (host: the draws and all parameter arithmetic, whose results are host
+    tensors and Python values) then ``run`` (device work only). At p = 1, ``run`` given a plan
+    has no graph break under ``torch.compile`` and no host sync, so new draws reuse one graph;
+    :class:`CUDAGraphCall` captures it in a CUDA graph. Below 1, real skipping indexes the
+    chosen elements, which changes shapes: that is for eager mode.
+
 Geometry
     A tensor is a volume whose voxel axes are the world axes R, A, S (TorchIO's convention for a
     raw tensor: identity affine), origin at voxel (0, 0, 0), with voxel size ``spacing`` in mm
@@ -62,6 +69,8 @@ Deliberate deviations from TorchIO 1.2.1 (each also stated where it applies)
       when n is odd. An axis of one voxel has no inside test (grid_sample reads its only voxel).
     * Every element's parameters are drawn whatever its ``p`` decision, so a call takes the same
       count of numbers from the generator whatever it decides.
+    * :class:`AffineElasticDeformation` (an option; the pipeline keeps two steps) resamples once
+      where TorchIO 1.2.1 resamples twice; the measured difference is in its docstring.
     * ``image_interpolation`` is ``'linear'`` or ``'nearest'``; TorchIO's other SimpleITK
       interpolators, Affine's ``'otsu'`` pad and ``label_interpolation`` (labels are always
       nearest) are not offered. Noise is drawn on the image's device from a seed drawn from
