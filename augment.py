@@ -1437,25 +1437,25 @@ def _with_label_coefficients(coefficients: torch.Tensor, shape) -> torch.Tensor:
 
 def _elastic(image, label, params, interpolation):
     """Resampling through a B-spline grid: params hold the host coefficients (B, 2, nx, ny, nz, 3)
-    of ``_with_label_coefficients``, the image pad ('minimum' or (B, C)) and, optionally, the
+    of ``_with_label_coefficients``, the image pad ('minimum', 'mean' or (B, C)) and, optionally, the
     label pad (B, 1) (default: each label channel's minimum, TorchIO's rule)."""
     dtype = _work_dtype(image.dtype)
     batch, channels, *shape = image.shape
     shape = tuple(shape)
     points = tuple(params['coefficients'].shape[2:5])
-    pad, fixed_label_pad = params['pad'], 'label_pad' in params
+    pad = params['pad']
+    label_pads = [params['label_pad']] if 'label_pad' in params else []
+    image_pads = [pad] if isinstance(pad, torch.Tensor) else []
     # Uploaded as (2, B): the image grids and the label grids each contiguous.
-    coefficients, *pads = _upload(image.device, dtype, params['coefficients'].transpose(0, 1),
-                                  *([params['label_pad']] if fixed_label_pad else []),
-                                  *([pad] if isinstance(pad, torch.Tensor) else []))
+    coefficients, *pads = _upload(image.device, dtype, params['coefficients'].transpose(0, 1), *label_pads,
+                                  *image_pads)
     wx, wy, wz = _bspline_weights(shape, points, image.device, dtype)
     # Separable: contract z and y on small tensors, then x in one matmul that writes the grids.
     partial = torch.einsum('yb,zc,nabcd->nayzd', wy, wz, coefficients.reshape(2 * batch, *points, 3))
     grids = (wx @ partial.reshape(2 * batch, points[0], -1)).view(2, batch, *shape, 3)
-    label_pad = None if label is None else pads[0].view(batch, 1, 1, 1, 1) if fixed_label_pad \
-        else _min_pad(label, dtype)
-    return _resample_pair(image, label, grids, _image_pad(image, pad, pads[-1] if pads[fixed_label_pad:] else None,
-                                                          dtype), label_pad, interpolation)
+    label_pad = None if label is None else pads[0].view(batch, 1, 1, 1, 1) if label_pads else _min_pad(label, dtype)
+    image_pad = _image_pad(image, pad, pads[-1] if image_pads else None, dtype)
+    return _resample_pair(image, label, grids, image_pad, label_pad, interpolation)
 
 
 def _displacement_scale(points, max_displacement, locked_borders) -> torch.Tensor:

@@ -543,8 +543,10 @@ AFFINE = dict(scales=(1.05, 0.95, 1.0), degrees=(5, -7, 9), translation=(1, 0, -
 def test_affine_elastic_reduces_to_each_step_alone():
     x, y = volume(1, 1, 20, 18, 16), binary(1, 1, 20, 18, 16)
     control_points = np.random.default_rng(0).uniform(-2, 2, (7, 7, 7, 3))
-    both = A.AffineElasticDeformation(**AFFINE, control_points=np.zeros((7, 7, 7, 3)))(x, y)
-    affine = A.Affine(**AFFINE)(x, y)
+    pads = dict(default_pad_value='mean', default_pad_label=2)  # Affine's pad forms pass through
+    both = A.AffineElasticDeformation(**AFFINE, control_points=np.zeros((7, 7, 7, 3)), **pads)(x, y)
+    affine = A.Affine(**AFFINE, **pads)(x, y)
+    assert (affine[1] == 2).any()
     torch.testing.assert_close(both[0], affine[0], atol=1e-5, rtol=0)
     assert (both[1] != affine[1]).float().mean() < 1e-3  # one grid from the coefficients, one from affine_grid: ties
     both = A.AffineElasticDeformation(1, 0, 0, control_points=control_points)(x, y)
