@@ -472,7 +472,7 @@ class Transform:
             came. Deviation from TorchIO: the parameters of every element are drawn whatever its
             decision, so that a call always takes the same count of numbers from the generator.
 
-    Subclasses implement ``_draw(batch, channels, shape, generator, device)`` (host: draws and
+    Subclasses implement ``_draw(batch, channels, shape, generator)`` (host: draws and
     parameter arithmetic; returns host tensors with a leading batch axis and Python values),
     ``_apply(image, label, params)`` (device work on 5-D tensors: one upload of the host tensors,
     no branch on a tensor's value) and, where params hold more than batch-indexed tensors,
@@ -510,21 +510,20 @@ class Transform:
         unbatched = image.ndim == 4
         if unbatched:
             image, label = image[None], None if label is None else label[None]
-        plan = self.plan(len(image), image.shape[1], tuple(image.shape[2:]), generator, image.device)
+        plan = self.plan(len(image), image.shape[1], tuple(image.shape[2:]), generator)
         image, label = self.run(image, label, plan)
         if unbatched:
             image, label = image[0], None if label is None else label[0]
         return image, label
 
-    def plan(self, batch: int, channels: int, shape: tuple[int, int, int], generator: torch.Generator,
-             device: torch.device | str = 'cpu'):
-        """Everything on the host for a call on a ``(batch, channels, *shape)`` image on ``device``:
+    def plan(self, batch: int, channels: int, shape: tuple[int, int, int], generator: torch.Generator):
+        """Everything on the host for a call on a ``(batch, channels, *shape)`` image on any device:
         draw first the ``batch`` decisions (when p < 1), then the parameters of every element, and
         do the parameter arithmetic (matrices, spline coefficients, k-space weights) in float64.
         Returns ``(chosen, params)``: chosen None (p = 1) or a bool tensor (batch,); params holds
         host tensors with a leading batch axis and Python values (which :meth:`run` may branch on)."""
         chosen = None if self.p == 1 else torch.rand(batch, dtype=torch.float64, generator=generator) < self.p
-        return chosen, self._draw(batch, channels, shape, generator, torch.device(device))
+        return chosen, self._draw(batch, channels, shape, generator)
 
     def run(self, image: torch.Tensor, label: torch.Tensor | None, plan):
         """Apply a plan to 5-D tensors: only the elements it chose go through ``_apply``. At p = 1
@@ -542,7 +541,7 @@ class Transform:
         return (image.index_copy(0, on_device, new_image),
                 None if label is None else label.index_copy(0, on_device, new_label))
 
-    def _draw(self, batch, channels, shape, generator, device):
+    def _draw(self, batch, channels, shape, generator):
         return None
 
     def _select(self, params, index: torch.Tensor):
@@ -577,8 +576,8 @@ class Compose(Transform):
             raise ValueError(f'transforms must be a sequence of transforms, got {transforms!r}')
         self.transforms = list(transforms)
 
-    def _draw(self, batch, channels, shape, generator, device):
-        return [t.plan(batch, channels, shape, generator, device) if isinstance(t, Transform) else generator
+    def _draw(self, batch, channels, shape, generator):
+        return [t.plan(batch, channels, shape, generator) if isinstance(t, Transform) else generator
                 for t in self.transforms]
 
     def _select(self, params, index):
@@ -751,7 +750,7 @@ class RandomFlip(Transform):
         self.axes = _parse_axes(axes)
         self.flip_probability = _parse_probability(flip_probability, 'flip_probability')
 
-    def _draw(self, batch, channels, shape, generator, device):
+    def _draw(self, batch, channels, shape, generator):
         return _flip_plan(torch.rand(batch, 3, dtype=torch.float64, generator=generator) < self.flip_probability,
                           self.axes)
 
@@ -892,7 +891,7 @@ class Motion(Transform):
         self.spacing = _parse_spacing(spacing)
         self.default_pad_value = _parse_pad(default_pad_value, 'default_pad_value')
 
-    def _draw(self, batch, channels, shape, generator, device):
+    def _draw(self, batch, channels, shape, generator):
         return _motion_plan(*(_per_element(getattr(self, name), batch, name) for name in ('degrees', 'translation', 'times')),
                             _pad_plan(self.default_pad_value, batch, channels, 'default_pad_value'), self.spacing, shape)
 
@@ -936,7 +935,7 @@ class RandomMotion(Transform):
         self.spacing = _parse_spacing(spacing)
         self.default_pad_value = _parse_pad(default_pad_value, 'default_pad_value')
 
-    def _draw(self, batch, channels, shape, generator, device):
+    def _draw(self, batch, channels, shape, generator):
         n = self.num_transforms
         degrees = _uniform(*self.degrees_range, (batch, n, 3), generator)
         translation = _uniform(*self.translation_range, (batch, n, 3), generator)
@@ -1023,7 +1022,7 @@ class BiasField(Transform):
         self.order = _parse_order(order)
         self.coefficients = _parameter(coefficients, (len(_bias_exponents(self.order)),), 'coefficients')
 
-    def _draw(self, batch, channels, shape, generator, device):
+    def _draw(self, batch, channels, shape, generator):
         return _dense_coefficients(_per_element(self.coefficients, batch, 'coefficients'), self.order)
 
     def _apply(self, image, label, coefficients):
@@ -1053,7 +1052,7 @@ class RandomBiasField(Transform):
         self.coefficients_range = _parse_range(coefficients, 'coefficients')
         self.order = _parse_order(order)
 
-    def _draw(self, batch, channels, shape, generator, device):
+    def _draw(self, batch, channels, shape, generator):
         return _dense_coefficients(_uniform(*self.coefficients_range, (batch, len(_bias_exponents(self.order))),
                                             generator), self.order)
 
@@ -1140,7 +1139,7 @@ class Noise(Transform):
         if (self.std < 0).any():
             raise ValueError(f'std must be >= 0, got {std!r}')
 
-    def _draw(self, batch, channels, shape, generator, device):
+    def _draw(self, batch, channels, shape, generator):
         return _noise_plan(_per_element(self.mean, batch, 'mean'), _per_element(self.std, batch, 'std'), generator)
 
     def _apply(self, image, label, params):
@@ -1169,7 +1168,7 @@ class RandomNoise(Transform):
         self.mean_range = _parse_range(mean, 'mean')
         self.std_range = _parse_range(std, 'std', min_constraint=0)
 
-    def _draw(self, batch, channels, shape, generator, device):
+    def _draw(self, batch, channels, shape, generator):
         mean = _uniform(*self.mean_range, (batch,), generator)
         std = _uniform(*self.std_range, (batch,), generator)
         return _noise_plan(mean, std, generator)
@@ -1293,7 +1292,7 @@ class Affine(Transform):
         self.options = _parse_affine_options(center, default_pad_value, default_pad_label, image_interpolation)
         self.spacing = _parse_spacing(spacing)
 
-    def _draw(self, batch, channels, shape, generator, device):
+    def _draw(self, batch, channels, shape, generator):
         return _affine_plan(*(_per_element(getattr(self, name), batch, name) for name in ('scales', 'degrees', 'translation')),
                             _pad_plan(self.options[1], batch, channels, 'default_pad_value'), self.spacing, shape,
                             self.options)
@@ -1351,7 +1350,7 @@ class RandomAffine(Transform):
         self.options = _parse_affine_options(center, default_pad_value, default_pad_label, image_interpolation)
         self.spacing = _parse_spacing(spacing)
 
-    def _draw(self, batch, channels, shape, generator, device):
+    def _draw(self, batch, channels, shape, generator):
         return _affine_plan(*_affine_draws(self, batch, generator),
                             _pad_plan(self.options[1], batch, channels, 'default_pad_value'), self.spacing, shape,
                             self.options)
@@ -1525,14 +1524,14 @@ class ElasticDeformation(Transform):
         self.spacing = _parse_spacing(spacing)
         self.default_pad_value = _parse_pad(default_pad_value, 'default_pad_value')
 
-    def _draw(self, batch, channels, shape, generator, device):
+    def _draw(self, batch, channels, shape, generator):
         control_points = _per_element(self.control_points, batch, 'control_points')
         return {'coefficients': _with_label_coefficients(_spline_coefficients(control_points, self.spacing, shape),
                                                          shape),
                 'pad': _pad_plan(self.default_pad_value, batch, channels, 'default_pad_value')}
 
-    def plan(self, batch, channels, shape, generator, device='cpu'):
-        plan = super().plan(batch, channels, shape, generator, device)
+    def plan(self, batch, channels, shape, generator):
+        plan = super().plan(batch, channels, shape, generator)
         if self.max_displacement is not None:
             _warn_folding(self.max_displacement, shape, self.control_points.shape[1:4], self.spacing, plan[0])
         return plan
@@ -1590,14 +1589,14 @@ class RandomElasticDeformation(Transform):
         self.default_pad_value = _parse_pad(default_pad_value, 'default_pad_value')
         self._scale = _displacement_scale(self.num_control_points, self.max_displacement, locked_borders)
 
-    def _draw(self, batch, channels, shape, generator, device):
+    def _draw(self, batch, channels, shape, generator):
         control_points = _elastic_draws(self, batch, generator)
         return {'coefficients': _with_label_coefficients(_spline_coefficients(control_points, self.spacing, shape),
                                                          shape),
                 'pad': _pad_plan(self.default_pad_value, batch, channels, 'default_pad_value')}
 
-    def plan(self, batch, channels, shape, generator, device='cpu'):
-        plan = super().plan(batch, channels, shape, generator, device)
+    def plan(self, batch, channels, shape, generator):
+        plan = super().plan(batch, channels, shape, generator)
         _warn_folding(self.max_displacement, shape, self.num_control_points, self.spacing, plan[0])
         return plan
 
@@ -1671,15 +1670,15 @@ class AffineElasticDeformation(Transform):
                               image_interpolation, spacing)
         self._elastic = ElasticDeformation(control_points, max_displacement, spacing=spacing)
 
-    def _draw(self, batch, channels, shape, generator, device):
+    def _draw(self, batch, channels, shape, generator):
         affine = self._affine
         return _affine_elastic_plan(
             *(_per_element(getattr(affine, name), batch, name) for name in ('scales', 'degrees', 'translation')),
             _per_element(self._elastic.control_points, batch, 'control_points'),
             _pad_plan(affine.options[1], batch, channels, 'default_pad_value'), affine.spacing, shape, affine.options)
 
-    def plan(self, batch, channels, shape, generator, device='cpu'):
-        plan = super().plan(batch, channels, shape, generator, device)
+    def plan(self, batch, channels, shape, generator):
+        plan = super().plan(batch, channels, shape, generator)
         elastic = self._elastic
         if elastic.max_displacement is not None:
             _warn_folding(elastic.max_displacement, shape, elastic.control_points.shape[1:4], elastic.spacing, plan[0])
@@ -1721,14 +1720,14 @@ class RandomAffineElasticDeformation(Transform):
                                     default_pad_label, image_interpolation, spacing)
         self._elastic = RandomElasticDeformation(num_control_points, max_displacement, locked_borders, spacing=spacing)
 
-    def _draw(self, batch, channels, shape, generator, device):
+    def _draw(self, batch, channels, shape, generator):
         affine = self._affine
         return _affine_elastic_plan(*_affine_draws(affine, batch, generator), _elastic_draws(self._elastic, batch, generator),
                                     _pad_plan(affine.options[1], batch, channels, 'default_pad_value'), affine.spacing,
                                     shape, affine.options)
 
-    def plan(self, batch, channels, shape, generator, device='cpu'):
-        plan = super().plan(batch, channels, shape, generator, device)
+    def plan(self, batch, channels, shape, generator):
+        plan = super().plan(batch, channels, shape, generator)
         elastic = self._elastic
         _warn_folding(elastic.max_displacement, shape, elastic.num_control_points, elastic.spacing, plan[0])
         return plan
@@ -1849,7 +1848,7 @@ class CUDAGraphCall:
         self._layout = (len(image), image.shape[1], tuple(image.shape[2:]))
         self._image = image.clone()
         self._label = None if label is None else label.clone()
-        plan = transform.plan(*self._layout, _host_generator(generator), image.device)
+        plan = transform.plan(*self._layout, _host_generator(generator))
         self._static = _StaticPlan(plan, image.device, _work_dtype(image.dtype))
         seeds = self._static.load(plan)
         self._generators = [torch.Generator(device=image.device) for _ in seeds]
@@ -1880,7 +1879,7 @@ class CUDAGraphCall:
                 self._label is None) or (label is not None and label.shape != self._label.shape):
             raise ValueError('CUDAGraphCall replays the image (and label) layout it captured: '
                              f'{tuple(self._image.shape)}, label {None if self._label is None else tuple(self._label.shape)}')
-        self._seed(self._static.load(self.transform.plan(*self._layout, _host_generator(generator), image.device)))
+        self._seed(self._static.load(self.transform.plan(*self._layout, _host_generator(generator))))
         self._image.copy_(image, non_blocking=True)
         if label is not None:
             self._label.copy_(label, non_blocking=True)
