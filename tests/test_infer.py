@@ -9,6 +9,17 @@ import infer
 import repro
 
 
+class Voxelwise(torch.nn.Module):
+    """A stand-in network with the project's call form, ``net(x, pad_value=...)``."""
+
+    def __init__(self, kernel):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, kernel, padding=kernel // 2)
+
+    def forward(self, x, pad_value=0.0):
+        return self.conv(x)
+
+
 def predict(*args):
     return repro.main(["predict", *map(str, args), "--device", "cpu"])
 
@@ -19,7 +30,7 @@ def scans_of(dataset, n=1):
 
 def test_sliding_window_blends_to_the_whole_scan_result():
     # A network that sees only single voxels (1x1x1 convolution) gives the same logits tiled or whole.
-    net = torch.nn.Conv3d(1, 1, 1)
+    net = Voxelwise(1)
     image = torch.randn(1, 40, 33, 20)
     whole = infer.predict_logits(net, image)
     tiled = infer.predict_logits(net, image, window=16)
@@ -38,7 +49,7 @@ def test_segment_is_the_sigmoid_above_the_threshold(threshold):
 
 def test_tta_averages_the_logits_of_the_eight_mirrorings():
     torch.manual_seed(0)
-    net = torch.nn.Conv3d(1, 1, 3, padding=1)  # no dropout, not symmetric: flips change its output
+    net = Voxelwise(3)  # no dropout, not symmetric: flips change its output
     image = torch.randn(1, 12, 10, 8)
     flips = [(), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3)]
     expected = torch.stack([net(image.flip(a)[None])[0, 0].flip([d - 1 for d in a]) if a else net(image[None])[0, 0]
