@@ -246,7 +246,7 @@ def findings(means, channels, n):
     """The paper's two findings (§4.3), judged on the seed means, each with its spread."""
     lines, seeds = [], f"{n} seed{'s' * (n > 1)}"
     def show(key):
-        return f"{means[key][0]:.4f} ± {means[key][1]:.4f}"
+        return f"{means[key][0]:.4f} ± {means[key][1]:.4f}" if n > 1 else f"{means[key][0]:.4f}"
     for model in ("residual", "unet"):
         cells = {c: means[(model, c)] for c in channels if (model, c) in means}
         if len(cells) > 1:
