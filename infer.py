@@ -185,7 +185,10 @@ def read_checkpoint(path, device="cpu") -> dict:
 
 def load_model(path, device):
     """The network of a checkpoint, in eval mode on ``device``, and the facts of its run."""
-    checkpoint = read_checkpoint(path, device)
+    try:
+        checkpoint = read_checkpoint(path, device)
+    except UsageError as e:
+        raise UsageError(f"--checkpoint {e}") from None
     facts = checkpoint["facts"]
     model = build_model(**facts["network"]).to(device)
     model.load_state_dict(checkpoint["model"])
@@ -305,13 +308,12 @@ def plan_outputs(cases, output, overwrite, save_probabilities) -> list[tuple[Pat
     return plan
 
 
-def predict(checkpoint, inputs, output, threshold=0.5, window=None, tta=False, save_probabilities=False,
+def predict(model, facts, inputs, output, threshold=0.5, window=None, tta=False, save_probabilities=False,
             resample=True, overwrite=False, amp=True, device="cpu") -> int:
-    """The ``predict`` command: segment scans with a trained model; returns the exit status (1 if a scan
-    failed during prediction; the others are written)."""
+    """The ``predict`` command: segment scans with a model of ``load_model``, loaded once; returns the exit
+    status (1 if a scan failed during prediction; the others are written)."""
     if not 0 < threshold < 1:
         raise UsageError(f"--threshold must be in (0, 1), got {threshold}")
-    model, facts = load_model(checkpoint, device)
     channels = facts["channels"]
     cases = list_cases(inputs, channels)
     plan = plan_outputs(cases, output, overwrite, save_probabilities)

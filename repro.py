@@ -294,18 +294,18 @@ def predict_parser():
 def predict(argv):
     args = predict_parser().parse_args(argv)
     device = train.resolve_device(args.device)
+    model, facts = infer.load_model(args.checkpoint, device)
     if args.model:
-        facts = infer.read_checkpoint(args.checkpoint)["facts"]
         if facts["network"]["name"] != args.model:
             raise UsageError(f"--checkpoint {args.checkpoint} holds a {MODEL_NAMES[facts['network']['name']]}, "
                              f"not a {MODEL_NAMES[args.model]}")
     if not 0 < args.threshold < 1:
         raise UsageError(f"--threshold must be in (0, 1), got {args.threshold}")
     if args.window is not None:
-        smallest = train.MODELS[infer.read_checkpoint(args.checkpoint)["facts"]["network"]["name"]].min_side
+        smallest = train.MODELS[facts["network"]["name"]].min_side
         if args.window < smallest:
             raise UsageError(f"--window must be at least {smallest} voxels for this network, got {args.window}")
-    return infer.predict(args.checkpoint, args.input, args.output, args.threshold, args.window, args.tta,
+    return infer.predict(model, facts, args.input, args.output, args.threshold, args.window, args.tta,
                          args.save_probabilities, args.resample, args.overwrite, args.amp, device)
 
 
