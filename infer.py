@@ -5,7 +5,7 @@ never disagree (nnU-Net keeps the same seam between its trainer and its predicto
 
     logits = predict_logits(model, image, window=..., tta=...)   # whole scan, or Gaussian-blended tiles
     mask = segment(logits)                                        # sigmoid > 0.5, the only threshold
-    write_volume(path, mask, geometry)                            # the input file's own grid and header
+    write_prediction(path, logits, geometry)                      # the input file's own grid and header
 
 ``image`` is what ``data.read_scan`` or ``data.load_dataset`` prepared: float32 (C, X, Y, Z), cropped to
 the brain, z-normalised, canonically oriented. ``geometry`` (a ``data.Geometry``) undoes all of that.

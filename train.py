@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import math
 import os
@@ -658,7 +659,7 @@ def atomic_save(path, write):
     try:
         infer.atomic(path, write)
     except OSError as e:
-        if e.errno == 28 or "No space left" in str(e) or "enforce fail" in str(e) and disk_full(path):
+        if e.errno == errno.ENOSPC:
             raise UsageError(f"no space left on device while writing {path}") from None
         raise
     except RuntimeError as e:  # torch.save reports a failed write as a RuntimeError of its C++ writer

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import data
-from data import (DataError, Geometry, PatchSampler, Scan, find_scans, load_dataset, paste, read_image, read_scan,
+from data import (DataError, PatchSampler, Scan, find_scans, load_dataset, paste, read_image, read_scan,
                   split_scans)
 
 SHAPE = (28, 32, 24)

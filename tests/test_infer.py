@@ -1,4 +1,3 @@
-import math
 
 import nibabel as nib
 import numpy as np
