@@ -52,21 +52,22 @@ Geometry
     (default 1 mm isotropic). Degrees are degrees, translations and displacements are mm.
     Resampling follows ITK's ``ResampleImageFilter``: an output voxel pulls the input at a
     continuous index ``u``; inside ``-0.5 <= u < n - 0.5`` on every axis it interpolates with
-    edge-clamped neighbours, outside it takes the pad value.
+    edge-clamped neighbours, outside it takes the pad value. For the affine maps (Affine and
+    Motion's poses) the inside test is ITK's own, made exactly in float64 on the host, row by
+    row, from which the device writes the mask without reading the grid; for the B-spline's
+    grid it is a test over the grid.
 
 Deliberate deviations from TorchIO 1.2.1 (each also stated where it applies)
     * Motion rotates about the image centre. TorchIO sets the centre and then silently drops it
       (``Motion.get_rigid_transforms``), so its motions pivot about world (0, 0, 0), a corner of a
       raw tensor.
     * Labels keep their dtype after spatial transforms (TorchIO returns float32 label maps).
-      Nearest-neighbour lookups and inside tests run in float32 on a grid shifted by
-      ``2^-21 max(shape)`` voxels so that an exact half voxel rounds up, as ITK's
+      Nearest-neighbour lookups, and the B-spline grid's inside test, run in float32 on a grid
+      shifted by ``2^-21 max(shape)`` voxels so that an exact half voxel rounds up, as ITK's
       ``floor(u + 0.5)`` in double precision does; within that distance of a half voxel (and
       within float32 rounding) they can differ from ITK, which flips about one label voxel in
-      10^4 to 10^5 and, rarer still, the pad of one image voxel at the border.
-    * Motion (which has no label) makes its inside test on the unshifted grid: grid_sample's
-      nearest lookup rounds half to even, which counts the exact tie ``u = n - 0.5`` inside
-      when n is odd. An axis of one voxel has no inside test (grid_sample reads its only voxel).
+      10^4 to 10^5 and, rarer still for ElasticDeformation, the pad of one image voxel at the
+      border.
     * Every element's parameters are drawn whatever its ``p`` decision, so a call takes the same
       count of numbers from the generator whatever it decides.
     * :class:`AffineElasticDeformation` (an option; the pipeline keeps two steps) resamples once
@@ -299,16 +300,21 @@ def _affine_grid(theta: torch.Tensor, batch: int, shape) -> torch.Tensor:
     the n maps of an element are stacked along X, so one grid_sample pulls them all.
 
     On a GPU it is one ``affine_grid``. On the CPU, where affine_grid writes a (X, Y, Z, 4) base
-    grid and multiplies it (three times the time), the same sum is built by broadcasting: the
-    (X, Y) and Z parts are small, and one addition writes the grid."""
+    grid and multiplies it (three times the time), the same sums are built by broadcasting, one
+    addition writing the grid, component-major (``(3, N, X, Y, Z)`` storage, handed over as a
+    permuted view, which grid_sample reads through its strides): a broadcast over a contiguous Z
+    axis is vectorised, one over an inner axis of 3 is not, and the component planes are what
+    the inside test compares (``_inside_by_bounds``)."""
     if theta.device.type != 'cpu':
         return F.affine_grid(theta, [len(theta), 1, *shape], align_corners=True).view(batch, -1, *shape[1:], 3)
     i, j, k = (torch.linspace(-1, 1, n, dtype=theta.dtype) if n > 1 else torch.zeros(1, dtype=theta.dtype)
                for n in shape)
-    columns = theta.transpose(1, 2)[:, :, None, None, None, :]  # (N, 4, 1, 1, 1, 3): x=k, y=j, z=i, 1
-    along_ij = i.view(-1, 1, 1, 1) * columns[:, 2] + j.view(1, -1, 1, 1) * columns[:, 1]
-    grid = along_ij + (k.view(1, 1, -1, 1) * columns[:, 0] + columns[:, 3])
-    return grid.view(batch, -1, *shape[1:], 3)
+    columns = theta.permute(1, 2, 0)[..., None, None]  # (3, 4, N, 1, 1): component x=k, y=j, z=i; column
+    along_ij = i.view(-1, 1) * columns[:, 2] + j * columns[:, 1]  # (3, N, X, Y)
+    along_k = k * columns[:, 0, :, 0] + columns[:, 3, :, 0]  # (3, N, Z)
+    planes = torch.add(along_ij[..., None], along_k[:, :, None, None],
+                       out=theta.new_empty(3, len(theta), *shape))  # out=: the layout is ours, not broadcast's
+    return planes.view(3, batch, -1, *shape[1:]).permute(1, 2, 3, 4, 0)
 
 
 @functools.lru_cache(maxsize=16)
@@ -341,7 +347,8 @@ def _grid_sample(x: torch.Tensor, grid: torch.Tensor, mode: str, padding: str = 
 
 
 def _inside_by_lookup(grid: torch.Tensor, shape) -> torch.Tensor:
-    """(N, 1, ...) float: 1 where ``grid`` points inside a volume of ``shape``, else 0."""
+    """(N, 1, ...) float: 1 where ``grid`` points inside a volume of ``shape``, else 0; one
+    nearest lookup of ones with zero padding (1 where the nearest voxel exists)."""
     unit = _unit(grid.device, grid.dtype).expand(len(grid), 1, *shape)
     return _grid_sample(unit, grid, 'nearest', 'zeros')
 
@@ -358,26 +365,102 @@ def _bounds(shape: tuple[int, int, int]) -> tuple[list[float], list[float]]:
 
 
 def _inside_by_bounds(grid: torch.Tensor, shape) -> torch.Tensor:
-    """(N, 1, ...) bool: ``-0.5 <= u < n - 0.5`` on every axis, compared in normalised units."""
-    low, high = (torch.tensor(bound, dtype=grid.dtype, device=grid.device) for bound in _bounds(tuple(shape)))
-    return (grid >= low).logical_and_(grid < high).all(-1)[:, None]
+    """(N, 1, ...) bool: ``-0.5 <= u < n - 0.5`` on every axis, compared in normalised units one
+    component plane at a time (vectorised on a component-major grid)."""
+    low, high = _bounds(tuple(shape))
+    inside = None
+    for component in range(3):
+        plane = grid[..., component]
+        test = (plane >= low[component]).logical_and_(plane < high[component])
+        inside = test if inside is None else inside.logical_and_(test)
+    return inside[:, None]
 
 
-def _resample(items, test_grid: torch.Tensor) -> list[torch.Tensor]:
+def _inside_of_grid(grid: torch.Tensor, shape) -> torch.Tensor:
+    """The inside test of a grid that is not affine (the B-spline's): on a GPU (and on meta
+    tensors) one nearest lookup, one kernel instead of a chain of comparisons over the stored
+    grid; on the CPU, where the 3-D grid_sample is scalar code and comparisons are vectorised,
+    the comparisons. The two differ only at exact ties."""
+    return (_inside_by_bounds if grid.device.type == 'cpu' else _inside_by_lookup)(grid, shape)
+
+
+def _first_reached(a: torch.Tensor, b: torch.Tensor, edge: torch.Tensor, size: int) -> torch.Tensor:
+    """Per row, the first k in 0..size (``size``: none) at which ``u = a + b k`` has reached
+    ``edge``: ``u >= edge`` where b >= 0, ``u < edge`` where b < 0 (all of the same shape).
+
+    Solved by division, then checked against the test itself at k and k - 1; the rare rows
+    where the division's rounding misplaces the answer (b a rounding error, as in a right
+    angle's cosine) are settled by bisection on the test, so the result is the test's, exactly."""
+    rising = b >= 0
+
+    def reached(k, rows=...):
+        return (a[rows] + b[rows] * k >= edge[rows]) == rising[rows]
+
+    quotient = (edge - a) / torch.where(b == 0, 1.0, b)
+    k = torch.where(rising, quotient.ceil(), quotient.floor() + 1)
+    k = torch.where(b == 0, torch.where(reached(0.0), 0.0, size), k).clamp(0, size)
+    settled = (reached(k) | (k == size)) & ((k == 0) | ~reached(k - 1))
+    if not bool(settled.all()):
+        rows = (~settled).nonzero(as_tuple=True)
+        low, high = torch.zeros(len(rows[0]), dtype=k.dtype), torch.full((len(rows[0]),), float(size), dtype=k.dtype)
+        for _ in range(size.bit_length()):
+            middle = ((low + high) / 2).floor()
+            holds = reached(middle, rows)
+            high, low = torch.where(holds, middle, high), torch.where(holds, low, middle + 1)
+        k[rows] = low.clamp(max=size)
+    return k
+
+
+def _rows_inside(matrix: torch.Tensor, offset: torch.Tensor, shape) -> torch.Tensor:
+    """Host float64 ``(N, 2, X, Y)``: for the affine voxel map ``u = matrix @ v + offset``
+    ((N, 3, 3), (N, 3)), the range ``start <= k < end`` of each output row (i, j, :) that is
+    inside, ``-0.5 <= u < n - 0.5`` on every axis: ITK's test (``IsInsideBuffer``), made in
+    float64 as ITK makes it in double.
+
+    Along a row u is affine in k, ``u = a + b k``, so each axis's test holds on an interval of
+    k: it starts where u reaches the near edge and ends where it reaches the far one
+    (``_first_reached``; b = 0: the row is all in or all out). From these few numbers the device
+    writes the inside mask directly (``_inside_rows``), without reading the grid."""
+    size = shape[2]
+    i = torch.arange(shape[0], dtype=torch.float64)[:, None]
+    j = torch.arange(shape[1], dtype=torch.float64)
+    start = torch.zeros(len(matrix), *shape[:2], dtype=torch.float64)
+    end = torch.full_like(start, size)
+    for axis, n in enumerate(shape):
+        row = matrix[:, axis, :, None, None]
+        a = row[:, 0] * i + row[:, 1] * j + offset[:, axis, None, None]  # u at k = 0, (N, X, Y)
+        b = row[:, 2].expand_as(a)  # u's step along k
+        low, high = torch.full_like(a, -0.5), torch.full_like(a, n - 0.5)
+        near, far = torch.where(b >= 0, low, high), torch.where(b >= 0, high, low)
+        # The start: u has reached the near edge; the end: u has reached the far edge (the
+        # test ``u < n - 0.5`` or ``u >= -0.5`` fails from there on).
+        start = torch.maximum(start, _first_reached(a, b, near, size))
+        end = torch.minimum(end, _first_reached(a, b, far, size))
+    return torch.stack([start, end.maximum(start)], 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _indices(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(size, device=device, dtype=dtype)
+
+
+def _inside_rows(rows: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 1, X, Y, Z) bool on the device from the row ranges (N, 2, X, Y) of ``_rows_inside``:
+    two comparisons and an ``and``, which read a few numbers per row and write one byte per
+    voxel."""
+    k = _indices(size, rows.device, rows.dtype)
+    return (k >= rows[:, 0, :, :, None]).logical_and_(k < rows[:, 1, :, :, None])[:, None]
+
+
+def _resample(items, inside: torch.Tensor) -> list[torch.Tensor]:
     """Pull volumes (N, C, X, Y, Z) through grids with ITK's rule; ``items`` are
     ``(volume, grid, pad, mode)``, pad a (N | 1, C | 1, 1, 1, 1) tensor, mode 'bilinear' or
-    'nearest'; the inside test is made on ``test_grid``.
+    'nearest'; ``inside`` (N, 1, X, Y, Z), bool or float 0/1, says where the grid points inside.
 
-    On a GPU (and on meta tensors) the inside test is one more grid_sample: a nearest lookup of
-    ones with zero padding is 1 where the nearest voxel exists, i.e. inside, one kernel instead
-    of a chain of comparisons over the stored grid; ``lerp`` then takes the pad where it is 0
-    and the sample where it is 1, exactly. On the CPU, where the 3-D grid_sample is scalar code
-    and comparisons are vectorised, the test compares the grid with the bounds ``-0.5`` and
-    ``n - 0.5`` (normalised) instead; the two differ only at exact ties. Work is in the grid's
-    dtype; every volume keeps its own.
+    grid_sample's 'border' padding clamps the neighbours at the edge, which is ITK's rule inside;
+    where the mask is 0 the pad is taken, exactly (``where`` for a bool mask, ``lerp`` for a
+    float one), in place. Work is in the grid's dtype; every volume keeps its own.
     """
-    shape = tuple(items[0][0].shape[2:])
-    inside = (_inside_by_bounds if test_grid.device.type == 'cpu' else _inside_by_lookup)(test_grid, shape)
     out = []
     for volume, grid, pad, mode in items:
         sampled = _grid_sample(volume.to(grid.dtype), grid, mode)
@@ -399,19 +482,20 @@ def _half_up(shape) -> torch.Tensor:
     """Host float64, per grid component (k, j, i): the normalised shift of ``2^-21 max(shape)``
     voxels (a few float32 steps of the largest index) that makes grid_sample's nearest lookup,
     which rounds half to even, round an exact half voxel up as ITK does (``floor(u + 0.5)``),
-    on labels and in the inside test. Interpolated images keep the unshifted grid."""
+    on labels and in the B-spline grid's inside test. Interpolated images keep the unshifted
+    grid."""
     a, _ = _normalisation(tuple(shape))
     return a.flip(0) * (max(shape) * 2.0 ** -21)
 
 
-def _resample_pair(image, label, grids, image_pad, label_pad, interpolation):
+def _resample_pair(image, label, grids, image_pad, label_pad, interpolation, inside):
     """Image and optional label through ``grids`` (2, N, X, Y, Z, 3): grids 0 for the image,
-    grids 1, shifted by ``_half_up``, for the label and the inside test."""
-    grid, nearest_grid = grids[0], grids[1]
-    items = [(image, grid, image_pad, _mode(interpolation))]
+    grids 1, shifted by ``_half_up``, for the label (absent when there is no label); ``inside``
+    is the mask of both."""
+    items = [(image, grids[0], image_pad, _mode(interpolation))]
     if label is not None:
-        items.append((label, nearest_grid, label_pad, 'nearest'))
-    out = _resample(items, nearest_grid)
+        items.append((label, grids[1], label_pad, 'nearest'))
+    out = _resample(items, inside)
     return out[0], None if label is None else out[1]
 
 
@@ -812,11 +896,16 @@ def _motion_maps(degrees: torch.Tensor, translation: torch.Tensor, spacing, shap
 
 def _motion_plan(degrees, translation, times, pad, spacing, shape) -> dict:
     """Host float64 parameters of a Motion call: the affine_grid matrices (B, n, 3, 4) of the
-    moved poses, the k-space weights (B, n + 1, Z // 2 + 1) and the pad ('minimum' or (B, C))."""
+    moved poses, their inside rows (``_rows_inside``), the k-space weights (B, n + 1, Z // 2 + 1)
+    and the pad ('minimum' or (B, C))."""
     batch, n, _ = degrees.shape
-    matrix, offset = _motion_maps(degrees, translation, spacing, shape)
-    theta = _theta(matrix.view(-1, 3, 3), offset.view(-1, 3), shape).view(batch, n, 3, 4)
-    return {'theta': theta, 'weights': _kspace_weights(times, shape[2]), 'pad': pad}
+    matrix, offset = (value.reshape(batch * n, *value.shape[2:]) for value in
+                      _motion_maps(degrees, translation, spacing, shape))
+    theta = _theta(matrix, offset, shape).view(batch, n, 3, 4)
+    # The copies' row ranges stacked along X, as their grids are: (B, 2, n * X, Y).
+    rows = _rows_inside(matrix, offset, shape).view(batch, n, 2, *shape[:2]).transpose(1, 2)
+    return {'theta': theta, 'rows': rows.reshape(batch, 2, n * shape[0], shape[1]),
+            'weights': _kspace_weights(times, shape[2]), 'pad': pad}
 
 
 def _motion(image, params, interpolation):
@@ -825,12 +914,12 @@ def _motion(image, params, interpolation):
     batch, channels, *shape = x.shape
     n = params['theta'].shape[1]
     numeric_pad = isinstance(params['pad'], torch.Tensor)
-    theta, weights, *pad = _upload(x.device, x.dtype, params['theta'], params['weights'],
-                                   *([params['pad']] if numeric_pad else []))
+    theta, rows, weights, *pad = _upload(x.device, x.dtype, params['theta'], params['rows'], params['weights'],
+                                         *([params['pad']] if numeric_pad else []))
     pad = pad[0].view(batch, channels, 1, 1, 1) if numeric_pad else _min_pad(x, x.dtype)
     # All moved copies of all elements in one resampling, one FFT along Z, one weighted sum.
     grid = _affine_grid(theta.view(-1, 3, 4), batch, shape)
-    moved, = _resample([(x, grid, pad, _mode(interpolation))], grid)
+    moved, = _resample([(x, grid, pad, _mode(interpolation))], _inside_rows(rows, shape[2]))
     spectra = torch.fft.rfft(moved.view(batch, channels, n, *shape), dim=-1)
     weights = weights.view(batch, 1, n + 1, 1, 1, -1)
     spectrum = torch.fft.rfft(x, dim=-1).mul_(weights[:, :, 0])
@@ -1219,10 +1308,12 @@ def _with_label_grid(theta: torch.Tensor, shape) -> torch.Tensor:
 
 def _affine_plan(scales, degrees, translation, pad, spacing, shape, options) -> dict:
     """Host float64 parameters of an Affine call: the matrices (B, 2, 3, 4) of ``_with_label_grid``,
-    the label pad (B, 1) and the image pad ('minimum', 'mean' or (B, C))."""
-    theta = _affine_theta(scales, degrees, translation, spacing, shape, options[0])
-    return {'theta': _with_label_grid(theta, shape), 'label_pad': torch.full((len(theta), 1), options[2],
-                                                                             dtype=torch.float64), 'pad': pad}
+    the inside rows (``_rows_inside``), the label pad (B, 1) and the image pad ('minimum', 'mean'
+    or (B, C))."""
+    matrix, offset = _affine_maps(scales, degrees, translation, spacing, shape, options[0])
+    theta = _theta(matrix, offset, shape)
+    return {'theta': _with_label_grid(theta, shape), 'rows': _rows_inside(matrix, offset, shape),
+            'label_pad': torch.full((len(theta), 1), options[2], dtype=torch.float64), 'pad': pad}
 
 
 def _image_pad(image, pad, uploaded, dtype):
@@ -1241,12 +1332,15 @@ def _affine(image, label, params, interpolation):
     dtype = _work_dtype(image.dtype)
     batch, channels, *shape = image.shape
     pad = params['pad']
-    # Uploaded as (2, B): the image grids and the label grids each contiguous.
-    theta, label_pad, *pad_values = _upload(image.device, dtype, params['theta'].transpose(0, 1), params['label_pad'],
-                                            *([pad] if isinstance(pad, torch.Tensor) else []))
-    grids = _affine_grid(theta.reshape(-1, 3, 4), 2 * batch, shape).view(2, batch, *shape, 3)
+    # Uploaded as (2, B): the image grids and the label grids each contiguous; without a label
+    # only the image grids are built (the inside mask comes from the rows, not from a grid).
+    theta, rows, label_pad, *pad_values = _upload(image.device, dtype, params['theta'].transpose(0, 1),
+                                                  params['rows'], params['label_pad'],
+                                                  *([pad] if isinstance(pad, torch.Tensor) else []))
+    grids = theta[:1 if label is None else 2]
+    grids = _affine_grid(grids.reshape(-1, 3, 4), len(grids) * batch, shape).view(len(grids), batch, *shape, 3)
     return _resample_pair(image, label, grids, _image_pad(image, pad, pad_values[0] if pad_values else None, dtype),
-                          label_pad.view(batch, 1, 1, 1, 1), interpolation)
+                          label_pad.view(batch, 1, 1, 1, 1), interpolation, _inside_rows(rows, shape[2]))
 
 
 class Affine(Transform):
@@ -1449,12 +1543,14 @@ def _elastic(image, label, params, interpolation):
     coefficients, *pads = _upload(image.device, dtype, params['coefficients'].transpose(0, 1), *label_pads,
                                   *image_pads)
     wx, wy, wz = _bspline_weights(shape, points, image.device, dtype)
-    # Separable: contract z and y on small tensors, then x in one matmul that writes the grids.
-    partial = torch.einsum('yb,zc,nabcd->nayzd', wy, wz, coefficients.reshape(2 * batch, *points, 3))
-    grids = (wx @ partial.reshape(2 * batch, points[0], -1)).view(2, batch, *shape, 3)
+    # Separable: contract z and y on small tensors, then x in one matmul that writes the grids,
+    # component-major (see _affine_grid), handed to grid_sample as a permuted view.
+    partial = torch.einsum('yb,zc,nabcd->ndayz', wy, wz, coefficients.reshape(2 * batch, *points, 3))
+    planes = wx @ partial.reshape(2 * batch * 3, points[0], -1)
+    grids = planes.view(2, batch, 3, *shape).permute(0, 1, 3, 4, 5, 2)
     label_pad = None if label is None else pads[0].view(batch, 1, 1, 1, 1) if label_pads else _min_pad(label, dtype)
     image_pad = _image_pad(image, pad, pads[-1] if image_pads else None, dtype)
-    return _resample_pair(image, label, grids, image_pad, label_pad, interpolation)
+    return _resample_pair(image, label, grids, image_pad, label_pad, interpolation, _inside_of_grid(grids[1], shape))
 
 
 def _displacement_scale(points, max_displacement, locked_borders) -> torch.Tensor:
