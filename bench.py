@@ -1,6 +1,6 @@
 """Benchmarks of the project's building blocks.
 
-    python bench.py augment [--device cpu|cuda] [--repeats N] [--quick] [--threads N] [--counts]
+    python bench.py augment [--device cpu|cuda] [--repeats N] [--quick] [--threads N] [--counts | --profile]
     python bench.py model [--size 144] [--time] [--device cpu|cuda] [--repeats N]
 
 ``augment`` first counts, for each of the paper's six augmentations and the whole pipeline
@@ -19,7 +19,7 @@ the median of ``--repeats`` calls after one warm-up call; at p = 0.5 (pipeline o
 calls differ by what they draw, the mean of ``4 * repeats`` calls. The load average is printed
 before and after each table: on a shared machine, multi-threaded eager torch code (ours, MONAI)
 slows down far more than the load alone suggests, because every parallel op waits for its
-slowest thread.
+slowest thread. The process keeps freed memory as training does (``repro.keep_freed_memory``).
 """
 
 from __future__ import annotations
@@ -37,10 +37,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import augment
+import repro
 
 TRANSFORMS = ('Flip', 'Motion', 'BiasField', 'Noise', 'Affine', 'ElasticDeformation', 'pipeline')
-# Counted only: TorchIO 1.2.1 and MONAI have no single-resampling affine + elastic to time against.
-COUNTED = TRANSFORMS[:-1] + ('AffineElasticDeformation', 'pipeline', 'pipeline, one resampling')
+# Counted only: TorchIO 1.2.1 and MONAI have no single-resampling affine + elastic to time against,
+# and the training call's numeric background (no minimum to reduce) changes the bytes, not the race.
+COUNTED = TRANSFORMS[:-1] + ('AffineElasticDeformation', 'pipeline', 'pipeline, background 0',
+                             'pipeline, one resampling')
 
 
 def machine() -> list[str]:
@@ -150,9 +153,11 @@ def count_table(shapes) -> None:
 
 def ours(name: str, p: float = 1.0):
     """Our transform ``name`` with TorchIO's defaults (flip always); ``p`` for the pipeline (or for
-    ``'pipeline, one resampling'``, with Affine and Elastic in one resampling)."""
+    ``'pipeline, one resampling'``, with Affine and Elastic in one resampling, and ``'pipeline,
+    background 0'``, padding with 0 as training does after normalisation)."""
     if name.startswith('pipeline'):
-        return augment.paper_augmentation(p=p, single_resampling=name == 'pipeline, one resampling')
+        return augment.paper_augmentation(p=p, single_resampling=name == 'pipeline, one resampling',
+                                          background=0.0 if name == 'pipeline, background 0' else None)
     if name == 'Flip':
         return augment.RandomFlip(flip_probability=1.0)
     return getattr(augment, 'Random' + name)()
@@ -221,6 +226,8 @@ def bench_augment(args) -> None:
     # TorchIO warns that its default 7.5 mm may fold the small --quick volumes.
     warnings.filterwarnings('ignore', 'The maximum displacement is larger', RuntimeWarning)
     print('\n'.join(machine()))
+    if args.profile:
+        return profile_pipeline(shapes[0], repeats)
     print('\ndevice ops per call and bytes moved per voxel (meta tensors, image + label)\n')
     count_table(shapes)
     if args.counts:
@@ -268,6 +275,29 @@ def bench_augment(args) -> None:
         print(f'\nload average after this table: {load()}\n')
     if monai is not None:
         print('MONAI has no motion artefact: its pipeline has five transforms.')
+
+
+def profile_pipeline(shape, repeats: int) -> None:
+    """Our pipeline at p = 1 on one CPU volume + label under ``torch.profiler``: the self time of
+    each op (by input shapes), in ms per call, over ``repeats`` calls after three warm-up calls."""
+    image, label = sample(shape)
+    pipeline, generator = ours('pipeline'), torch.Generator().manual_seed(0)
+    for _ in range(3):
+        pipeline(image, label, generator)
+    with torch.profiler.profile(record_shapes=True) as profiler:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            pipeline(image, label, generator)
+        seconds = (time.perf_counter() - start) / repeats
+    print(f'\npipeline, {"x".join(map(str, shape))} image + label, p = 1: {seconds * 1e3:.0f} ms per call '
+          f'under the profiler ({repeats} calls)\n')
+    print('| op | input shapes | self ms per call |')
+    print('|---|---|---|')
+    events = sorted(profiler.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+    for event in events[:15]:
+        shapes = ', '.join('x'.join(map(str, s)) for s in event.input_shapes if s)
+        print(f'| {event.key} | {shapes} | {event.self_cpu_time_total / 1e3 / repeats:.1f} |')
+    print(f'\nload average: {load()}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,6 +376,8 @@ def main(argv=None) -> None:
     augment_parser.add_argument('--quick', action='store_true', help='small volumes, 2 repeats: a smoke test')
     augment_parser.add_argument('--counts', action='store_true',
                                 help='only the device ops and bytes per voxel (meta tensors: no timing, seconds)')
+    augment_parser.add_argument('--profile', action='store_true',
+                                help='only where the pipeline\'s CPU time goes: torch.profiler, one 144^3 call')
     augment_parser.add_argument('--threads', type=int, default=None,
                                 help='CPU threads for torch and SimpleITK alike (default: their own defaults)')
     augment_parser.set_defaults(run=bench_augment)
@@ -357,6 +389,10 @@ def main(argv=None) -> None:
     model_parser.add_argument('--repeats', type=int, default=None, help='timed steps (default 3)')
     model_parser.set_defaults(run=bench_model)
     args = parser.parse_args(argv)
+    # The training entry point's allocator setting (repro.keep_freed_memory), for every library
+    # timed here alike: without it each fresh 10-70 MB buffer faults its pages in again, which is
+    # about 15% of our pipeline's time at 144^3 and not what a training step pays.
+    repro.keep_freed_memory()
     args.run(args)
 
 
