@@ -52,22 +52,22 @@ Geometry
     (default 1 mm isotropic). Degrees are degrees, translations and displacements are mm.
     Resampling follows ITK's ``ResampleImageFilter``: an output voxel pulls the input at a
     continuous index ``u``; inside ``-0.5 <= u < n - 0.5`` on every axis it interpolates with
-    edge-clamped neighbours, outside it takes the pad value. For the affine maps (Affine and
-    Motion's poses) the inside test is ITK's own, made exactly in float64 on the host, row by
-    row, from which the device writes the mask without reading the grid; for the B-spline's
-    grid it is a test over the grid.
+    edge-clamped neighbours, outside it takes the pad value.
 
 Deliberate deviations from TorchIO 1.2.1 (each also stated where it applies)
     * Motion rotates about the image centre. TorchIO sets the centre and then silently drops it
       (``Motion.get_rigid_transforms``), so its motions pivot about world (0, 0, 0), a corner of a
       raw tensor.
     * Labels keep their dtype after spatial transforms (TorchIO returns float32 label maps).
-      Nearest-neighbour lookups, and the B-spline grid's inside test, run in float32 on a grid
-      shifted by ``2^-21 max(shape)`` voxels so that an exact half voxel rounds up, as ITK's
+      Nearest-neighbour lookups and inside tests run in float32 on a grid shifted by
+      ``2^-21 max(shape)`` voxels so that an exact half voxel rounds up, as ITK's
       ``floor(u + 0.5)`` in double precision does; within that distance of a half voxel (and
       within float32 rounding) they can differ from ITK, which flips about one label voxel in
-      10^4 to 10^5 and, rarer still for ElasticDeformation, the pad of one image voxel at the
-      border.
+      10^4 to 10^5 and, rarer still, the pad of one image voxel at the border.
+    * Motion (which has no label) makes its inside test on the unshifted grid: on a GPU,
+      grid_sample's nearest lookup rounds half to even, which counts the exact tie
+      ``u = n - 0.5`` inside when n is odd. An axis of one voxel has no inside test there
+      (grid_sample reads its only voxel).
     * Every element's parameters are drawn whatever its ``p`` decision, so a call takes the same
       count of numbers from the generator whatever it decides.
     * :class:`AffineElasticDeformation` (an option; the pipeline keeps two steps) resamples once
@@ -377,79 +377,11 @@ def _inside_by_bounds(grid: torch.Tensor, shape) -> torch.Tensor:
 
 
 def _inside_of_grid(grid: torch.Tensor, shape) -> torch.Tensor:
-    """The inside test of a grid that is not affine (the B-spline's): on a GPU (and on meta
-    tensors) one nearest lookup, one kernel instead of a chain of comparisons over the stored
-    grid; on the CPU, where the 3-D grid_sample is scalar code and comparisons are vectorised,
-    the comparisons. The two differ only at exact ties."""
+    """The inside test over a grid: on a GPU (and on meta tensors) one nearest lookup, one kernel
+    instead of a chain of comparisons over the stored grid; on the CPU, where the 3-D
+    grid_sample is scalar code and comparisons are vectorised, the comparisons, one component
+    plane at a time. The two differ only at exact ties."""
     return (_inside_by_bounds if grid.device.type == 'cpu' else _inside_by_lookup)(grid, shape)
-
-
-def _first_reached(a: torch.Tensor, b: torch.Tensor, edge: torch.Tensor, size: int) -> torch.Tensor:
-    """Per row, the first k in 0..size (``size``: none) at which ``u = a + b k`` has reached
-    ``edge``: ``u >= edge`` where b >= 0, ``u < edge`` where b < 0 (all of the same shape).
-
-    Solved by division, then checked against the test itself at k and k - 1; the rare rows
-    where the division's rounding misplaces the answer (b a rounding error, as in a right
-    angle's cosine) are settled by bisection on the test, so the result is the test's, exactly."""
-    rising = b >= 0
-
-    def reached(k, rows=...):
-        return (a[rows] + b[rows] * k >= edge[rows]) == rising[rows]
-
-    quotient = (edge - a) / torch.where(b == 0, 1.0, b)
-    k = torch.where(rising, quotient.ceil(), quotient.floor() + 1)
-    k = torch.where(b == 0, torch.where(reached(0.0), 0.0, size), k).clamp(0, size)
-    settled = (reached(k) | (k == size)) & ((k == 0) | ~reached(k - 1))
-    if not bool(settled.all()):
-        rows = (~settled).nonzero(as_tuple=True)
-        low, high = torch.zeros(len(rows[0]), dtype=k.dtype), torch.full((len(rows[0]),), float(size), dtype=k.dtype)
-        for _ in range(size.bit_length()):
-            middle = ((low + high) / 2).floor()
-            holds = reached(middle, rows)
-            high, low = torch.where(holds, middle, high), torch.where(holds, low, middle + 1)
-        k[rows] = low.clamp(max=size)
-    return k
-
-
-def _rows_inside(matrix: torch.Tensor, offset: torch.Tensor, shape) -> torch.Tensor:
-    """Host float64 ``(N, 2, X, Y)``: for the affine voxel map ``u = matrix @ v + offset``
-    ((N, 3, 3), (N, 3)), the range ``start <= k < end`` of each output row (i, j, :) that is
-    inside, ``-0.5 <= u < n - 0.5`` on every axis: ITK's test (``IsInsideBuffer``), made in
-    float64 as ITK makes it in double.
-
-    Along a row u is affine in k, ``u = a + b k``, so each axis's test holds on an interval of
-    k: it starts where u reaches the near edge and ends where it reaches the far one
-    (``_first_reached``; b = 0: the row is all in or all out). From these few numbers the device
-    writes the inside mask directly (``_inside_rows``), without reading the grid."""
-    size = shape[2]
-    i = torch.arange(shape[0], dtype=torch.float64)[:, None]
-    j = torch.arange(shape[1], dtype=torch.float64)
-    start = torch.zeros(len(matrix), *shape[:2], dtype=torch.float64)
-    end = torch.full_like(start, size)
-    for axis, n in enumerate(shape):
-        row = matrix[:, axis, :, None, None]
-        a = row[:, 0] * i + row[:, 1] * j + offset[:, axis, None, None]  # u at k = 0, (N, X, Y)
-        b = row[:, 2].expand_as(a)  # u's step along k
-        low, high = torch.full_like(a, -0.5), torch.full_like(a, n - 0.5)
-        near, far = torch.where(b >= 0, low, high), torch.where(b >= 0, high, low)
-        # The start: u has reached the near edge; the end: u has reached the far edge (the
-        # test ``u < n - 0.5`` or ``u >= -0.5`` fails from there on).
-        start = torch.maximum(start, _first_reached(a, b, near, size))
-        end = torch.minimum(end, _first_reached(a, b, far, size))
-    return torch.stack([start, end.maximum(start)], 1)
-
-
-@functools.lru_cache(maxsize=16)
-def _indices(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.arange(size, device=device, dtype=dtype)
-
-
-def _inside_rows(rows: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, 1, X, Y, Z) bool on the device from the row ranges (N, 2, X, Y) of ``_rows_inside``:
-    two comparisons and an ``and``, which read a few numbers per row and write one byte per
-    voxel."""
-    k = _indices(size, rows.device, rows.dtype)
-    return (k >= rows[:, 0, :, :, None]).logical_and_(k < rows[:, 1, :, :, None])[:, None]
 
 
 def _resample(items, inside: torch.Tensor) -> list[torch.Tensor]:
@@ -482,16 +414,15 @@ def _half_up(shape) -> torch.Tensor:
     """Host float64, per grid component (k, j, i): the normalised shift of ``2^-21 max(shape)``
     voxels (a few float32 steps of the largest index) that makes grid_sample's nearest lookup,
     which rounds half to even, round an exact half voxel up as ITK does (``floor(u + 0.5)``),
-    on labels and in the B-spline grid's inside test. Interpolated images keep the unshifted
-    grid."""
+    on labels and in the inside test. Interpolated images keep the unshifted grid."""
     a, _ = _normalisation(tuple(shape))
     return a.flip(0) * (max(shape) * 2.0 ** -21)
 
 
 def _resample_pair(image, label, grids, image_pad, label_pad, interpolation, inside):
     """Image and optional label through ``grids`` (2, N, X, Y, Z, 3): grids 0 for the image,
-    grids 1, shifted by ``_half_up``, for the label (absent when there is no label); ``inside``
-    is the mask of both."""
+    grids 1, shifted by ``_half_up``, for the label; ``inside`` is the mask of both, tested on
+    grids 1."""
     items = [(image, grids[0], image_pad, _mode(interpolation))]
     if label is not None:
         items.append((label, grids[1], label_pad, 'nearest'))
@@ -896,16 +827,11 @@ def _motion_maps(degrees: torch.Tensor, translation: torch.Tensor, spacing, shap
 
 def _motion_plan(degrees, translation, times, pad, spacing, shape) -> dict:
     """Host float64 parameters of a Motion call: the affine_grid matrices (B, n, 3, 4) of the
-    moved poses, their inside rows (``_rows_inside``), the k-space weights (B, n + 1, Z // 2 + 1)
-    and the pad ('minimum' or (B, C))."""
+    moved poses, the k-space weights (B, n + 1, Z // 2 + 1) and the pad ('minimum' or (B, C))."""
     batch, n, _ = degrees.shape
-    matrix, offset = (value.reshape(batch * n, *value.shape[2:]) for value in
-                      _motion_maps(degrees, translation, spacing, shape))
-    theta = _theta(matrix, offset, shape).view(batch, n, 3, 4)
-    # The copies' row ranges stacked along X, as their grids are: (B, 2, n * X, Y).
-    rows = _rows_inside(matrix, offset, shape).view(batch, n, 2, *shape[:2]).transpose(1, 2)
-    return {'theta': theta, 'rows': rows.reshape(batch, 2, n * shape[0], shape[1]),
-            'weights': _kspace_weights(times, shape[2]), 'pad': pad}
+    matrix, offset = _motion_maps(degrees, translation, spacing, shape)
+    theta = _theta(matrix.view(-1, 3, 3), offset.view(-1, 3), shape).view(batch, n, 3, 4)
+    return {'theta': theta, 'weights': _kspace_weights(times, shape[2]), 'pad': pad}
 
 
 def _motion(image, params, interpolation):
@@ -914,12 +840,12 @@ def _motion(image, params, interpolation):
     batch, channels, *shape = x.shape
     n = params['theta'].shape[1]
     numeric_pad = isinstance(params['pad'], torch.Tensor)
-    theta, rows, weights, *pad = _upload(x.device, x.dtype, params['theta'], params['rows'], params['weights'],
-                                         *([params['pad']] if numeric_pad else []))
+    theta, weights, *pad = _upload(x.device, x.dtype, params['theta'], params['weights'],
+                                   *([params['pad']] if numeric_pad else []))
     pad = pad[0].view(batch, channels, 1, 1, 1) if numeric_pad else _min_pad(x, x.dtype)
     # All moved copies of all elements in one resampling, one FFT along Z, one weighted sum.
     grid = _affine_grid(theta.view(-1, 3, 4), batch, shape)
-    moved, = _resample([(x, grid, pad, _mode(interpolation))], _inside_rows(rows, shape[2]))
+    moved, = _resample([(x, grid, pad, _mode(interpolation))], _inside_of_grid(grid, shape))
     spectra = torch.fft.rfft(moved.view(batch, channels, n, *shape), dim=-1)
     weights = weights.view(batch, 1, n + 1, 1, 1, -1)
     spectrum = torch.fft.rfft(x, dim=-1).mul_(weights[:, :, 0])
@@ -1308,12 +1234,10 @@ def _with_label_grid(theta: torch.Tensor, shape) -> torch.Tensor:
 
 def _affine_plan(scales, degrees, translation, pad, spacing, shape, options) -> dict:
     """Host float64 parameters of an Affine call: the matrices (B, 2, 3, 4) of ``_with_label_grid``,
-    the inside rows (``_rows_inside``), the label pad (B, 1) and the image pad ('minimum', 'mean'
-    or (B, C))."""
-    matrix, offset = _affine_maps(scales, degrees, translation, spacing, shape, options[0])
-    theta = _theta(matrix, offset, shape)
-    return {'theta': _with_label_grid(theta, shape), 'rows': _rows_inside(matrix, offset, shape),
-            'label_pad': torch.full((len(theta), 1), options[2], dtype=torch.float64), 'pad': pad}
+    the label pad (B, 1) and the image pad ('minimum', 'mean' or (B, C))."""
+    theta = _affine_theta(scales, degrees, translation, spacing, shape, options[0])
+    return {'theta': _with_label_grid(theta, shape), 'label_pad': torch.full((len(theta), 1), options[2],
+                                                                             dtype=torch.float64), 'pad': pad}
 
 
 def _image_pad(image, pad, uploaded, dtype):
@@ -1332,15 +1256,12 @@ def _affine(image, label, params, interpolation):
     dtype = _work_dtype(image.dtype)
     batch, channels, *shape = image.shape
     pad = params['pad']
-    # Uploaded as (2, B): the image grids and the label grids each contiguous; without a label
-    # only the image grids are built (the inside mask comes from the rows, not from a grid).
-    theta, rows, label_pad, *pad_values = _upload(image.device, dtype, params['theta'].transpose(0, 1),
-                                                  params['rows'], params['label_pad'],
-                                                  *([pad] if isinstance(pad, torch.Tensor) else []))
-    grids = theta[:1 if label is None else 2]
-    grids = _affine_grid(grids.reshape(-1, 3, 4), len(grids) * batch, shape).view(len(grids), batch, *shape, 3)
+    # Uploaded as (2, B): the image grids and the label grids each contiguous.
+    theta, label_pad, *pad_values = _upload(image.device, dtype, params['theta'].transpose(0, 1), params['label_pad'],
+                                            *([pad] if isinstance(pad, torch.Tensor) else []))
+    grids = _affine_grid(theta.reshape(-1, 3, 4), 2 * batch, shape).view(2, batch, *shape, 3)
     return _resample_pair(image, label, grids, _image_pad(image, pad, pad_values[0] if pad_values else None, dtype),
-                          label_pad.view(batch, 1, 1, 1, 1), interpolation, _inside_rows(rows, shape[2]))
+                          label_pad.view(batch, 1, 1, 1, 1), interpolation, _inside_of_grid(grids[1], shape))
 
 
 class Affine(Transform):

@@ -509,27 +509,6 @@ def test_both_inside_tests_agree():
     assert 0 < bounds.float().mean() < 1 and torch.equal(lookup.bool(), bounds)
 
 
-@pytest.mark.parametrize('scales, degrees, translation, shape', [
-    ((0.83, 1.17, 1.06), (5.3, -7.1, 20.2), (1.3, 2.2, -0.7), (14, 12, 10)),  # no voxel at a tie
-    ((1, 1, 1), (0, 0, 0), (0.5, -0.5, 0.5), (9, 8, 7)),  # every voxel of the rim at an exact tie
-    ((1, 1, 1), (0, 0, 90), (0, 0, 0), (9, 8, 8)),  # a right angle: X and Y swap, not square
-    ((0.5, 2, 1), (0, 0, 0), (0, 0, 3), (8, 9, 10)),  # steps of 2 and 0.5: exact half voxels
-    ((1, 0.7, 1 / 3), (30, 90, 0), (0, 0.1, 0.7), (9, 9, 8)),  # a cosine of 6e-17: division misplaces rows
-])
-def test_the_rows_give_itks_inside_test_voxel_by_voxel(scales, degrees, translation, shape):
-    """The inside mask of an affine map, written on the device from each row's range, is ITK's
-    ``-0.5 <= u < n - 0.5`` evaluated in float64 at every voxel, exact ties included, and rows
-    whose step along k is a rounding error (where the division alone misplaces the range)."""
-    host = [torch.tensor([value], dtype=torch.float64) for value in (scales, degrees, translation)]
-    matrix, offset = A._affine_maps(*host, (1, 1, 1), shape, 'image')
-    voxels = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in shape), indexing='ij'), -1)
-    i, j, k = voxels.unbind(-1)  # summed in _rows_inside's order, which decides at the last bit
-    u = (matrix[0, :, 0] * i[..., None] + matrix[0, :, 1] * j[..., None] + offset[0]) + matrix[0, :, 2] * k[..., None]
-    expected = ((u >= -0.5) & (u < torch.tensor(shape) - 0.5)).all(-1)
-    mask = A._inside_rows(A._rows_inside(matrix, offset, shape).float(), shape[2])
-    assert 0 < expected.float().mean() < 1 and torch.equal(mask[0, 0], expected)
-
-
 # ---------------------------------------------------------------------------------------------
 # torch.compile and CUDA graphs
 
