@@ -309,11 +309,12 @@ def _affine_grid(theta: torch.Tensor, batch: int, shape) -> torch.Tensor:
         return F.affine_grid(theta, [len(theta), 1, *shape], align_corners=True).view(batch, -1, *shape[1:], 3)
     i, j, k = (torch.linspace(-1, 1, n, dtype=theta.dtype) if n > 1 else torch.zeros(1, dtype=theta.dtype)
                for n in shape)
-    columns = theta.permute(1, 2, 0)[..., None, None]  # (3, 4, N, 1, 1): component x=k, y=j, z=i; column
+    # (3, 4, N, 1, 1): component x=k, y=j, z=i; column. Contiguous, so that the sums below are
+    # too (broadcasting lays its result out after its inputs).
+    columns = theta.permute(1, 2, 0).contiguous()[..., None, None]
     along_ij = i.view(-1, 1) * columns[:, 2] + j * columns[:, 1]  # (3, N, X, Y)
     along_k = k * columns[:, 0, :, 0] + columns[:, 3, :, 0]  # (3, N, Z)
-    planes = torch.add(along_ij[..., None], along_k[:, :, None, None],
-                       out=theta.new_empty(3, len(theta), *shape))  # out=: the layout is ours, not broadcast's
+    planes = along_ij[..., None] + along_k[:, :, None, None]
     return planes.view(3, batch, -1, *shape[1:]).permute(1, 2, 3, 4, 0)
 
 

@@ -8,6 +8,7 @@ rounding. Parity tolerances (float32 data in [0, 1)): max |ours - TorchIO| <= 1e
 reaches e^±10); labels and Flip exact; Noise in distribution.
 """
 
+import shutil
 import warnings
 
 import numpy as np
@@ -531,6 +532,23 @@ def test_run_compiles_in_one_graph_without_recompiling():
         ours, eager = compiled(x, y, plan), pipeline.run(x, y, plan)
         assert torch.equal(ours[0], eager[0]) and torch.equal(ours[1], eager[1])
     assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(shutil.which('c++') is None and shutil.which('g++') is None,
+                    reason="inductor's CPU code needs a C++ compiler")
+@pytest.mark.filterwarnings('ignore::UserWarning')  # inductor: no code generation for complex ops (the FFT)
+def test_run_compiled_by_inductor_gives_the_eager_result():
+    """Inductor compiles the device part of a call (which a backend that only counts graphs does
+    not check: layouts, views of its results) and gives the eager result."""
+    x, y = volume(2, 1, 16, 14, 12), binary(2, 1, 16, 14, 12)
+    pipeline = A.paper_augmentation(p=1.0, background=0.0)
+    torch._dynamo.reset()
+    compiled = torch.compile(pipeline.run)
+    plan = pipeline.plan(2, 1, (16, 14, 12), generator(3))
+    ours, eager = compiled(x, y, plan), pipeline.run(x, y, plan)
+    torch.testing.assert_close(ours[0], eager[0], atol=1e-5, rtol=0)
+    assert (ours[1] != eager[1]).float().mean() < 1e-3
     torch._dynamo.reset()
 
 
