@@ -1,6 +1,6 @@
 """Benchmarks of the project's building blocks.
 
-    python bench.py augment [--device cpu|cuda] [--repeats N] [--quick] [--threads N] [--counts | --profile]
+    python bench.py augment [--device cpu|cuda] [--repeats N] [--quick] [--threads N] [--counts | --profile | --compile]
     python bench.py model [--size 144] [--time] [--device cpu|cuda] [--repeats N]
 
 ``augment`` first counts, for each of the paper's six augmentations and the whole pipeline
@@ -25,6 +25,7 @@ slowest thread. The process keeps freed memory as training does (``repro.keep_fr
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import platform
@@ -228,6 +229,8 @@ def bench_augment(args) -> None:
     print('\n'.join(machine()))
     if args.profile:
         return profile_pipeline(shapes[0], repeats)
+    if args.compile:
+        return compiled_pipeline(shapes[0], repeats, 'cuda' if cuda else 'cpu')
     print('\ndevice ops per call and bytes moved per voxel (meta tensors, image + label)\n')
     count_table(shapes)
     if args.counts:
@@ -298,6 +301,25 @@ def profile_pipeline(shape, repeats: int) -> None:
         shapes = ', '.join('x'.join(map(str, s)) for s in event.input_shapes if s)
         print(f'| {event.key} | {shapes} | {event.self_cpu_time_total / 1e3 / repeats:.1f} |')
     print(f'\nload average: {load()}')
+
+
+def compiled_pipeline(shape, repeats: int, device: str) -> None:
+    """The device part of our pipeline (``run`` given a plan, p = 1) eager and compiled by
+    ``torch.compile`` (inductor), medians of ``repeats`` calls with new draws each, in one run."""
+    image, label = sample(shape, device=device)
+    pipeline = ours('pipeline')
+    # Inductor leaves Motion's FFTs to ATen and says so; that is expected here.
+    warnings.filterwarnings('ignore', 'Torchinductor does not support code generation for complex operators')
+    compiled = torch.compile(pipeline.run)
+    plans = [pipeline.plan(1, 1, shape, torch.Generator().manual_seed(seed)) for seed in range(repeats + 1)]
+    start = time.perf_counter()
+    compiled(image, label, plans[0])
+    print(f'\ncompiling took {time.perf_counter() - start:.1f} s')
+    for name, run in (('eager', pipeline.run), ('compiled', compiled)):
+        draws = itertools.cycle(plans)
+        seconds = median_seconds(lambda: run(image, label, next(draws)), repeats, cuda=device == 'cuda')
+        print(f'{name}: {seconds * 1e3:.0f} ms per call ({"x".join(map(str, shape))} image + label, {device})')
+    print(f'load average: {load()}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +400,8 @@ def main(argv=None) -> None:
                                 help='only the device ops and bytes per voxel (meta tensors: no timing, seconds)')
     augment_parser.add_argument('--profile', action='store_true',
                                 help='only where the pipeline\'s CPU time goes: torch.profiler, one 144^3 call')
+    augment_parser.add_argument('--compile', action='store_true',
+                                help='only our pipeline eager against torch.compile (inductor), one 144^3 call')
     augment_parser.add_argument('--threads', type=int, default=None,
                                 help='CPU threads for torch and SimpleITK alike (default: their own defaults)')
     augment_parser.set_defaults(run=bench_augment)
