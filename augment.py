@@ -91,6 +91,7 @@ Example
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from numbers import Real
@@ -366,14 +367,23 @@ def _bounds(shape: tuple[int, int, int]) -> tuple[list[float], list[float]]:
 
 
 def _inside_by_bounds(grid: torch.Tensor, shape) -> torch.Tensor:
-    """(N, 1, ...) bool: ``-0.5 <= u < n - 0.5`` on every axis, compared in normalised units one
-    component plane at a time (vectorised on a component-major grid)."""
+    """(N, 1, ...) bool: ``-0.5 <= u < n - 0.5`` on every axis, compared in normalised units on
+    each component plane (vectorised on a component-major grid), written into one mask."""
     low, high = _bounds(tuple(shape))
-    inside = None
-    for component in range(3):
-        plane = grid[..., component]
-        test = (plane >= low[component]).logical_and_(plane < high[component])
-        inside = test if inside is None else inside.logical_and_(test)
+    planes = [grid[..., component] for component in range(3)]
+    inside = torch.empty(planes[0].shape, dtype=torch.bool, device=grid.device)
+    # In blocks of X-rows of about 1 MB a plane, so that a plane's second comparison reads it
+    # from cache rather than from memory (a whole plane is 12 MB at 144^3).
+    rows = max(1, (1 << 18) // math.prod(planes[0].shape[2:]))
+    for start in range(0, planes[0].shape[1], rows):
+        block = inside[:, start:start + rows]
+        for component, plane in enumerate(planes):
+            part = plane[:, start:start + rows]
+            if component == 0:
+                torch.ge(part, low[0], out=block)
+            else:
+                block.logical_and_(part >= low[component])
+            block.logical_and_(part < high[component])
     return inside[:, None]
 
 
