@@ -498,10 +498,13 @@ def test_range_arguments_accept_numpy_arrays_and_tensors():
     assert A.RandomElasticDeformation(max_displacement=np.array([1.0, 2.0, 3.0])).max_displacement == (1, 2, 3)
 
 
-def test_both_inside_tests_agree():
+@pytest.mark.parametrize('block', [A._BLOCK_VOXELS, 250])  # 250: blocks of 2 X-rows, the last one short
+def test_both_inside_tests_agree(block, monkeypatch):
     """The GPU's inside test (a nearest lookup of ones) and the CPU's (comparisons with the
-    bounds) agree on a rotated, scaled grid, whose voxels are never at an exact tie."""
-    shape = (14, 12, 10)
+    bounds, made block by block) agree on a rotated, scaled grid, whose voxels are never at an
+    exact tie."""
+    monkeypatch.setattr(A, '_BLOCK_VOXELS', block)
+    shape = (15, 12, 10)
     matrix, offset = A._affine_maps(torch.tensor([[0.83, 1.17, 1.06]], dtype=torch.float64),
                                     torch.tensor([[5.3, -7.1, 20.2]], dtype=torch.float64),
                                     torch.tensor([[1.3, 2.2, -0.7]], dtype=torch.float64), (1, 1, 1), shape, 'image')
