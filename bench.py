@@ -20,6 +20,8 @@ calls differ by what they draw, the mean of ``4 * repeats`` calls. The load aver
 before and after each table: on a shared machine, multi-threaded eager torch code (ours, MONAI)
 slows down far more than the load alone suggests, because every parallel op waits for its
 slowest thread. The process keeps freed memory as training does (``repro.keep_freed_memory``).
+``--profile`` instead shows where our pipeline's time goes on one 144^3 call (``torch.profiler``,
+self time per op), and ``--compile`` times its device part eager against ``torch.compile``.
 """
 
 from __future__ import annotations
