@@ -391,23 +391,21 @@ def _inside_by_bounds(grid: torch.Tensor, shape) -> torch.Tensor:
     return inside[:, None]
 
 
-def _inside_of_grid(grid: torch.Tensor, shape) -> torch.Tensor:
-    """The inside test over a grid: on a GPU (and on meta tensors) one nearest lookup, one kernel
-    instead of a chain of comparisons over the stored grid; on the CPU, where the 3-D
-    grid_sample is scalar code and comparisons are vectorised, the comparisons, one component
-    plane at a time. The two differ only at exact ties."""
-    return (_inside_by_bounds if grid.device.type == 'cpu' else _inside_by_lookup)(grid, shape)
-
-
-def _resample(items, inside: torch.Tensor) -> list[torch.Tensor]:
+def _resample(items, test_grid: torch.Tensor) -> list[torch.Tensor]:
     """Pull volumes (N, C, X, Y, Z) through grids with ITK's rule; ``items`` are
     ``(volume, grid, pad, mode)``, pad a (N | 1, C | 1, 1, 1, 1) tensor, mode 'bilinear' or
-    'nearest'; ``inside`` (N, 1, X, Y, Z), bool or float 0/1, says where the grid points inside.
+    'nearest'; the inside test is made on ``test_grid``.
 
-    grid_sample's 'border' padding clamps the neighbours at the edge, which is ITK's rule inside;
-    where the mask is 0 the pad is taken, exactly (``where`` for a bool mask, ``lerp`` for a
-    float one), in place. Work is in the grid's dtype; every volume keeps its own.
+    On a GPU (and on meta tensors) the inside test is one more grid_sample: a nearest lookup of
+    ones with zero padding is 1 where the nearest voxel exists, i.e. inside, one kernel instead
+    of a chain of comparisons over the stored grid; ``lerp`` then takes the pad where it is 0
+    and the sample where it is 1, exactly. On the CPU, where the 3-D grid_sample is scalar code
+    and comparisons are vectorised, the test compares the grid's component planes with the
+    bounds ``-0.5`` and ``n - 0.5`` (normalised) instead; the two differ only at exact ties.
+    Work is in the grid's dtype; every volume keeps its own.
     """
+    shape = tuple(items[0][0].shape[2:])
+    inside = (_inside_by_bounds if test_grid.device.type == 'cpu' else _inside_by_lookup)(test_grid, shape)
     out = []
     for volume, grid, pad, mode in items:
         sampled = _grid_sample(volume.to(grid.dtype), grid, mode)
@@ -434,14 +432,13 @@ def _half_up(shape) -> torch.Tensor:
     return a.flip(0) * (max(shape) * 2.0 ** -21)
 
 
-def _resample_pair(image, label, grids, image_pad, label_pad, interpolation, inside):
+def _resample_pair(image, label, grids, image_pad, label_pad, interpolation):
     """Image and optional label through ``grids`` (2, N, X, Y, Z, 3): grids 0 for the image,
-    grids 1, shifted by ``_half_up``, for the label; ``inside`` is the mask of both, tested on
-    grids 1."""
+    grids 1, shifted by ``_half_up``, for the label and the inside test."""
     items = [(image, grids[0], image_pad, _mode(interpolation))]
     if label is not None:
         items.append((label, grids[1], label_pad, 'nearest'))
-    out = _resample(items, inside)
+    out = _resample(items, grids[1])
     return out[0], None if label is None else out[1]
 
 
@@ -860,7 +857,7 @@ def _motion(image, params, interpolation):
     pad = pad[0].view(batch, channels, 1, 1, 1) if numeric_pad else _min_pad(x, x.dtype)
     # All moved copies of all elements in one resampling, one FFT along Z, one weighted sum.
     grid = _affine_grid(theta.view(-1, 3, 4), batch, shape)
-    moved, = _resample([(x, grid, pad, _mode(interpolation))], _inside_of_grid(grid, shape))
+    moved, = _resample([(x, grid, pad, _mode(interpolation))], grid)
     spectra = torch.fft.rfft(moved.view(batch, channels, n, *shape), dim=-1)
     weights = weights.view(batch, 1, n + 1, 1, 1, -1)
     spectrum = torch.fft.rfft(x, dim=-1).mul_(weights[:, :, 0])
@@ -1276,7 +1273,7 @@ def _affine(image, label, params, interpolation):
                                             *([pad] if isinstance(pad, torch.Tensor) else []))
     grids = _affine_grid(theta.reshape(-1, 3, 4), 2 * batch, shape).view(2, batch, *shape, 3)
     return _resample_pair(image, label, grids, _image_pad(image, pad, pad_values[0] if pad_values else None, dtype),
-                          label_pad.view(batch, 1, 1, 1, 1), interpolation, _inside_of_grid(grids[1], shape))
+                          label_pad.view(batch, 1, 1, 1, 1), interpolation)
 
 
 class Affine(Transform):
@@ -1486,7 +1483,7 @@ def _elastic(image, label, params, interpolation):
     grids = planes.view(2, batch, 3, *shape).permute(0, 1, 3, 4, 5, 2)
     label_pad = None if label is None else pads[0].view(batch, 1, 1, 1, 1) if label_pads else _min_pad(label, dtype)
     image_pad = _image_pad(image, pad, pads[-1] if image_pads else None, dtype)
-    return _resample_pair(image, label, grids, image_pad, label_pad, interpolation, _inside_of_grid(grids[1], shape))
+    return _resample_pair(image, label, grids, image_pad, label_pad, interpolation)
 
 
 def _displacement_scale(points, max_displacement, locked_borders) -> torch.Tensor:
