@@ -400,12 +400,13 @@ def main(argv=None) -> None:
     augment_parser.add_argument('--repeats', type=int, default=None,
                                 help='timed calls per figure (default 5, 2 with --quick)')
     augment_parser.add_argument('--quick', action='store_true', help='small volumes, 2 repeats: a smoke test')
-    augment_parser.add_argument('--counts', action='store_true',
-                                help='only the device ops and bytes per voxel (meta tensors: no timing, seconds)')
-    augment_parser.add_argument('--profile', action='store_true',
-                                help='only where the pipeline\'s CPU time goes: torch.profiler, one 144^3 call')
-    augment_parser.add_argument('--compile', action='store_true',
-                                help='only our pipeline eager against torch.compile (inductor), one 144^3 call')
+    only = augment_parser.add_mutually_exclusive_group()
+    only.add_argument('--counts', action='store_true',
+                      help='only the device ops and bytes per voxel (meta tensors: no timing, seconds)')
+    only.add_argument('--profile', action='store_true',
+                      help='only where the pipeline\'s CPU time goes: torch.profiler, one 144^3 call')
+    only.add_argument('--compile', action='store_true',
+                      help='only our pipeline eager against torch.compile (inductor), one 144^3 call')
     augment_parser.add_argument('--threads', type=int, default=None,
                                 help='CPU threads for torch and SimpleITK alike (default: their own defaults)')
     augment_parser.set_defaults(run=bench_augment)
