@@ -6,28 +6,32 @@
 ``augment`` first counts, for each of the paper's six augmentations and the whole pipeline
 (TorchIO's default parameters, the flip always happening), the device ops one call dispatches
 and the bytes they move per voxel: the call runs on ``meta`` tensors with a CPU generator under
-a ``TorchDispatchMode``, where every non-view op on a meta tensor is one kernel on a GPU (``_unsafe_view``,
-with which matmul reshapes its result, is a view: no kernel) and
-host arithmetic on CPU tensors is not counted; bytes are the inputs and outputs of those ops,
-each storage once per op, counting the span of memory a view covers (not the whole storage it
+a ``TorchDispatchMode``, where every non-view op on a meta tensor is one kernel on a GPU
+(``_unsafe_view``, with which matmul reshapes its result, is a view: no kernel) and host
+arithmetic on CPU tensors is not counted; bytes are the inputs and outputs of those ops, each
+storage once per op, counting the span of memory a view covers (not the whole storage it
 belongs to). Counts are given at p = 1 and at the pipeline's p = 0.5 (there the mean over 20
-seeds), at B = 1 and B = 8, and for the optional one-resampling AffineElasticDeformation
-(``--counts`` stops there: it costs seconds, not minutes). Then it times one 144^3 patch + label and one 181x217x181 volume +
-label: ours (augment.py) on the CPU, TorchIO 1.2.1 and MONAI on the CPU in the same run, and
-ours on CUDA when present, one volume at a time and as a batch of 8. Each figure at p = 1 is
-the median of ``--repeats`` calls after one warm-up call; at p = 0.5 (pipeline only), where
-calls differ by what they draw, the mean of ``4 * repeats`` calls. The load average is printed
-before and after each table: on a shared machine, multi-threaded eager torch code (ours, MONAI)
-slows down far more than the load alone suggests, because every parallel op waits for its
-slowest thread. The process keeps freed memory as training does (``repro.keep_freed_memory``).
-``--profile`` instead shows where our pipeline's time goes on one 144^3 call (``torch.profiler``,
-self time per op), and ``--compile`` times its device part eager against ``torch.compile``.
+seeds), at B = 1 and B = 8, and for the optional one-resampling AffineElasticDeformation, then
+the pipeline's bytes by op (``--counts`` stops there: it costs seconds, not minutes). Then it
+times one 144^3 patch + label and one 181x217x181 volume + label: ours (augment.py) on the CPU,
+TorchIO 1.2.1 and MONAI on the CPU in the same run, and ours on CUDA when present, one volume
+at a time and as a batch of 8. Each figure at p = 1 is the median of ``--repeats`` calls after
+one warm-up call; at p = 0.5 (pipeline only), where calls differ by what they draw, the mean
+of ``4 * repeats`` calls. The load average is printed before and after each table: on a shared
+machine, multi-threaded eager torch code (ours, MONAI) slows down far more than the load alone
+suggests, because every parallel op waits for its slowest thread. The process keeps freed
+memory as training does (``repro.keep_freed_memory``). ``--profile`` instead shows where our
+pipeline's time goes on one 144^3 call (``torch.profiler``, self time per op), and
+``--compile`` times its device part eager against ``torch.compile`` and gives the bytes per
+voxel of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
+import logging
 import math
 import os
 import platform
@@ -103,16 +107,19 @@ ALIASES = {torch.ops.aten._unsafe_view.default}
 
 
 class DeviceOps(TorchDispatchMode):
-    """Count the non-view ops that touch a meta tensor, the bytes they read and write (each
-    storage once per op, the span its views cover), and the largest tensor an op writes."""
+    """Count the non-view ops that touch a tensor on ``device_type`` (on meta, one op is one GPU
+    kernel), the bytes they read and write (each storage once per op, the span its views cover),
+    and the largest tensor an op writes."""
 
-    def __init__(self):
+    def __init__(self, device_type: str = 'meta'):
         super().__init__()
+        self.device_type = device_type
         self.ops, self.bytes, self.largest = 0, 0, 0
+        self.by_op = collections.defaultdict(lambda: [0, 0])  # op name -> [calls, bytes]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor) and t.device.type == 'meta']
+        tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor) and t.device.type == self.device_type]
         if func.is_view or func in ALIASES or not tensors:
             return out
         spans = {}
@@ -122,6 +129,9 @@ class DeviceOps(TorchDispatchMode):
             spans[key] = max(spans.get(key, 0), min(extent * t.element_size(), t.untyped_storage().nbytes()))
         self.ops += 1
         self.bytes += sum(spans.values())
+        entry = self.by_op[func.overloadpacket.__name__]
+        entry[0] += 1
+        entry[1] += sum(spans.values())
         self.largest = max([self.largest] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
         return out
 
@@ -151,6 +161,19 @@ def count_table(shapes) -> None:
                                   statistics.mean(c.bytes for c in counts) / (batch * voxels)))
                 print(f'| {name} {"x".join(map(str, shape))} | {p:g} | {cells[0][0]:.1f} | {cells[1][0]:.1f} | '
                       f'{cells[0][1]:.0f} | {cells[1][1]:.0f} |')
+    print()
+
+
+def op_table(shape) -> None:
+    """Where the pipeline's bytes go: one call at p = 1, B = 1, by op, largest first."""
+    counter = device_ops(ours('pipeline'), 1, shape)
+    voxels = math.prod(shape)
+    print(f'the pipeline\'s ops by name, {"x".join(map(str, shape))}, p = 1, B = 1 '
+          f'({counter.ops} ops, {counter.bytes / voxels:.0f} bytes per voxel)\n')
+    print('| op | calls | bytes/voxel |')
+    print('|---|---|---|')
+    for name, (calls, moved) in sorted(counter.by_op.items(), key=lambda item: -item[1][1]):
+        print(f'| {name} | {calls} | {moved / voxels:.1f} |')
     print()
 
 
@@ -235,6 +258,7 @@ def bench_augment(args) -> None:
         return compiled_pipeline(shapes[0], repeats, 'cuda' if cuda else 'cpu')
     print('\ndevice ops per call and bytes moved per voxel (meta tensors, image + label)\n')
     count_table(shapes)
+    op_table(shapes[0])
     if args.counts:
         return
     print(f'median of {repeats} calls after one warm-up at p=1; mean of {4 * repeats} calls at p=0.5; '
@@ -307,23 +331,43 @@ def profile_pipeline(shape, repeats: int) -> None:
 
 def compiled_pipeline(shape, repeats: int, device: str) -> None:
     """The device part of our pipeline (``run`` given a plan, p = 1) eager and compiled by
-    ``torch.compile`` (inductor), medians of ``repeats`` calls with new draws each, in one run."""
+    ``torch.compile`` (inductor), medians of ``repeats`` calls with new draws each, in one run;
+    with the bytes per voxel of each: eager counted as ``--counts`` counts them (on ``device``
+    rather than meta: its own code path), compiled as inductor estimates its graph's kernels
+    (``graph.count_bytes``, the buffers each fused kernel and each library call reads and writes)."""
+    import torch._inductor.config as inductor_config
+    import torch._inductor.metrics as inductor_metrics
     image, label = sample(shape, device=device)
+    voxels = math.prod(shape)
     pipeline = ours('pipeline')
     # Inductor leaves Motion's FFTs to ATen and says so, and dynamo traces through our lru_caches,
     # which hold pure functions of their arguments: both expected here.
     warnings.filterwarnings('ignore', 'Torchinductor does not support code generation for complex operators')
     warnings.filterwarnings('ignore', 'Dynamo detected a call to a `functools.lru_cache`')
-    compiled = torch.compile(pipeline.run)
     plans = [pipeline.plan(1, 1, shape, torch.Generator().manual_seed(seed)) for seed in range(repeats + 1)]
+    pipeline.run(image, label, plans[0])
+    with DeviceOps(device) as counter:
+        pipeline.run(image, label, plans[0])
+    # Inductor counts its graph's bytes only while its metrics log is on (here muted), and only
+    # when it compiles rather than loads the graph from its cache.
+    metrics_log = logging.getLogger('torch._inductor.compile_fx.__inductor_metrics')
+    metrics_log.setLevel(logging.INFO)
+    metrics_log.propagate = False
+    metrics_log.addHandler(logging.NullHandler())
+    inductor_metrics.reset()
+    compiled = torch.compile(pipeline.run)
     start = time.perf_counter()
-    compiled(image, label, plans[0])
-    print(f'\ncompiling took {time.perf_counter() - start:.1f} s')
+    with inductor_config.patch(fx_graph_cache=False):
+        compiled(image, label, plans[0])
+    print(f'\ncompiling took {time.perf_counter() - start:.1f} s\n')
+    moved = {'eager': counter.bytes / voxels, 'compiled': inductor_metrics.num_bytes_accessed / voxels}
+    print(f'| {"x".join(map(str, shape))} image + label, {device} | ms per call | bytes per voxel |')
+    print('|---|---|---|')
     for name, run in (('eager', pipeline.run), ('compiled', compiled)):
         draws = itertools.cycle(plans)
         seconds = median_seconds(lambda: run(image, label, next(draws)), repeats, cuda=device == 'cuda')
-        print(f'{name}: {seconds * 1e3:.0f} ms per call ({"x".join(map(str, shape))} image + label, {device})')
-    print(f'load average: {load()}')
+        print(f'| {name} | {seconds * 1e3:.0f} | {moved[name]:.0f} |')
+    print(f'\nload average: {load()}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,7 +450,8 @@ def main(argv=None) -> None:
     only.add_argument('--profile', action='store_true',
                       help='only where the pipeline\'s CPU time goes: torch.profiler, one 144^3 call')
     only.add_argument('--compile', action='store_true',
-                      help='only our pipeline eager against torch.compile (inductor), one 144^3 call')
+                      help='only our pipeline eager against torch.compile (inductor), one 144^3 call: '
+                           'ms and bytes per voxel')
     augment_parser.add_argument('--threads', type=int, default=None,
                                 help='CPU threads for torch and SimpleITK alike (default: their own defaults)')
     augment_parser.set_defaults(run=bench_augment)
