@@ -71,6 +71,30 @@ def test_affine_right_angle_equals_rot90_exactly(degrees, dims):
     assert torch.equal(A.Affine(scales=1, degrees=degrees, translation=0)(x)[0], torch.rot90(x, 1, dims))
 
 
+@pytest.mark.parametrize('inside_test', ['bounds', 'lookup'])
+@pytest.mark.parametrize('axis', [0, 2])
+def test_half_voxel_shift_keeps_the_rim_and_rounds_labels_half_up(axis, inside_test, monkeypatch):
+    """ITK at exact ties: a shift of +1/2 voxel leaves the first voxel inside (the half-voxel rim,
+    edge-clamped) and the labels in place (nearest rounds half up); one of -1/2 moves the labels
+    by one voxel and sends the last voxel outside (the half-open bound). On both inside tests
+    (the CPU's comparisons, the GPU's lookup, here on the CPU), on a cube of 17 where the ties
+    are exact in float32."""
+    if inside_test == 'lookup':
+        monkeypatch.setattr(A, '_inside_by_bounds', A._inside_by_lookup)
+    x, y = volume(1, 17, 17, 17), binary(1, 17, 17, 17).float()
+    moved = lambda t, i: t.narrow(1 + axis, i, 16)
+    translation = [0, 0, 0]
+    translation[axis] = 0.5
+    out, out_label = A.Affine(scales=1, degrees=0, translation=translation)(x, y)
+    torch.testing.assert_close(moved(out, 1), (moved(x, 0) + moved(x, 1)) / 2, atol=1e-6, rtol=0)
+    assert torch.equal(out.select(1 + axis, 0), x.select(1 + axis, 0))
+    assert torch.equal(out_label, y)
+    translation[axis] = -0.5
+    out, out_label = A.Affine(scales=1, degrees=0, translation=translation)(x, y)
+    assert torch.all(out.select(1 + axis, -1) == x.min())
+    assert torch.equal(moved(out_label, 0), moved(y, 1)) and torch.all(out_label.select(1 + axis, -1) == 0)
+
+
 @pytest.mark.parametrize('component, shift', [(0, (1, 0, 0)), (1, (0, 1, 0)), (2, (0, 0, -1))])
 def test_elastic_constant_displacement_is_a_shift(component, shift):
     x = volume(1, 17, 17, 17)
@@ -338,6 +362,15 @@ def test_affine_matches_torchio(tio, spacing, scales, degrees, translation):
     ours = A.Affine(scales, degrees, translation, spacing=spacing)(x, y)
     assert_parity(ours[0], theirs.image.data)
     assert torch.equal(ours[1].float(), theirs.label.data)
+
+
+@pytest.mark.parametrize('translation', [(0.5, 0, 0), (0, -0.5, 0), (0, 0, 1.5)])
+def test_affine_half_voxel_ties_match_torchio(tio, translation):
+    """On a cube of 17 the ties are exact in float32 too: image and label bit for bit."""
+    x, y = volume(1, 17, 17, 17), binary(1, 17, 17, 17)
+    theirs = tio.Affine(scales=1, degrees=0, translation=translation)(subject(tio, x, y))
+    ours = A.Affine(scales=1, degrees=0, translation=translation)(x, y)
+    assert torch.equal(ours[0], theirs.image.data) and torch.equal(ours[1].float(), theirs.label.data)
 
 
 @pytest.mark.parametrize('pad', ['minimum', 'mean', -0.25])
