@@ -43,8 +43,10 @@ Compilation and CUDA graphs
     A call is ``plan`` (host: the draws and all parameter arithmetic, whose results are host
     tensors and Python values) then ``run`` (device work only). At p = 1, ``run`` given a plan
     has no graph break under ``torch.compile`` and no host sync, so new draws reuse one graph;
-    :class:`CUDAGraphCall` captures it in a CUDA graph. Below 1, real skipping indexes the
-    chosen elements, which changes shapes: that is for eager mode.
+    :class:`CUDAGraphCall` captures it in a CUDA graph. Below 1, real skipping gathers the
+    chosen elements (with their labels for a spatial transform only), transforms them and
+    writes them back (in place into what a Compose's earlier steps wrote, never into the
+    caller's tensors), which changes shapes: that is for eager mode.
 
 Geometry
     A tensor is a volume whose voxel axes are the world axes R, A, S (TorchIO's convention for a
@@ -506,6 +508,10 @@ class Transform:
     ``_select(params, index)``.
     """
 
+    # False for intensity transforms, which leave the label as it came: below p = 1 their chosen
+    # elements go through without their labels, which are neither gathered nor written back.
+    moves_label = True
+
     def __init__(self, p: float = 1.0):
         self.p = _parse_probability(p, 'p')
 
@@ -552,10 +558,13 @@ class Transform:
         chosen = None if self.p == 1 else torch.rand(batch, dtype=torch.float64, generator=generator) < self.p
         return chosen, self._draw(batch, channels, shape, generator)
 
-    def run(self, image: torch.Tensor, label: torch.Tensor | None, plan):
+    def run(self, image: torch.Tensor, label: torch.Tensor | None, plan, owned: Sequence[torch.Tensor] = ()):
         """Apply a plan to 5-D tensors: only the elements it chose go through ``_apply``. At p = 1
         this is device work only, with no graph break under ``torch.compile`` and no host sync;
-        below 1 it indexes the chosen elements, which changes shapes (eager mode)."""
+        below 1 it indexes the chosen elements, which changes shapes (eager mode), and writes them
+        back in place into those of ``image`` and ``label`` that are in ``owned`` (buffers of the
+        call, never the caller's: Compose passes what its earlier steps wrote), into a copy of
+        the others."""
         chosen, params = plan
         if chosen is None or bool(chosen.all()):
             return self._apply(image, label, params)
@@ -563,10 +572,17 @@ class Transform:
             return image, label
         index = chosen.nonzero()[:, 0]
         on_device = index.to(image.device, non_blocking=True)
-        new_image, new_label = self._apply(image.index_select(0, on_device), None if label is None
-                                           else label.index_select(0, on_device), self._select(params, index))
-        return (image.index_copy(0, on_device, new_image),
-                None if label is None else label.index_copy(0, on_device, new_label))
+        moved = label is not None and self.moves_label
+        new_image, new_label = self._apply(image.index_select(0, on_device),
+                                           label.index_select(0, on_device) if moved else None,
+                                           self._select(params, index))
+
+        def write_back(old, new):
+            if any(old is tensor for tensor in owned):
+                return old.index_copy_(0, on_device, new)
+            return old.index_copy(0, on_device, new)
+
+        return write_back(image, new_image), write_back(label, new_label) if moved else label
 
     def _draw(self, batch, channels, shape, generator):
         return None
@@ -612,11 +628,17 @@ class Compose(Transform):
                 if isinstance(transform, Transform) else plan for transform, plan in zip(self.transforms, params)]
 
     def _apply(self, image, label, params):
+        owned = []  # what earlier steps wrote: a later step may write its chosen elements into it
         for transform, plan in zip(self.transforms, params):
             if isinstance(transform, Transform):
-                image, label = transform.run(image, label, plan)
+                out = transform.run(image, label, plan, owned)
+                # A transform returns its input as it came or new tensors, never a view of them.
+                owned = [new for new, old in zip(out, (image, label))
+                         if new is not None and (new is not old or any(new is tensor for tensor in owned))]
             else:
-                image, label = transform(image, label, plan)
+                out = transform(image, label, plan)
+                owned = []  # another callable may keep, or return a view of, what it was given
+            image, label = out
         return image, label
 
 
@@ -643,6 +665,8 @@ class ZNormalization(Transform):
         True
     """
 
+    moves_label = False
+
     def __init__(self, masking_method: torch.Tensor | Callable | None = None, p: float = 1.0):
         super().__init__(p)
         if masking_method is not None and not callable(masking_method) and not (
@@ -658,13 +682,21 @@ class ZNormalization(Transform):
         """TorchIO's ``ZNormalization.mean``: the voxels brighter than the mean."""
         return tensor > tensor.float().mean()
 
+    def _draw(self, batch, channels, shape, generator):
+        if isinstance(self.masking_method, torch.Tensor) and self.masking_method.ndim == 5 \
+                and len(self.masking_method) not in (1, batch):
+            raise ValueError(f'masking_method has {len(self.masking_method)} batch elements, '
+                             f'the image {batch}')
+        # The elements' indices, selected with them below p = 1: a per-element mask follows.
+        return {'element': torch.arange(batch)}
+
     def _apply(self, image, label, params):
         x = image.to(_work_dtype(image.dtype))
         dims = (1, 2, 3, 4)
         if self.masking_method is None:
             mean, std = x.mean(dims, keepdim=True), x.std(dims, keepdim=True)
         else:
-            mask = self._mask(x)
+            mask = self._mask(x, params['element'])
             count = mask.expand_as(x).sum(dims, keepdim=True)
             mean = torch.where(mask, x, 0).sum(dims, keepdim=True) / count
             std = (torch.where(mask, x - mean, 0).square().sum(dims, keepdim=True) / (count - 1)).sqrt()
@@ -672,15 +704,17 @@ class ZNormalization(Transform):
             raise RuntimeError('Standard deviation is 0 for the masked values of a batch element')
         return ((x - mean) / std).to(image.dtype), label
 
-    def _mask(self, x: torch.Tensor) -> torch.Tensor:
+    def _mask(self, x: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
         if callable(self.masking_method):
-            masks = [torch.as_tensor(self.masking_method(element)).to(x.device) for element in x]
+            masks = [torch.as_tensor(self.masking_method(e)).to(x.device) for e in x]
             mask = torch.stack([m if m.ndim == 4 else m[None] for m in masks])
         else:
             if x.device not in self._masks:
                 mask = self.masking_method.to(x.device)
                 self._masks[x.device] = mask.reshape((1,) * (5 - mask.ndim) + tuple(mask.shape))
             mask = self._masks[x.device]
+            if len(mask) > len(x):  # the chosen elements' masks (p < 1)
+                mask = mask.index_select(0, element.to(x.device, non_blocking=True))
         try:
             torch.broadcast_shapes(mask.shape, x.shape)
         except RuntimeError:
@@ -904,6 +938,8 @@ class Motion(Transform):
         torch.Size([1, 1, 16, 16, 16])
     """
 
+    moves_label = False
+
     def __init__(self, degrees, translation, times, image_interpolation: str = 'linear',
                  spacing=None, default_pad_value='minimum', p: float = 1.0):
         super().__init__(p)
@@ -949,6 +985,8 @@ class RandomMotion(Transform):
         >>> out.shape
         torch.Size([1, 1, 16, 16, 16])
     """
+
+    moves_label = False
 
     def __init__(self, degrees=10, translation=10, num_transforms: int = 2,
                  image_interpolation: str = 'linear', spacing=None, default_pad_value='minimum', p: float = 1.0):
@@ -1044,6 +1082,8 @@ class BiasField(Transform):
         1.3499
     """
 
+    moves_label = False
+
     def __init__(self, coefficients, order: int = 3, p: float = 1.0):
         super().__init__(p)
         self.order = _parse_order(order)
@@ -1073,6 +1113,8 @@ class RandomBiasField(Transform):
         >>> bool(out.min() > 0)
         True
     """
+
+    moves_label = False
 
     def __init__(self, coefficients=0.5, order: int = 3, p: float = 1.0):
         super().__init__(p)
@@ -1159,6 +1201,8 @@ class Noise(Transform):
         0.1
     """
 
+    moves_label = False
+
     def __init__(self, mean, std, p: float = 1.0):
         super().__init__(p)
         self.mean = _parameter(mean, (), 'mean')
@@ -1189,6 +1233,8 @@ class RandomNoise(Transform):
         >>> bool(out.std() <= 0.3)
         True
     """
+
+    moves_label = False
 
     def __init__(self, mean=0, std=(0, 0.25), p: float = 1.0):
         super().__init__(p)
