@@ -298,6 +298,14 @@ def _theta(matrix: torch.Tensor, offset: torch.Tensor, shape) -> torch.Tensor:
     return torch.cat([scaled.flip(-1, -2), shift.flip(-1)[..., None]], -1)
 
 
+def _cpu_kernels(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is on the CPU, for which three forms below are written (the affine grid
+    by broadcasting, the inside test by comparisons, grid_sample in slabs); a GPU, and the meta
+    tensors on which device work is counted, take the one-kernel forms. One predicate, so that a
+    test can run the GPU's forms on the CPU."""
+    return tensor.device.type == 'cpu'
+
+
 def _affine_grid(theta: torch.Tensor, batch: int, shape) -> torch.Tensor:
     """The sampling grid ``(batch, n * X, Y, Z, 3)`` of ``theta`` (batch * n, 3, 4) on the device:
     the n maps of an element are stacked along X, so one grid_sample pulls them all.
@@ -308,7 +316,7 @@ def _affine_grid(theta: torch.Tensor, batch: int, shape) -> torch.Tensor:
     permuted view, which grid_sample reads through its strides): a broadcast over a contiguous Z
     axis is vectorised, one over an inner axis of 3 is not, and the component planes are what
     the inside test compares (``_inside_by_bounds``)."""
-    if theta.device.type != 'cpu':
+    if not _cpu_kernels(theta):
         return F.affine_grid(theta, [len(theta), 1, *shape], align_corners=True).view(batch, -1, *shape[1:], 3)
     i, j, k = (torch.linspace(-1, 1, n, dtype=theta.dtype) if n > 1 else torch.zeros(1, dtype=theta.dtype)
                for n in shape)
@@ -339,7 +347,7 @@ def _grid_sample(x: torch.Tensor, grid: torch.Tensor, mode: str, padding: str = 
     volume is cut into as many slabs along X as there are threads."""
     options = dict(mode=mode, padding_mode=padding, align_corners=True)
     threads, size = _threads(), grid.shape[1]
-    if x.device.type != 'cpu' or len(x) > 1 or threads == 1 or size < threads:
+    if not _cpu_kernels(x) or len(x) > 1 or threads == 1 or size < threads:
         return F.grid_sample(x, grid, **options)
     rows = size // threads * threads
     slabs = grid[:, :rows].reshape(threads, rows // threads, *grid.shape[2:])
@@ -407,7 +415,7 @@ def _resample(items, test_grid: torch.Tensor) -> list[torch.Tensor]:
     Work is in the grid's dtype; every volume keeps its own.
     """
     shape = tuple(items[0][0].shape[2:])
-    inside = (_inside_by_bounds if test_grid.device.type == 'cpu' else _inside_by_lookup)(test_grid, shape)
+    inside = (_inside_by_bounds if _cpu_kernels(test_grid) else _inside_by_lookup)(test_grid, shape)
     out = []
     for volume, grid, pad, mode in items:
         sampled = _grid_sample(volume.to(grid.dtype), grid, mode)

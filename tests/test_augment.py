@@ -575,6 +575,21 @@ def test_range_arguments_accept_numpy_arrays_and_tensors():
     assert A.RandomElasticDeformation(max_displacement=np.array([1.0, 2.0, 3.0])).max_displacement == (1, 2, 3)
 
 
+@pytest.mark.parametrize('single_resampling', [False, True])
+def test_the_gpu_forms_run_on_the_cpu_give_the_cpu_result(single_resampling, monkeypatch):
+    """What a GPU runs (affine_grid, the inside lookup, one grid_sample per volume), forced here on
+    CPU tensors, gives the CPU forms' result: the check test_cpu_and_cuda_agree makes on CUDA,
+    without one (and without the noise, which differs between the devices' generators)."""
+    x, y = volume(2, 2, 20, 18, 16), binary(2, 1, 20, 18, 16)
+    pipeline = A.paper_augmentation(p=1.0, single_resampling=single_resampling)
+    plan = pipeline.plan(2, 2, (20, 18, 16), generator(3))
+    cpu = pipeline.run(x, y, plan)
+    monkeypatch.setattr(A, '_cpu_kernels', lambda tensor: False)
+    gpu = pipeline.run(x, y, plan)
+    torch.testing.assert_close(gpu[0], cpu[0], atol=1e-5, rtol=0)
+    assert (gpu[1] != cpu[1]).float().mean() < 1e-4
+
+
 @pytest.mark.parametrize('block', [A._BLOCK_VOXELS, 250])  # 250: blocks of 2 X-rows, the last one short
 def test_both_inside_tests_agree(block, monkeypatch):
     """The GPU's inside test (a nearest lookup of ones) and the CPU's (comparisons with the
