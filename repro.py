@@ -299,8 +299,6 @@ def predict(argv):
         if facts["network"]["name"] != args.model:
             raise UsageError(f"--checkpoint {args.checkpoint} holds a {MODEL_NAMES[facts['network']['name']]}, "
                              f"not a {MODEL_NAMES[args.model]}")
-    if not 0 < args.threshold < 1:
-        raise UsageError(f"--threshold must be in (0, 1), got {args.threshold}")
     if args.window is not None:
         smallest = train.MODELS[facts["network"]["name"]].min_side
         if args.window < smallest:
