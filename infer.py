@@ -178,21 +178,21 @@ def read_checkpoint(path, device="cpu") -> dict:
     except Exception as e:
         raise UsageError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}); it is truncated or not "
                          "written by repro.py") from None
-    if not isinstance(checkpoint, dict) or "facts" not in checkpoint or "model" not in checkpoint:
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
         raise UsageError(f"{path}: not a checkpoint written by repro.py")
     return checkpoint
 
 
 def load_model(path, device):
-    """The network of a checkpoint, in eval mode on ``device``, and the facts of its run."""
+    """The network of a checkpoint, in eval mode on ``device``, and its run's recorded configuration."""
     try:
         checkpoint = read_checkpoint(path, device)
     except UsageError as e:
         raise UsageError(f"--checkpoint {e}") from None
-    facts = checkpoint["facts"]
-    model = build_model(**facts["network"]).to(device)
+    config = checkpoint["config"]
+    model = build_model(**config["network"]).to(device)
     model.load_state_dict(checkpoint["model"])
-    return model.eval(), facts
+    return model.eval(), config
 
 
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".nhdr", ".nrrd")
@@ -308,26 +308,26 @@ def plan_outputs(cases, output, overwrite, save_probabilities) -> list[tuple[Pat
     return plan
 
 
-def predict(model, facts, inputs, output, threshold=0.5, window=None, tta=False, save_probabilities=False,
+def predict(model, config, inputs, output, threshold=0.5, window=None, tta=False, save_probabilities=False,
             resample=True, overwrite=False, amp=True, device="cpu") -> int:
     """The ``predict`` command: segment scans with a model of ``load_model``, loaded once; returns the exit
     status (1 if a scan failed during prediction; the others are written)."""
     if not 0 < threshold < 1:
         raise UsageError(f"--threshold must be in (0, 1), got {threshold}")
-    channels = facts["channels"]
+    channels = config["channels"]
     cases = list_cases(inputs, channels)
     plan = plan_outputs(cases, output, overwrite, save_probabilities)
-    spacing = facts["spacing_mm"] if resample else None
+    spacing = config["spacing_mm"] if resample else None
     for case in cases:  # every input read and checked before the model runs
         try:
-            data.read_scan(case, norm=facts["norm"], spacing=spacing)
+            data.read_scan(case, norm=config["norm"], spacing=spacing)
         except data.DataError as e:
             raise UsageError(f"--input {e}") from None
     failed = []
     bar = tqdm(list(zip(cases, plan)), desc="scans", disable=len(cases) == 1 or not os.isatty(2))
     for case, (mask_path, prob_path) in bar:
         try:
-            image, geometry, background = data.read_scan(case, norm=facts["norm"], spacing=spacing)
+            image, geometry, background = data.read_scan(case, norm=config["norm"], spacing=spacing)
             logits = predict_logits(model, image.to(device), window, amp=amp, tta=tta, background=background)
             mask_path.parent.mkdir(parents=True, exist_ok=True)
             voxels = write_prediction(mask_path, logits, geometry, threshold, prob_path)

@@ -26,9 +26,8 @@ Input sides: both networks take any side. A side that is not a multiple of the n
 down-sampling (`size_multiple`: 16 for the residual net, 8 for the plain one) is padded at the far end up
 to the next multiple with `pad_value` (a forward argument: one number or one per channel, default 0.0, the
 background of scans normalised over the brain; pass the scan's own background otherwise) and the logits are
-cropped back. Training
-patches (144 = 9 x 16) are never padded. `min_side` is the smallest side that trains at batch size 1: the
-coarsest level must keep more than one voxel for its instance or batch norm statistics.
+cropped back. Training patches (144 = 9 x 16) are never padded. `min_side` is the smallest side that trains at
+batch size 1: the coarsest level must keep more than one voxel for its instance or batch norm statistics.
 """
 import inspect
 import math

@@ -27,7 +27,9 @@ import data
 import figures
 import infer
 import train
-from train import MODEL_NAMES, PAPER, QUICK, Protocol, UsageError
+from infer import UsageError
+from model import NORMS as UNET_NORMS
+from train import MODEL_NAMES, PAPER, QUICK, Protocol
 
 # Table 2 of the paper (test set): DSC and mean IoU.
 PAPER_TABLE2 = {
@@ -62,9 +64,8 @@ class Parser(argparse.ArgumentParser):
 
 def parser():
     d = PAPER
-    p = Parser(prog="repro.py", usage=USAGE, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)  # only what was given overrides the preset
+    p = Parser(prog="repro.py", usage=USAGE, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+               argument_default=argparse.SUPPRESS)  # only what was given overrides the preset
     run = p.add_argument_group("what to train (a resumed run must keep these)")
     run.add_argument("--model", choices=sorted(MODEL_NAMES), help=f"network (default {d.model})")
     run.add_argument("--channel", dest="channels", metavar="C[,C...]",
@@ -76,11 +77,11 @@ def parser():
                                     "MICCAI 2008 is not (whole heads at 0.5 mm): give a manifest with a brainmask "
                                     "column, else the whole head is cropped and normalised")
     run.add_argument("--label", choices=data.LABEL_CHOICES, help=f"which rater's mask (default {d.label})")
-    run.add_argument("--split", choices=("scan", "subject"), help="split by scan (the paper's, default) or subject")
+    run.add_argument("--split", choices=data.SPLIT_BY, help="split by scan (the paper's, default) or subject")
     run.add_argument("--seed", type=int, help="split, weights, patches and augmentation (default 0)")
     run.add_argument("--spacing", type=float, help="voxel size in mm: the built-in data are generated at it, "
                                                    "real data resampled to it (default: the data's own; --quick 2)")
-    run.add_argument("--norm", choices=("brain", "crop"), help="z-score over the brain (default) or the whole crop "
+    run.add_argument("--norm", choices=data.NORMS, help="z-score over the brain (default) or the whole crop "
                                                               "(TorchIO's ZNormalization)")
     run.add_argument("--patch-size", type=int, help=f"training patch side in voxels (paper {d.patch_size})")
     run.add_argument("--patches-per-scan", type=int, help=f"per training scan and epoch (paper {d.patches_per_scan})")
@@ -89,7 +90,7 @@ def parser():
     run.add_argument("--base-filters", type=int, help="first level's channels (residual 16, unet 32)")
     run.add_argument("--dropout", type=float, help=f"residual net's dropout (default {d.dropout}; pykao 0.6)")
     run.add_argument("--shared-context", action="store_true", help="pykao's shared context convolution")
-    run.add_argument("--unet-norm", choices=("batch", "instance", "group"), help="the 3D U-Net's norm (default batch)")
+    run.add_argument("--unet-norm", choices=tuple(UNET_NORMS), help="the 3D U-Net's norm (default batch)")
     run.add_argument("--lr", type=float, help=f"Adam learning rate (paper {d.lr:g})")
     run.add_argument("--weight-decay", type=float, help=f"Adam L2 weight decay (paper {d.weight_decay:g})")
     run.add_argument("--no-amp", dest="amp", action="store_false",
@@ -125,8 +126,6 @@ def parse(argv):
         manifest = str(args.get("data", "")).lower().endswith(".csv")  # may name channels of its own (GADO)
         names = [n.strip() for n in args["channels"].split(",")]
         args["channels"] = data.parse_channels(names, available=names if manifest else None, where="--channel")
-    if "mixup" in args and not args["mixup"] > 0:
-        raise UsageError(f"--mixup must be a number > 0 (leave it out for no mix-up), got {args['mixup']}")
     if run["all_channels_row"] and not run["table2"]:
         raise UsageError("--all-channels-row applies to --table2")
     if run["seeds"] and not run["table2"]:
@@ -164,7 +163,7 @@ def table2(base, run, explicit_channels):
     if run["all_channels_row"]:  # the paper's future work (§5): every channel at once, the residual net
         cells += [(s, "residual", data.CHANNELS if not base.data else ("all",)) for s in seeds]
     for seed, model, stack in cells:  # all settings checked before the first cell trains
-        train.check_protocol(replace(base, model=model, channels=stack, seed=seed))
+        train.check_protocol(replace(base, model=model, channels=stack, seed=seed), train.Group.current())
     rows = []
     for seed, model, stack in cells:
         protocol = replace(base, model=model, channels=stack, seed=seed)
@@ -294,16 +293,16 @@ def predict_parser():
 def predict(argv):
     args = predict_parser().parse_args(argv)
     device = train.resolve_device(args.device)
-    model, facts = infer.load_model(args.checkpoint, device)
+    model, config = infer.load_model(args.checkpoint, device)
     if args.model:
-        if facts["network"]["name"] != args.model:
-            raise UsageError(f"--checkpoint {args.checkpoint} holds a {MODEL_NAMES[facts['network']['name']]}, "
+        if config["network"]["name"] != args.model:
+            raise UsageError(f"--checkpoint {args.checkpoint} holds a {MODEL_NAMES[config['network']['name']]}, "
                              f"not a {MODEL_NAMES[args.model]}")
     if args.window is not None:
-        smallest = train.MODELS[facts["network"]["name"]].min_side
+        smallest = train.MODELS[config["network"]["name"]].min_side
         if args.window < smallest:
             raise UsageError(f"--window must be at least {smallest} voxels for this network, got {args.window}")
-    return infer.predict(model, facts, args.input, args.output, args.threshold, args.window, args.tta,
+    return infer.predict(model, config, args.input, args.output, args.threshold, args.window, args.tta,
                          args.save_probabilities, args.resample, args.overwrite, args.amp, device)
 
 
@@ -321,10 +320,9 @@ def make_deterministic():
 def keep_freed_memory():
     """Keep freed memory in the process instead of handing it back to the kernel. Every training step and
     every whole-scan prediction frees and reallocates the same large activations (a 1 mm scan's are
-    over 200 MB each); glibc serves blocks over 32 MB with mmap and returns them with munmap, so each
-    call faults every page in again (measured: 1.5 million minor faults per whole-scan prediction, none
-    from the third call on without mmap; bench figures in the README). Process-wide, so set here at the
-    entry point only."""
+    hundreds of MB); glibc serves blocks over 32 MB with mmap and returns them with munmap, so each call
+    faults every page in again; kept in the heap, they are reused from the third call on (docs/performance.md
+    has the counts and the command). Process-wide, so set here at the entry point only."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel
 import numpy as np
@@ -36,10 +37,8 @@ import figures
 import infer
 import metrics
 import phantom
+from infer import UsageError
 from model import MODELS, build_model
-
-
-UsageError = infer.UsageError
 
 
 class Diverged(Exception):
@@ -65,7 +64,7 @@ class Protocol:
     patch_size: int = _same(144)           # §4.2: 144³ training patches
     patches_per_scan: int = _same(10)      # §4.2: 10 lesion-centred patches per training scan and epoch
     augment: bool = _same(True)            # §3.5: TorchIO's six transforms, each with p = 0.5 (p is open)
-    mixup: float = _same(0.0)              # §5's future work: mix-up's Beta(α, α); 0 is off, the paper's
+    mixup: float | None = _same(None)      # §5's future work: mix-up's Beta(α, α); None is off, the paper's
     base_filters: int | None = _same(None)  # Fig. 2: 16 for the residual net; 32 for Çiçek's; None: the model's
     dropout: float = _same(0.3)            # open: Isensee et al. 2017's 0.3 (pykao's port ships 0.6)
     shared_context: bool = _same(False)    # pykao's port applies one context convolution twice; off: Isensee's
@@ -87,7 +86,6 @@ QUICK = replace(PAPER, spacing=2.0, patch_size=48, patches_per_scan=2, epochs=12
 
 ACTIVE = {}  # the run folder this process is writing, for the entry point's message on Ctrl-C
 SAME_ON_RESUME = tuple(f.name for f in fields(Protocol) if f.metadata.get("same_on_resume"))
-SPLITS = ("train", "val", "test")
 MODEL_NAMES = {"residual": "Residual 3D U-Net", "unet": "3D U-Net"}
 
 # Everything a run writes into its folder: cleanup, --overwrite and the tests use this one list.
@@ -106,21 +104,22 @@ def train(protocol: Protocol, out, resume: bool = False, overwrite: bool = False
     check_out(out, resume, overwrite)
     scans, dataset, fingerprint = load_scans(protocol)
     split_ids = data.split_scans(scans, by=protocol.split, seed=protocol.seed)
-    train_scans, val_scans, test_scans = ([s for s in scans if s.id in split_ids[k]] for k in SPLITS)
+    train_scans, val_scans, test_scans = ([s for s in scans if s.id in split_ids[k]] for k in data.SPLITS)
     check_sizes(protocol, scans, len(train_scans), group)
-    facts = run_facts(protocol, scans, dataset, fingerprint, split_ids, device, group)
-    log = open_run(out, protocol, facts, resume, overwrite, group)
+    config = run_config(protocol, scans, dataset, fingerprint, split_ids, device, group)
+    log = open_run(out, protocol, config, resume, overwrite, group)
+    run = Run(out, protocol, config, device, group, log)
 
     torch.manual_seed(protocol.seed)  # the initial weights and dropout
-    model = build_model(**facts["network"]).to(device)
+    model = build_model(**config["network"]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=protocol.lr, weight_decay=protocol.weight_decay)  # Table 1
-    generators = group.generators(protocol.seed)  # drawn on the host: (patches, augmentation and mix-up)
+    generators = group.generators(protocol.seed)  # drawn on the host
     sampler = data.PatchSampler(train_scans, protocol.patch_size, protocol.patches_per_scan, device,
-                                generators[0], group.rank, group.world)
+                                generators.patches, group.rank, group.world)
     augmentations = make_augmentations(protocol, train_scans)
     stopper, history = EarlyStopping(protocol.patience), []
     if resume:
-        stopper, history = load_checkpoint(out / "last.pt", model, optimizer, generators, device, group)
+        stopper, history = load_checkpoint(out / "last.pt", model, device, optimizer, generators, group)
         log(f"Resuming {out} after epoch {stopper.epoch}.")
     log(describe_run(protocol, dataset, split_ids, device, sampler, group))
     net = group.wrap(model, device)  # DistributedDataParallel under torchrun, else the model itself
@@ -129,34 +128,46 @@ def train(protocol: Protocol, out, resume: bool = False, overwrite: bool = False
         if stopper.stop:
             break
         start = time.perf_counter()
-        train_loss = train_one_epoch(net, optimizer, sampler, augmentations, protocol, generators[1], device, group)
+        train_loss = train_one_epoch(run, net, optimizer, sampler, augmentations, generators.augmentation)
         val_loss, val_dsc = group.from_lead(validate, model, val_scans, protocol, device)  # all follow rank 0
         improved = stopper.record(val_loss)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_dsc": val_dsc,
                         "seconds": round(time.perf_counter() - start, 2)})
-        save_epoch(out, model, facts, improved, optimizer, generators, stopper, history, group)
+        save_epoch(run, model, improved, optimizer, generators, stopper, history)
         log.epoch(history[-1], stopper, protocol.epochs)
     if not group.lead:
         return None
-    load_checkpoint(out / "best.pt", model, device=device)
-    return test_and_report(model, test_scans, protocol, facts, stopper, history, device, out, log)
+    load_checkpoint(out / "best.pt", model, device)
+    return test_and_report(run, model, test_scans, stopper, history)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every step of one run shares once ``train`` has set it up: the run's folder, its protocol, its
+    recorded configuration (config.json), this process's device and place in the group, and the log."""
+    out: Path
+    protocol: Protocol
+    config: dict
+    device: torch.device
+    group: Group
+    log: Log
 
 
 # --------------------------------------------------------------------------------------------
 # The epoch: training and validation
 
-def train_one_epoch(net, optimizer, sampler, augmentations, protocol, generator, device, group) -> float:
+def train_one_epoch(run, net, optimizer, sampler, augmentations, generator) -> float:
     """One pass over the epoch's patches, one Adam step per patch (the paper's batch size of 1; under
     torchrun one patch per process and step, gradients averaged). Returns the mean loss of the epoch."""
     net.train()
     loss_fn = metrics.BCEDiceLoss()
-    total = torch.zeros((), device=device)
+    total = torch.zeros((), device=run.device)
     patches = augmented(sampler, augmentations, generator)
-    if protocol.mixup > 0:
-        patches = mix_up(patches, augmented(sampler, augmentations, generator), protocol.mixup, generator)
-    with group.join(net):  # shares of an epoch may differ by one patch between processes
+    if run.protocol.mixup is not None:
+        patches = mix_up(patches, augmented(sampler, augmentations, generator), run.protocol.mixup, generator)
+    with run.group.join(net):  # shares of an epoch may differ by one patch between processes
         for i, (image, label) in enumerate(progress(patches, "patches", len(sampler)), 1):
-            with infer.autocast(device, protocol.amp):
+            with infer.autocast(run.device, run.protocol.amp):
                 loss = loss_fn(net(image), label)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -165,7 +176,7 @@ def train_one_epoch(net, optimizer, sampler, augmentations, protocol, generator,
             if i % 10 == 0 or i == len(sampler):  # a host sync only every 10 steps
                 if not math.isfinite(mean := total.item() / i):
                     raise Diverged(f"the training loss became {mean} within the last 10 steps")
-    return group.mean(total, len(sampler))
+    return run.group.mean(total, len(sampler))
 
 
 def augmented(sampler, augmentations, generator):
@@ -243,30 +254,30 @@ class EarlyStopping:
 # --------------------------------------------------------------------------------------------
 # Checkpoints: the model alone (best.pt) or everything a resume needs (last.pt)
 
-def save_epoch(out, model, facts, improved, optimizer, generators, stopper, history, group):
+def save_epoch(run, model, improved, optimizer, generators, stopper, history):
     """After each epoch: best.pt when the validation loss improved, last.pt and history.csv always.
     Every process takes part (last.pt holds each one's random state); only rank 0 writes."""
-    states = group.gather(random_state(generators))
-    if not group.lead:
+    states = run.group.gather(random_state(generators))
+    if not run.group.lead:
         return
     if improved:
-        save_checkpoint(out / "best.pt", model, facts)
-    save_checkpoint(out / "last.pt", model, facts, optimizer, states, stopper, history)
-    write_csv(out / "history.csv", history)
+        save_checkpoint(run.out / "best.pt", model, run.config)
+    save_checkpoint(run.out / "last.pt", model, run.config, optimizer, states, stopper, history)
+    write_csv(run.out / "history.csv", history)
 
 
-def save_checkpoint(path, model, facts, optimizer=None, states=None, stopper=None, history=None):
-    """best.pt holds the weights and the run's facts (what ``predict`` needs); last.pt adds the optimizer,
-    the early-stopping state, the history and the random states (rank 0's as ``rng``, every process's
-    under torchrun as ``ranks``), so that a resumed run is exact."""
-    checkpoint = {"model": model.state_dict(), "facts": facts}
+def save_checkpoint(path, model, config, optimizer=None, states=None, stopper=None, history=None):
+    """best.pt holds the weights and the run's configuration (what ``predict`` needs); last.pt adds the
+    optimizer, the early-stopping state, the history and the random states (rank 0's as ``rng``, every
+    process's under torchrun as ``ranks``), so that a resumed run is exact."""
+    checkpoint = {"model": model.state_dict(), "config": config}
     if optimizer is not None:
         checkpoint.update(optimizer=optimizer.state_dict(), stopper=asdict(stopper), history=history,
                           rng=states[0], **({"ranks": states} if len(states) > 1 else {}))
     atomic_save(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def load_checkpoint(path, model, optimizer=None, generators=None, device="cpu", group=None):
+def load_checkpoint(path, model, device, optimizer=None, generators=None, group=None):
     """Load ``save_checkpoint``'s file into ``model`` (and the rest, for last.pt); returns
     (EarlyStopping, history) for last.pt."""
     checkpoint = infer.read_checkpoint(path, device)
@@ -276,18 +287,25 @@ def load_checkpoint(path, model, optimizer=None, generators=None, device="cpu", 
     optimizer.load_state_dict(checkpoint["optimizer"])
     state = checkpoint["ranks"][group.rank] if group.world > 1 else checkpoint["rng"]
     torch.set_rng_state(state["torch"])
-    generators[1].set_state(state["generator"])
-    generators[0].set_state(state.get("patch_generator", state["generator"]))
+    generators.augmentation.set_state(state["generator"])
+    generators.patches.set_state(state.get("patch_generator", state["generator"]))
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     return EarlyStopping(**checkpoint["stopper"]), checkpoint["history"]
 
 
 def random_state(generators) -> dict:
-    patches, rest = generators
-    return {"torch": torch.get_rng_state(), "generator": rest.get_state(),
-            **({"patch_generator": patches.get_state()} if patches is not rest else {}),
+    patches, augmentation = generators
+    return {"torch": torch.get_rng_state(), "generator": augmentation.get_state(),
+            **({"patch_generator": patches.get_state()} if patches is not augmentation else {}),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+class Generators(NamedTuple):
+    """The run's random generators, on the host: ``patches`` draws the training patches, ``augmentation``
+    the augmentation and mix-up. One generator serves both in a plain run."""
+    patches: torch.Generator
+    augmentation: torch.Generator
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,14 +328,14 @@ class Group:
     def lead(self) -> bool:
         return self.rank == 0
 
-    def generators(self, seed):
-        """(patches, augmentation and mix-up). One generator in a plain run. Under torchrun the patch draws
-        come from a generator every process holds alike, so that their shares of an epoch never overlap,
-        and augmentation from one of each process's own."""
+    def generators(self, seed) -> Generators:
+        """One generator in a plain run. Under torchrun the patch draws come from a generator every process
+        holds alike, so that their shares of an epoch never overlap, and augmentation from one of each
+        process's own."""
         patches = torch.Generator().manual_seed(seed)
         if self.world == 1:
-            return patches, patches
-        return patches, torch.Generator().manual_seed(seed + 1_000_003 * (self.rank + 1))
+            return Generators(patches, patches)
+        return Generators(patches, torch.Generator().manual_seed(seed + 1_000_003 * (self.rank + 1)))
 
     def wrap(self, model, device):
         if self.world == 1:
@@ -376,20 +394,22 @@ def network(protocol, in_channels) -> dict:
 # --------------------------------------------------------------------------------------------
 # Test and report
 
-def test_and_report(model, test_scans, protocol, facts, stopper, history, device, out, log) -> dict:
+def test_and_report(run, model, test_scans, stopper, history) -> dict:
     """The best checkpoint on the test scans: metrics.json, the figures and report.md; returns the metrics."""
-    results, masks = test(model, test_scans, protocol, device, out)
-    results.update(dataset=facts["dataset"], model=protocol.model, channels=facts["channels"],
-                   split_ids=facts["split_ids"], best_epoch=stopper.best_epoch, epochs_run=stopper.epoch,
+    results, masks = test(run, model, test_scans)
+    config = run.config
+    results.update(dataset=config["dataset"], model=run.protocol.model, channels=config["channels"],
+                   split_ids=config["split_ids"], best_epoch=stopper.best_epoch, epochs_run=stopper.epoch,
                    early_stopped=stopper.stop)
-    write_json(out / "metrics.json", results)
-    report(out, protocol, facts, history, results, test_scans, masks)
-    log.test(results, stopper, out)
+    write_json(run.out / "metrics.json", results)
+    report(run, history, results, test_scans, masks)
+    run.log.test(results, stopper, run.out)
     return results
 
 
-def test(model, scans, protocol, device, out) -> dict:
+def test(run, model, scans) -> dict:
     """Score the test scans with the best checkpoint and write their masks in their original grids."""
+    protocol, device, out = run.protocol, run.device, run.out
     per_scan, masks = {}, {}
     (out / "predictions").mkdir(exist_ok=True)
     for scan in progress(scans, "test"):
@@ -403,15 +423,16 @@ def test(model, scans, protocol, device, out) -> dict:
     return {"scans": per_scan, "mean": metrics.summarise(per_scan)}, masks
 
 
-def report(out, protocol, facts, history, results, test_scans, masks):
+def report(run, history, results, test_scans, masks):
     """Fig. 6, Fig. 7 and report.md: the one file a user opens to see what happened."""
+    out, protocol, config = run.out, run.protocol, run.config
     title = f"{MODEL_NAMES[protocol.model]}, {'+'.join(protocol.channels)}"
     figures.history(out / "fig6.png", history, title)
     figures.slices(out / "fig7.png", test_scans, {MODEL_NAMES[protocol.model]: masks}, "+".join(protocol.channels))
     settings = {k: v for k, v in asdict(protocol).items() if k not in ("device",)}
     keys = metrics.REPORTED
-    lines = [f"# {title}", "", f"Dataset: {facts['dataset']}.", f"Device: {facts['device_name']}; "
-             f"precision {facts['precision']}.", "", "## Settings", "",
+    lines = [f"# {title}", "", f"Dataset: {config['dataset']}.", f"Device: {config['device_name']}; "
+             f"precision {config['precision']}.", "", "## Settings", "",
              "| setting | value |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in settings.items()], "",
              f"## Test ({len(results['scans'])} scans; best epoch {results['best_epoch']} of "
              f"{results['epochs_run']})", "", "| scan | " + " | ".join(keys) + " |",
@@ -427,7 +448,7 @@ def report(out, protocol, facts, history, results, test_scans, masks):
 # --------------------------------------------------------------------------------------------
 # Checks before anything is created
 
-def check_protocol(protocol, group=Group()) -> torch.device:
+def check_protocol(protocol, group) -> torch.device:
     """Every setting, before any file is read or written; returns this process's device."""
     if protocol.model not in MODELS:
         raise UsageError(f"--model {protocol.model!r}: expected one of {', '.join(sorted(MODELS))}")
@@ -442,8 +463,8 @@ def check_protocol(protocol, group=Group()) -> torch.device:
         raise UsageError(f"--weight-decay must be a finite number >= 0, got {protocol.weight_decay}")
     if protocol.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {protocol.seed}")
-    if not (math.isfinite(protocol.mixup) and protocol.mixup >= 0):
-        raise UsageError(f"--mixup must be a finite number > 0 (0 is off), got {protocol.mixup}")
+    if protocol.mixup is not None and not (math.isfinite(protocol.mixup) and protocol.mixup > 0):
+        raise UsageError(f"--mixup must be a finite number > 0 (leave it out for no mix-up), got {protocol.mixup}")
     if not 0 <= protocol.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {protocol.dropout}")
     if protocol.spacing is not None and not (math.isfinite(protocol.spacing) and protocol.spacing > 0):
@@ -479,7 +500,7 @@ def resolve_device(name) -> torch.device:
     return device
 
 
-def check_sizes(protocol, scans, n_train, group=Group()):
+def check_sizes(protocol, scans, n_train, group):
     """A scan the network cannot take, or a patch no scan can hold, is refused before training."""
     data.check_scan_sizes(scans, MODELS[protocol.model].min_side)
     if all(protocol.patch_size > n for scan in scans for n in scan.image.shape[1:]):
@@ -546,18 +567,18 @@ def started(out: Path) -> bool:
     return (out / "last.pt").exists() or (out / "metrics.json").exists()
 
 
-def open_run(out, protocol, facts, resume, overwrite, group=Group()):
+def open_run(out, protocol, config, resume, overwrite, group):
     """Create or reopen the run folder: refuse a resume whose settings, data or process count differ,
     clear what a replaced run or a killed process left, write config.json (rank 0 only); returns the
     run's log, silent on the other ranks."""
     if resume:
         old = json.loads((out / "config.json").read_text())
-        changed = [k for k in SAME_ON_RESUME if old["protocol"].get(k) != facts["protocol"][k]]
-        changed += [k for k in ("split_ids", "data_fingerprint") if old.get(k) != facts[k]]
-        changed += ["world_size"] * (old.get("world_size", 1) != facts["world_size"])
+        changed = [k for k in SAME_ON_RESUME if old["protocol"].get(k) != config["protocol"][k]]
+        changed += [k for k in ("split_ids", "data_fingerprint") if old.get(k) != config[k]]
+        changed += ["world_size"] * (old.get("world_size", 1) != config["world_size"])
         if changed:
             raise UsageError(f"--resume: {out} was run with other settings or data: " + ", ".join(
-                f"{k}={old['protocol'].get(k, old.get(k))!r} (now {facts['protocol'].get(k, facts.get(k))!r})"
+                f"{k}={old['protocol'].get(k, old.get(k))!r} (now {config['protocol'].get(k, config.get(k))!r})"
                 for k in changed))
     if not group.lead:
         return Log(None)
@@ -569,7 +590,7 @@ def open_run(out, protocol, facts, resume, overwrite, group=Group()):
         if replaced and not overwrite:
             print(f"{out}: replacing a run that stopped before its first epoch ({', '.join(replaced)})")
         remove_outputs(out)
-    write_json(out / "config.json", facts)
+    write_json(out / "config.json", config)
     ACTIVE["out"] = out
     return Log(out / "train.log")
 
@@ -586,8 +607,9 @@ def remove_outputs(out: Path):
             path.unlink(missing_ok=True)
 
 
-def run_facts(protocol, scans, dataset, fingerprint, split_ids, device, group=Group()) -> dict:
-    """config.json: the protocol that ran, plus the facts of this run."""
+def run_config(protocol, scans, dataset, fingerprint, split_ids, device, group) -> dict:
+    """The run's recorded configuration, config.json: the protocol that ran, the data, the network and
+    the machine."""
     return {"protocol": json.loads(json.dumps(asdict(protocol))), "dataset": dataset, "split_ids": split_ids,
             "data_fingerprint": fingerprint, "network": network(protocol, len(scans[0].channels)),
             "channels": list(scans[0].channels), "spacing_mm": list(scans[0].spacing), "norm": protocol.norm,
@@ -605,7 +627,7 @@ def describe_device(device) -> str:
 
 
 def describe_run(protocol, dataset, split_ids, device, sampler, group) -> str:
-    n = [len(split_ids[k]) for k in SPLITS]
+    n = [len(split_ids[k]) for k in data.SPLITS]
     processes = f", {group.world} processes (torchrun) of {len(sampler)} each" if group.world > 1 else ""
     return (f"{MODEL_NAMES[protocol.model]} on {'+'.join(protocol.channels)}, {dataset}; {n[0]}:{n[1]}:{n[2]} scans "
             f"({protocol.split} split); {describe_device(device)}; {sampler.epoch_size} patches per epoch"

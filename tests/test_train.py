@@ -195,7 +195,7 @@ def test_a_two_channel_mix_up_run_resumes_exactly(dataset, tmp_path, monkeypatch
     assert repro.main([*argv, "--out", str(whole)]) == 0
     config = json.loads((whole / "config.json").read_text())
     assert config["channels"] == ["FLAIR", "T2W"] and config["network"]["in_channels"] == 2
-    assert torch.load(whole / "best.pt", weights_only=False)["facts"]["channels"] == ["FLAIR", "T2W"]
+    assert torch.load(whole / "best.pt", weights_only=False)["config"]["channels"] == ["FLAIR", "T2W"]
     validate = interrupt_in_epoch_two(monkeypatch)
     part = tmp_path / "part"
     assert repro.main([*argv, "--out", str(part)]) == 130
@@ -212,8 +212,8 @@ import sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import repro, train
 save_epoch = train.save_epoch
-def save_and_dump(out, model, *args, **kwargs):
-    save_epoch(out, model, *args, **kwargs)  # every rank dumps its parameters: they must agree
+def save_and_dump(run, model, *args, **kwargs):
+    save_epoch(run, model, *args, **kwargs)  # every rank dumps its parameters: they must agree
     torch.save(model.state_dict(), {dump!r} + f"/rank{{dist.get_rank()}}.pt")
 train.save_epoch = save_and_dump
 sys.exit(repro.main(sys.argv[1:]))
