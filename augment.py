@@ -112,391 +112,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument parsing: TorchIO's forms (``_parse_range``, ``parse_params`` in torchio/transforms),
-# with errors that name the parameter.
-
-def _is_number(value) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
-
-
-def _plain(value):
-    """numpy arrays and tensors (as TorchIO accepts them) as Python numbers or tuples of them."""
-    if isinstance(value, torch.Tensor) or type(value).__module__ == 'numpy':
-        value = value.tolist()
-        return tuple(value) if isinstance(value, list) else value
-    return value
-
-
-def _parse_range(value, name: str, min_constraint: float | None = None) -> tuple[float, float]:
-    """TorchIO's ``_parse_range``: ``d >= 0`` -> ``(-d, d)`` or ``(min_constraint, d)``; ``(a, b)``, a <= b."""
-    value = _plain(value)
-    if _is_number(value):
-        if value < 0:
-            raise ValueError(f'{name} must be non-negative when a single number, got {value}')
-        return (float(-value if min_constraint is None else min_constraint), float(value))
-    if (isinstance(value, Sequence) and len(value) == 2 and all(map(_is_number, value))
-            and value[0] <= value[1]):
-        if min_constraint is not None and value[0] < min_constraint:
-            raise ValueError(f'{name} must be at least {min_constraint}, got {tuple(value)}')
-        return (float(value[0]), float(value[1]))
-    raise ValueError(f'{name} must be a number or a (min, max) pair with min <= max, got {value!r}')
-
-
-def _parse_params(value, around: float, name: str, min_constraint: float | None = None
-                  ) -> list[tuple[float, float]]:
-    """TorchIO's ``parse_params``: ``x``, ``(a, b)``, ``(x1, x2, x3)`` or six values -> three ranges."""
-    value = _plain(value)
-    values = (value,) if _is_number(value) else tuple(value) if isinstance(value, Sequence) else None
-    if values is None or len(values) not in (1, 2, 3, 6) or not all(map(_is_number, values)):
-        raise ValueError(f'{name} must be a number or a sequence of 2, 3 or 6 numbers, got {value!r}')
-    if len(values) == 1:
-        values *= 3
-    if len(values) == 2:  # (a, b) is the range of every axis, not shifted by `around`
-        ranges = [values] * 3
-    elif len(values) == 3:
-        ranges = [(around - x, around + x) for x in values]
-    else:
-        ranges = [values[0:2], values[2:4], values[4:6]]
-    ranges = [(float(low), float(high)) for low, high in ranges]
-    for low, high in ranges:
-        if low > high:
-            raise ValueError(f'{name} gives the range ({low}, {high}), whose minimum exceeds its maximum')
-        if min_constraint is not None and low < min_constraint:
-            raise ValueError(f'{name} gives the range ({low}, {high}), below the minimum {min_constraint}')
-    return ranges
-
-
-def _parse_spacing(spacing) -> tuple[float, float, float]:
-    if spacing is None:
-        return (1.0, 1.0, 1.0)
-    if (isinstance(spacing, Sequence) and len(spacing) == 3 and all(map(_is_number, spacing))
-            and all(s > 0 for s in spacing)):
-        return tuple(float(s) for s in spacing)
-    raise ValueError(f'spacing must be three positive voxel sizes in mm, got {spacing!r}')
-
-
-def _parse_interpolation(value) -> str:
-    if value not in ('linear', 'nearest'):
-        raise ValueError(f"image_interpolation must be 'linear' or 'nearest', got {value!r}")
-    return value
-
-
-def _parse_probability(value, name: str) -> float:
-    if not _is_number(value) or not 0 <= value <= 1:
-        raise ValueError(f'{name} must be a probability in [0, 1], got {value!r}')
-    return float(value)
-
-
-def _parse_pad(value, name: str, strings: tuple[str, ...] = ('minimum',)):
-    """A pad value: one of ``strings``, a number, or an array of numbers of shape (N,) or (B, C)."""
-    if isinstance(value, str):
-        if value in strings:
-            return value
-        raise ValueError(f'{name} must be one of {strings}, a number or an array of numbers, got {value!r}')
-    if _is_number(value):
-        return float(value)
-    try:
-        tensor = torch.as_tensor(value, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f'{name} must be one of {strings}, a number or an array of numbers, got {value!r}') from None
-    if tensor.ndim > 2 or tensor.numel() == 0 or not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f'{name} must be finite numbers of shape (), (N,) or (B, C), got {value!r}')
-    return tensor
-
-
-def _pad_plan(value, batch: int, channels: int, name: str):
-    """A parsed pad value as the string it is or a host (batch, channels) tensor. A 1-D array has
-    one value per batch element (length B) or per channel (length C); B == C > 1 is ambiguous."""
-    if isinstance(value, str):
-        return value
-    tensor = torch.as_tensor(value, dtype=torch.float64)
-    if tensor.ndim == 0:
-        return tensor.expand(batch, channels)
-    if tensor.ndim == 1:
-        if len(tensor) == batch == channels and batch > 1:
-            raise ValueError(f'{name} has {batch} values for a batch of {batch} with {channels} channels: '
-                             'give a (B, C) array to say which is meant')
-        if len(tensor) == batch:
-            return tensor[:, None].expand(batch, channels)
-        if len(tensor) == channels:
-            return tensor[None].expand(batch, channels)
-    elif tensor.shape[0] in (1, batch) and tensor.shape[1] in (1, channels):
-        return tensor.expand(batch, channels)
-    raise ValueError(f'{name} has shape {tuple(tensor.shape)}, which fits neither the batch of {batch} '
-                     f'nor the {channels} channels')
-
-
-def _parameter(value, tail: tuple[int, ...], name: str) -> torch.Tensor:
-    """A deterministic parameter as a float64 tensor with a leading batch axis (1 = shared)."""
-    tensor = torch.as_tensor(value, dtype=torch.float64)
-    if tensor.shape == tail:
-        return tensor[None]
-    if tensor.ndim == len(tail) + 1 and tensor.shape[1:] == tail and len(tensor) > 0:
-        return tensor
-    raise ValueError(f'{name} must have shape {tail} or (B, *{tail}), got {tuple(tensor.shape)}')
-
-
-def _per_element(tensor: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-    """A host parameter with a leading batch axis of 1 or ``batch``, expanded to ``batch``."""
-    if len(tensor) not in (1, batch):
-        raise ValueError(f'{name} has {len(tensor)} sets of values for a batch of {batch}')
-    return tensor.expand(batch, *tensor.shape[1:])
-
-
-# ---------------------------------------------------------------------------------------------
-# Randomness, dtypes and the host-to-device copy.
-
-def _uniform(low, high, shape, generator: torch.Generator) -> torch.Tensor:
-    """Float64 host draws of ``shape``, uniform in ``[low, high)``; ``low`` and ``high`` are numbers
-    or sequences broadcast against the last axis (one range per axis)."""
-    low, high = (torch.as_tensor(bound, dtype=torch.float64) for bound in (low, high))
-    return low + (high - low) * torch.rand(shape, dtype=torch.float64, generator=generator)
-
-
-def _upload(device: torch.device, dtype: torch.dtype, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Host tensors on ``device`` as ``dtype``, in one copy: packed into one buffer, pinned and
-    copied without blocking on CUDA, so that the host queues the call's kernels without waiting.
-    Tensors already on ``device`` as ``dtype`` (the static buffers of a :class:`CUDAGraphCall`)
-    are used as they are."""
-    if all(tensor.device == device and tensor.dtype == dtype for tensor in tensors):
-        return list(tensors)
-    flat = torch.cat([tensor.reshape(-1).to(dtype) for tensor in tensors])
-    if device.type == 'cuda':
-        flat = flat.pin_memory()
-    flat = flat.to(device, non_blocking=True)
-    return [piece.view(tensor.shape) for piece, tensor in zip(flat.split([t.numel() for t in tensors]), tensors)]
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ---------------------------------------------------------------------------------------------
-# Resampling: ITK's ResampleImageFilter with LinearInterpolateImageFunction (or
-# NearestNeighborInterpolateImageFunction), as TorchIO calls it through SimpleITK. An output
-# voxel v pulls the input at a continuous index u; inside -0.5 <= u < n - 0.5 on every axis it
-# interpolates with edge-clamped neighbours (grid_sample's 'border'), outside it takes the pad.
-# Maps are handed to grid_sample as normalised grids (components in (k, j, i) order,
-# align_corners=True: g = 2 u / (n - 1) - 1).
-
-
-@functools.lru_cache(maxsize=64)
-def _normalisation(shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Host float64 ``(a, b)`` per voxel axis (i, j, k) with ``g = a u + b``; an axis of one voxel
-    keeps g = u (grid_sample reads its only voxel whatever g is)."""
-    a = torch.tensor([2 / (n - 1) if n > 1 else 1.0 for n in shape], dtype=torch.float64)
-    b = torch.tensor([-1.0 if n > 1 else 0.0 for n in shape], dtype=torch.float64)
-    return a, b
-
-
-def _theta(matrix: torch.Tensor, offset: torch.Tensor, shape) -> torch.Tensor:
-    """Host float64: the voxel map ``u = matrix @ v + offset`` ((N, 3, 3), (N, 3)) as affine_grid's
-    ``(N, 3, 4)`` matrix between normalised output and input coordinates, in (k, j, i) order."""
-    a, b = _normalisation(tuple(shape))
-    scaled = a[:, None] * matrix / a  # A M A^-1, A = diag(a)
-    shift = a * offset + b - scaled @ b
-    return torch.cat([scaled.flip(-1, -2), shift.flip(-1)[..., None]], -1)
-
-
-def _cpu_kernels(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is on the CPU, for which three forms below are written (the affine grid
-    by broadcasting, the inside test by comparisons, grid_sample in slabs); a GPU, and the meta
-    tensors on which device work is counted, take the one-kernel forms. One predicate, so that a
-    test can run the GPU's forms on the CPU."""
-    return tensor.device.type == 'cpu'
-
-
-def _affine_grid(theta: torch.Tensor, batch: int, shape) -> torch.Tensor:
-    """The sampling grid ``(batch, n * X, Y, Z, 3)`` of ``theta`` (batch * n, 3, 4) on the device:
-    the n maps of an element are stacked along X, so one grid_sample pulls them all.
-
-    On a GPU it is one ``affine_grid``. On the CPU, where affine_grid writes a (X, Y, Z, 4) base
-    grid and multiplies it (three times the time), the same sums are built by broadcasting, one
-    addition writing the grid, component-major (``(3, N, X, Y, Z)`` storage, handed over as a
-    permuted view, which grid_sample reads through its strides): a broadcast over a contiguous Z
-    axis is vectorised, one over an inner axis of 3 is not, and the component planes are what
-    the inside test compares (``_inside_by_bounds``)."""
-    if not _cpu_kernels(theta):
-        return F.affine_grid(theta, [len(theta), 1, *shape], align_corners=True).view(batch, -1, *shape[1:], 3)
-    i, j, k = (torch.linspace(-1, 1, n, dtype=theta.dtype) if n > 1 else torch.zeros(1, dtype=theta.dtype)
-               for n in shape)
-    # (3, 4, N, 1, 1): component x=k, y=j, z=i; column. Contiguous, so that the sums below are
-    # too (broadcasting lays its result out after its inputs).
-    columns = theta.permute(1, 2, 0).contiguous()[..., None, None]
-    along_ij = i.view(-1, 1) * columns[:, 2] + j * columns[:, 1]  # (3, N, X, Y)
-    along_k = k * columns[:, 0, :, 0] + columns[:, 3, :, 0]  # (3, N, Z)
-    planes = along_ij[..., None] + along_k[:, :, None, None]
-    return planes.view(3, batch, -1, *shape[1:]).permute(1, 2, 3, 4, 0)
-
-
-@functools.lru_cache(maxsize=16)
-def _unit(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A single 1, expanded into the input volume of the inside test (no full-size memory)."""
-    return torch.ones((1, 1, 1, 1, 1), device=device, dtype=dtype)
-
-
-@torch.compiler.assume_constant_result
-def _threads() -> int:
-    """torch's CPU thread count; a constant of the graph under torch.compile, which cannot trace
-    the call (a changed count takes effect at the next compilation)."""
-    return torch.get_num_threads()
-
-
-def _grid_sample(x: torch.Tensor, grid: torch.Tensor, mode: str, padding: str = 'border') -> torch.Tensor:
-    """``F.grid_sample``. On the CPU the 3-D kernel runs one thread per batch element, so a single
-    volume is cut into as many slabs along X as there are threads."""
-    options = dict(mode=mode, padding_mode=padding, align_corners=True)
-    threads, size = _threads(), grid.shape[1]
-    if not _cpu_kernels(x) or len(x) > 1 or threads == 1 or size < threads:
-        return F.grid_sample(x, grid, **options)
-    rows = size // threads * threads
-    slabs = grid[:, :rows].reshape(threads, rows // threads, *grid.shape[2:])
-    out = F.grid_sample(x.expand(threads, *x.shape[1:]), slabs, **options)
-    out = out.transpose(0, 1).reshape(1, x.shape[1], rows, *grid.shape[2:4])
-    if rows == size:
-        return out
-    return torch.cat([out, F.grid_sample(x, grid[:, rows:], **options)], 2)
-
-
-def _inside_by_lookup(grid: torch.Tensor, shape) -> torch.Tensor:
-    """(N, 1, ...) float: 1 where ``grid`` points inside a volume of ``shape``, else 0; one
-    nearest lookup of ones with zero padding (1 where the nearest voxel exists)."""
-    unit = _unit(grid.device, grid.dtype).expand(len(grid), 1, *shape)
-    return _grid_sample(unit, grid, 'nearest', 'zeros')
-
-
-@functools.lru_cache(maxsize=64)
-def _bounds(shape: tuple[int, int, int]) -> tuple[list[float], list[float]]:
-    """The inside bounds ``-0.5`` and ``n - 0.5`` in normalised units, (k, j, i) order: Python
-    numbers, from ``_normalisation``'s a and b in the same float64 steps, so that the compiled
-    graph holds them as constants and reads no tensor back."""
-    ab = [(2 / (n - 1), -1.0) if n > 1 else (1.0, 0.0) for n in shape]
-    low = [b - a / 2 for a, b in ab]
-    high = [a * (n - 0.5) + b for (a, b), n in zip(ab, shape)]
-    return low[::-1], high[::-1]
-
-
-# The voxels of one block of the CPU's inside test: 1 MB of float32 per grid component.
-_BLOCK_VOXELS = 1 << 18
-
-
-def _inside_by_bounds(grid: torch.Tensor, shape) -> torch.Tensor:
-    """(N, 1, ...) bool: ``-0.5 <= u < n - 0.5`` on every axis, compared in normalised units on
-    each component plane (vectorised on a component-major grid)."""
-    low, high = _bounds(tuple(shape))
-    planes = [grid[..., component] for component in range(3)]
-
-    def test(parts):
-        tests = [(part >= low[c]).logical_and_(part < high[c]) for c, part in enumerate(parts)]
-        return tests[0].logical_and_(tests[1]).logical_and_(tests[2])
-
-    if torch.compiler.is_compiling():  # compiled, the comparisons fuse into one pass anyway
-        return test(planes)[:, None]
-    # Eager, in blocks of X-rows, so that a plane's second comparison reads it from cache rather
-    # than from memory (a whole plane is 12 MB at 144^3).
-    inside = torch.empty(planes[0].shape, dtype=torch.bool, device=grid.device)
-    rows = max(1, _BLOCK_VOXELS // math.prod(planes[0].shape[2:]))
-    for start in range(0, planes[0].shape[1], rows):
-        inside[:, start:start + rows] = test([plane[:, start:start + rows] for plane in planes])
-    return inside[:, None]
-
-
-def _resample(items, test_grid: torch.Tensor) -> list[torch.Tensor]:
-    """Pull volumes (N, C, X, Y, Z) through grids with ITK's rule; ``items`` are
-    ``(volume, grid, pad, mode)``, pad a (N | 1, C | 1, 1, 1, 1) tensor, mode 'bilinear' or
-    'nearest'; the inside test is made on ``test_grid``.
-
-    On a GPU (and on meta tensors) the inside test is one more grid_sample: a nearest lookup of
-    ones with zero padding is 1 where the nearest voxel exists, i.e. inside, one kernel instead
-    of a chain of comparisons over the stored grid; ``lerp`` then takes the pad where it is 0
-    and the sample where it is 1, exactly. On the CPU, where the 3-D grid_sample is scalar code
-    and comparisons are vectorised, the test compares the grid's component planes with the
-    bounds ``-0.5`` and ``n - 0.5`` (normalised) instead; the two differ only at exact ties.
-    Work is in the grid's dtype; every volume keeps its own.
-    """
-    shape = tuple(items[0][0].shape[2:])
-    inside = (_inside_by_bounds if _cpu_kernels(test_grid) else _inside_by_lookup)(test_grid, shape)
-    out = []
-    for volume, grid, pad, mode in items:
-        sampled = _grid_sample(volume.to(grid.dtype), grid, mode)
-        select = torch.lerp(pad, sampled, inside, out=sampled) if inside.is_floating_point() \
-            else torch.where(inside, sampled, pad, out=sampled)  # in place: no new volume
-        out.append(select.to(volume.dtype))
-    return out
-
-
-def _min_pad(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.amin(dim=(2, 3, 4), keepdim=True).to(dtype)
-
-
-def _mode(interpolation: str) -> str:
-    return 'bilinear' if interpolation == 'linear' else 'nearest'
-
-
-def _half_up(shape) -> torch.Tensor:
-    """Host float64, per grid component (k, j, i): the normalised shift of ``2^-21 max(shape)``
-    voxels (a few float32 steps of the largest index) that makes grid_sample's nearest lookup,
-    which rounds half to even, round an exact half voxel up as ITK does (``floor(u + 0.5)``),
-    on labels and in the inside test. Interpolated images keep the unshifted grid."""
-    a, _ = _normalisation(tuple(shape))
-    return a.flip(0) * (max(shape) * 2.0 ** -21)
-
-
-def _resample_pair(image, label, grids, image_pad, label_pad, interpolation):
-    """Image and optional label through ``grids`` (2, N, X, Y, Z, 3): grids 0 for the image,
-    grids 1, shifted by ``_half_up``, for the label and the inside test."""
-    items = [(image, grids[0], image_pad, _mode(interpolation))]
-    if label is not None:
-        items.append((label, grids[1], label_pad, 'nearest'))
-    out = _resample(items, grids[1])
-    return out[0], None if label is None else out[1]
-
-
-def _euler(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``Rz(z) @ Rx(x) @ Ry(y)`` (radians, right-handed, batched): ITK's Euler3D order."""
-    one, zero = torch.ones_like(x), torch.zeros_like(x)
-
-    def matrix(rows):
-        return torch.stack([torch.stack(row, -1) for row in rows], -2)
-
-    cx, sx, cy, sy, cz, sz = x.cos(), x.sin(), y.cos(), y.sin(), z.cos(), z.sin()
-    rx = matrix([[one, zero, zero], [zero, cx, -sx], [zero, sx, cx]])
-    ry = matrix([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
-    rz = matrix([[cz, -sz, zero], [sz, cz, zero], [zero, zero, one]])
-    return rz @ rx @ ry
-
-
-def _to_voxels(matrix: torch.Tensor, spacing) -> torch.Tensor:
-    """``S^-1 @ matrix @ S`` for S = diag(spacing): a world (mm) linear map in voxel indices."""
-    ratio = torch.tensor([[sj / si for sj in spacing] for si in spacing], dtype=matrix.dtype)
-    return matrix * ratio
-
-
-# ---------------------------------------------------------------------------------------------
-# Base classes. A call is two steps: ``plan`` draws every random number of the call on the host,
-# from the CPU generator, in a fixed order; ``run`` does the tensor work on the image's device.
-
-
-def _host_generator(generator) -> torch.Generator:
-    if generator is None:
-        return torch.default_generator
-    if not isinstance(generator, torch.Generator) or generator.device.type != 'cpu':
-        raise ValueError('generator must be a CPU torch.Generator (every parameter is drawn on the host, '
-                         f'whatever the image device), got {generator!r}')
-    return generator
-
-
-def _take(params, index: torch.Tensor):
-    """The parameters of the batch elements ``index``: every tensor in ``params`` has a leading
-    batch axis; numbers, strings and generators are shared by the whole call."""
-    if isinstance(params, torch.Tensor):
-        return params[index]
-    if isinstance(params, dict):
-        return {key: _take(value, index) for key, value in params.items()}
-    if isinstance(params, (list, tuple)):
-        return type(params)(_take(value, index) for value in params)
-    return params
-
+# The call: every transform is a Transform; Compose chains them; the paper's pipeline.
 
 class Transform:
     """Base of every transform: checks the input, handles the batch and the probability ``p``.
@@ -650,126 +266,59 @@ class Compose(Transform):
         return image, label
 
 
-class ZNormalization(Transform):
-    """Subtract the mean and divide by the standard deviation (TorchIO's ``ZNormalization``).
+def paper_augmentation(p: float = 0.5, spacing=None, background=None, single_resampling: bool = False) -> Compose:
+    """The paper's augmentation: Flip, Motion, Bias field, Noise, Affine, Elastic deformation.
 
-    Statistics are taken per batch element over the voxels of ``masking_method``, pooled over all
-    channels; the standard deviation is unbiased (N - 1), and the result is applied to the whole
-    image. A standard deviation of 0 raises RuntimeError, as in TorchIO (checking it reads one
-    number per batch element back from the device). Labels are untouched.
+    In the paper's order, each applied independently with probability ``p``, every other
+    parameter at TorchIO's default (the paper names TorchIO's transforms and no parameter):
+    left-right flip; 2 motions of U(-10, 10) degrees and U(-10, 10) mm; order-3 bias field with
+    coefficients U(-0.5, 0.5); noise with std U(0, 0.25) (Z-normalised units); scales
+    U(0.9, 1.1) and rotations U(-10, 10) degrees per axis; elastic deformation on 7^3 control
+    points with displacements up to 7.5 mm. The flip is drawn with ``flip_probability=1`` so
+    that, like the other five, it happens with probability exactly ``p``.
+
+    Why p = 0.5: the paper applies the transforms "sequentially with a random probability"
+    without numbers; 0.5 makes every one of the 64 on/off combinations equally likely, so the
+    network sees unaugmented-looking patches (1/64) as well as the full chain (1/64).
+    Z-normalisation is not part of it: the paper normalises each scan before cutting patches.
 
     Args:
-        masking_method: ``None`` (default): all voxels. A boolean tensor broadcastable to the
-            image after leading singleton axes are added: ``(X, Y, Z)``, ``(C | 1, X, Y, Z)`` or
-            ``(B | 1, C | 1, X, Y, Z)``. Or a callable ``f(tensor) -> bool tensor``, called with each
-            element's ``(C, X, Y, Z)`` image, e.g. ``ZNormalization.mean``. TorchIO's string
-            and bounding-box forms, which need a TorchIO Subject, are not offered.
-        p: Probability of applying the transform. Default 1.
+        p: Probability of each of the six transforms, in [0, 1]. Default 0.5.
+        spacing: Voxel size ``(sx, sy, sz)`` in mm for Motion, Affine and Elastic. Default 1 mm.
+        background: The image value outside the input for Motion, Affine and Elastic, in the
+            image's intensity units. None (default): each channel's minimum, TorchIO's rule (in
+            the paper's pipeline the background was the minimum). A number; or one value per
+            batch element ``(B,)``, per channel ``(C,)`` (e.g. each channel's background after a
+            per-channel normalisation) or both ``(B, C)``; a 1-D array with B == C > 1 is
+            ambiguous and raises. Extension: TorchIO's Motion and Elastic always pad with the
+            minimum, which after a Z-normalisation that leaves the background at 0 would frame
+            a moved patch with the (negative) minimum, a frame real scans never have.
+        single_resampling: If True, Affine and Elastic become one
+            :class:`RandomAffineElasticDeformation` (one interpolation, one decision ``p`` for
+            both, so the stream of draws differs too). Default False: the paper's two steps.
+            Deviation when True; the difference is measured in :class:`AffineElasticDeformation`.
 
     Example:
-        >>> image = torch.rand(2, 1, 16, 16, 16) * 5 + 3
-        >>> out, _ = ZNormalization(masking_method=lambda x: x > 4)(image)
-        >>> bool((out[0][image[0] > 4].mean().abs() < 1e-5))
-        True
+        >>> patch, label = torch.randn(1, 2, 64, 64, 64), torch.zeros(1, 1, 64, 64, 64)
+        >>> augmentation = paper_augmentation(spacing=(1.0, 1.0, 1.2), background=[0.0, -0.5])
+        >>> out, out_label = augmentation(patch, label, generator=torch.Generator().manual_seed(0))
+        >>> out.shape, out_label.shape
+        (torch.Size([1, 2, 64, 64, 64]), torch.Size([1, 1, 64, 64, 64]))
     """
-
-    moves_label = False
-
-    def __init__(self, masking_method: torch.Tensor | Callable | None = None, p: float = 1.0):
-        super().__init__(p)
-        if masking_method is not None and not callable(masking_method) and not (
-                isinstance(masking_method, torch.Tensor) and masking_method.dtype == torch.bool
-                and 3 <= masking_method.ndim <= 5):
-            raise ValueError('masking_method must be None, a callable or a boolean tensor of 3 to 5 '
-                             f'dimensions, got {masking_method!r}')
-        self.masking_method = masking_method
-        self._masks = {}  # the tensor mask, copied once per device
-
-    @staticmethod
-    def mean(tensor: torch.Tensor) -> torch.Tensor:
-        """TorchIO's ``ZNormalization.mean``: the voxels brighter than the mean."""
-        return tensor > tensor.float().mean()
-
-    def _draw(self, batch, channels, shape, generator):
-        if isinstance(self.masking_method, torch.Tensor) and self.masking_method.ndim == 5 \
-                and len(self.masking_method) not in (1, batch):
-            raise ValueError(f'masking_method has {len(self.masking_method)} batch elements, '
-                             f'the image {batch}')
-        # The elements' indices, selected with them below p = 1: a per-element mask follows.
-        return {'element': torch.arange(batch)}
-
-    def _apply(self, image, label, params):
-        x = image.to(_work_dtype(image.dtype))
-        dims = (1, 2, 3, 4)
-        if self.masking_method is None:
-            mean, std = x.mean(dims, keepdim=True), x.std(dims, keepdim=True)
-        else:
-            mask = self._mask(x, params['element'])
-            count = mask.expand_as(x).sum(dims, keepdim=True)
-            mean = torch.where(mask, x, 0).sum(dims, keepdim=True) / count
-            std = (torch.where(mask, x - mean, 0).square().sum(dims, keepdim=True) / (count - 1)).sqrt()
-        if bool((std == 0).any()):
-            raise RuntimeError('Standard deviation is 0 for the masked values of a batch element')
-        return ((x - mean) / std).to(image.dtype), label
-
-    def _mask(self, x: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
-        if callable(self.masking_method):
-            masks = [torch.as_tensor(self.masking_method(e)).to(x.device) for e in x]
-            mask = torch.stack([m if m.ndim == 4 else m[None] for m in masks])
-        else:
-            if x.device not in self._masks:
-                mask = self.masking_method.to(x.device)
-                self._masks[x.device] = mask.reshape((1,) * (5 - mask.ndim) + tuple(mask.shape))
-            mask = self._masks[x.device]
-            if len(mask) > len(x):  # the chosen elements' masks (p < 1)
-                mask = mask.index_select(0, element.to(x.device, non_blocking=True))
-        try:
-            torch.broadcast_shapes(mask.shape, x.shape)
-        except RuntimeError:
-            raise ValueError(f'masking_method gives a mask of shape {tuple(mask.shape)}, '
-                             f'which does not broadcast to the image {tuple(x.shape)}') from None
-        return mask.bool()
+    pad = 'minimum' if background is None else _parse_pad(background, 'background')
+    return Compose([
+        RandomFlip(axes=0, flip_probability=1.0, p=p),
+        RandomMotion(spacing=spacing, default_pad_value=pad, p=p),
+        RandomBiasField(p=p),
+        RandomNoise(p=p),
+        *([RandomAffineElasticDeformation(spacing=spacing, default_pad_value=pad, p=p)] if single_resampling else
+          [RandomAffine(spacing=spacing, default_pad_value=pad, p=p),
+           RandomElasticDeformation(spacing=spacing, default_pad_value=pad, p=p)]),
+    ])
 
 
 # ---------------------------------------------------------------------------------------------
 # Flip (TorchIO's transforms/augmentation/spatial/random_flip.py).
-
-def _parse_axes(axes) -> tuple[int, ...]:
-    """Axis indices 0, 1, 2, or anatomical names read by their first letter on a RAS tensor."""
-    letters = {'L': 0, 'R': 0, 'A': 1, 'P': 1, 'I': 2, 'S': 2}
-    items = axes if isinstance(axes, (tuple, list)) else (axes,)
-    parsed = []
-    for axis in items:
-        if isinstance(axis, str) and axis[:1].upper() in letters:
-            parsed.append(letters[axis[0].upper()])
-        elif isinstance(axis, int) and not isinstance(axis, bool) and axis in (0, 1, 2):
-            parsed.append(axis)
-        else:
-            raise ValueError('axes must be spatial axis indices in {0, 1, 2} or anatomical names '
-                             f"('LR', 'AP', 'IS', 'Left', ...), got {axes!r}")
-    return tuple(sorted(set(parsed)))
-
-
-def _flip_where(x: torch.Tensor, flip, dim: int) -> torch.Tensor:
-    """Flip ``dim`` of the batch elements ``flip``: ``'all'`` or a host index tensor."""
-    if isinstance(flip, str):
-        return x.flip(dim)
-    index = flip.to(x.device, non_blocking=True)
-    return x.index_copy(0, index, x.index_select(0, index).flip(dim))
-
-
-def _flip_plan(flips: torch.Tensor, axes) -> dict:
-    """Per axis of ``axes`` that some element flips: ``'all'`` or the host index of the elements
-    that flip it, decided on the host so that the device part does not branch on a tensor."""
-    plan = []
-    for axis in axes:
-        flip = flips[:, axis]
-        if bool(flip.all()):
-            plan.append((axis, 'all'))
-        elif bool(flip.any()):
-            plan.append((axis, flip.nonzero()[:, 0]))
-    return {'flips': flips, 'axes': tuple(plan)}
-
 
 class Flip(Transform):
     """Reverse the order of voxels along the given spatial axes, in image and label.
@@ -833,80 +382,45 @@ class RandomFlip(Transform):
         return image, label
 
 
+def _parse_axes(axes) -> tuple[int, ...]:
+    """Axis indices 0, 1, 2, or anatomical names read by their first letter on a RAS tensor."""
+    letters = {'L': 0, 'R': 0, 'A': 1, 'P': 1, 'I': 2, 'S': 2}
+    items = axes if isinstance(axes, (tuple, list)) else (axes,)
+    parsed = []
+    for axis in items:
+        if isinstance(axis, str) and axis[:1].upper() in letters:
+            parsed.append(letters[axis[0].upper()])
+        elif isinstance(axis, int) and not isinstance(axis, bool) and axis in (0, 1, 2):
+            parsed.append(axis)
+        else:
+            raise ValueError('axes must be spatial axis indices in {0, 1, 2} or anatomical names '
+                             f"('LR', 'AP', 'IS', 'Left', ...), got {axes!r}")
+    return tuple(sorted(set(parsed)))
+
+
+def _flip_plan(flips: torch.Tensor, axes) -> dict:
+    """Per axis of ``axes`` that some element flips: ``'all'`` or the host index of the elements
+    that flip it, decided on the host so that the device part does not branch on a tensor."""
+    plan = []
+    for axis in axes:
+        flip = flips[:, axis]
+        if bool(flip.all()):
+            plan.append((axis, 'all'))
+        elif bool(flip.any()):
+            plan.append((axis, flip.nonzero()[:, 0]))
+    return {'flips': flips, 'axes': tuple(plan)}
+
+
+def _flip_where(x: torch.Tensor, flip, dim: int) -> torch.Tensor:
+    """Flip ``dim`` of the batch elements ``flip``: ``'all'`` or a host index tensor."""
+    if isinstance(flip, str):
+        return x.flip(dim)
+    index = flip.to(x.device, non_blocking=True)
+    return x.index_copy(0, index, x.index_select(0, index).flip(dim))
+
+
 # ---------------------------------------------------------------------------------------------
 # Motion (TorchIO's transforms/augmentation/intensity/random_motion.py).
-
-def _kspace_weights(times: torch.Tensor, size: int) -> torch.Tensor:
-    """Host float64 weights ``(B, n + 1, size // 2 + 1)`` of the original (0) and moved images
-    (1..n) in the real FFT along the last axis.
-
-    TorchIO cuts the fftshifted k-space along the last axis at ``int(size * times)``, fills segment
-    s with spectrum s, and first swaps the original spectrum into the segment of the first time
-    above 0.5 (the k-space centre). The cuts depend on the last axis only, so the FFTs along the
-    other two axes cancel, and because TorchIO keeps the real part, each weight can be replaced by
-    its symmetric part (w[k] + w[-k]) / 2, which makes a real FFT enough.
-    """
-    batch, n = times.shape
-    index = torch.arange(size)
-    cuts = torch.cat([torch.zeros(batch, 1, dtype=torch.long), (size * times).long(),
-                      torch.full((batch, 1), size, dtype=torch.long)], 1)
-    # TorchIO assigns segments in order, so with unsorted times the last segment covering k wins.
-    covers = (cuts[:, :-1, None] <= index) & (index < cuts[:, 1:, None])
-    segments = torch.arange(n + 1).view(1, -1, 1)
-    segment = torch.where(covers, segments, -1).amax(1)
-    late = times > 0.5
-    swap = torch.where(late.any(1), late.double().argmax(1), n)[:, None]
-    owner = torch.where(segment == 0, swap, torch.where(segment == swap, 0, segment))
-    weights = torch.fft.ifftshift((owner[:, None] == segments).double(), dim=-1)
-    weights = (weights + weights.flip(-1).roll(1, -1)) / 2
-    return weights[..., : size // 2 + 1]
-
-
-def _motion_maps(degrees: torch.Tensor, translation: torch.Tensor, spacing, shape):
-    """Host float64 voxel maps ``u = matrix @ v + offset`` of the moved poses, (B, n, 3, 3) and
-    (B, n, 3), from TorchIO's degrees and translations (B, n, 3).
-
-    TorchIO's map, conjugated from LPS to RAS: u = S^-1 Rz(g) Rx(-a) Ry(-b) S (v - c) + c +
-    S^-1 (-t0, -t1, t2), pivot c = the image centre. Float64, so that right angles and integer
-    shifts land exactly on voxels.
-    """
-    batch, n, _ = degrees.shape
-    angles = torch.deg2rad(degrees.reshape(-1, 3))
-    matrix = _to_voxels(_euler(-angles[:, 0], -angles[:, 1], angles[:, 2]), spacing)
-    sign_over_spacing = torch.tensor([s / v for s, v in zip((-1, -1, 1), spacing)], dtype=torch.float64)
-    centre = torch.tensor([(size - 1) / 2 for size in shape], dtype=torch.float64)
-    offset = centre - matrix @ centre + translation.reshape(-1, 3) * sign_over_spacing
-    return matrix.view(batch, n, 3, 3), offset.view(batch, n, 3)
-
-
-def _motion_plan(degrees, translation, times, pad, spacing, shape) -> dict:
-    """Host float64 parameters of a Motion call: the affine_grid matrices (B, n, 3, 4) of the
-    moved poses, the k-space weights (B, n + 1, Z // 2 + 1) and the pad ('minimum' or (B, C))."""
-    batch, n, _ = degrees.shape
-    matrix, offset = _motion_maps(degrees, translation, spacing, shape)
-    theta = _theta(matrix.view(-1, 3, 3), offset.view(-1, 3), shape).view(batch, n, 3, 4)
-    return {'theta': theta, 'weights': _kspace_weights(times, shape[2]), 'pad': pad}
-
-
-def _motion(image, params, interpolation):
-    """Motion artefact from the host parameters of ``_motion_plan``."""
-    x = image.to(_work_dtype(image.dtype))
-    batch, channels, *shape = x.shape
-    n = params['theta'].shape[1]
-    numeric_pad = isinstance(params['pad'], torch.Tensor)
-    theta, weights, *pad = _upload(x.device, x.dtype, params['theta'], params['weights'],
-                                   *([params['pad']] if numeric_pad else []))
-    pad = pad[0].view(batch, channels, 1, 1, 1) if numeric_pad else _min_pad(x, x.dtype)
-    # All moved copies of all elements in one resampling, one FFT along Z, one weighted sum.
-    grid = _affine_grid(theta.view(-1, 3, 4), batch, shape)
-    moved, = _resample([(x, grid, pad, _mode(interpolation))], grid)
-    spectra = torch.fft.rfft(moved.view(batch, channels, n, *shape), dim=-1)
-    weights = weights.view(batch, 1, n + 1, 1, 1, -1)
-    spectrum = torch.fft.rfft(x, dim=-1).mul_(weights[:, :, 0])
-    for m in range(n):  # accumulated in place: one read of each copy's spectrum, no temporary
-        spectrum.addcmul_(spectra[:, :, m], weights[:, :, m + 1])
-    return torch.fft.irfft(spectrum, n=shape[2], dim=-1).to(image.dtype)
-
 
 class Motion(Transform):
     """MRI motion artefact (Shaw et al. 2019): k-space filled from several rigid poses.
@@ -1021,52 +535,80 @@ class RandomMotion(Transform):
     _apply = Motion._apply
 
 
+def _motion_plan(degrees, translation, times, pad, spacing, shape) -> dict:
+    """Host float64 parameters of a Motion call: the affine_grid matrices (B, n, 3, 4) of the
+    moved poses, the k-space weights (B, n + 1, Z // 2 + 1) and the pad ('minimum' or (B, C))."""
+    batch, n, _ = degrees.shape
+    matrix, offset = _motion_maps(degrees, translation, spacing, shape)
+    theta = _theta(matrix.view(-1, 3, 3), offset.view(-1, 3), shape).view(batch, n, 3, 4)
+    return {'theta': theta, 'weights': _kspace_weights(times, shape[2]), 'pad': pad}
+
+
+def _motion_maps(degrees: torch.Tensor, translation: torch.Tensor, spacing, shape):
+    """Host float64 voxel maps ``u = matrix @ v + offset`` of the moved poses, (B, n, 3, 3) and
+    (B, n, 3), from TorchIO's degrees and translations (B, n, 3).
+
+    TorchIO's map, conjugated from LPS to RAS: u = S^-1 Rz(g) Rx(-a) Ry(-b) S (v - c) + c +
+    S^-1 (-t0, -t1, t2), pivot c = the image centre. Float64, so that right angles and integer
+    shifts land exactly on voxels.
+    """
+    batch, n, _ = degrees.shape
+    angles = torch.deg2rad(degrees.reshape(-1, 3))
+    matrix = _to_voxels(_euler(-angles[:, 0], -angles[:, 1], angles[:, 2]), spacing)
+    sign_over_spacing = torch.tensor([s / v for s, v in zip((-1, -1, 1), spacing)], dtype=torch.float64)
+    centre = torch.tensor([(size - 1) / 2 for size in shape], dtype=torch.float64)
+    offset = centre - matrix @ centre + translation.reshape(-1, 3) * sign_over_spacing
+    return matrix.view(batch, n, 3, 3), offset.view(batch, n, 3)
+
+
+def _kspace_weights(times: torch.Tensor, size: int) -> torch.Tensor:
+    """Host float64 weights ``(B, n + 1, size // 2 + 1)`` of the original (0) and moved images
+    (1..n) in the real FFT along the last axis.
+
+    TorchIO cuts the fftshifted k-space along the last axis at ``int(size * times)``, fills segment
+    s with spectrum s, and first swaps the original spectrum into the segment of the first time
+    above 0.5 (the k-space centre). The cuts depend on the last axis only, so the FFTs along the
+    other two axes cancel, and because TorchIO keeps the real part, each weight can be replaced by
+    its symmetric part (w[k] + w[-k]) / 2, which makes a real FFT enough.
+    """
+    batch, n = times.shape
+    index = torch.arange(size)
+    cuts = torch.cat([torch.zeros(batch, 1, dtype=torch.long), (size * times).long(),
+                      torch.full((batch, 1), size, dtype=torch.long)], 1)
+    # TorchIO assigns segments in order, so with unsorted times the last segment covering k wins.
+    covers = (cuts[:, :-1, None] <= index) & (index < cuts[:, 1:, None])
+    segments = torch.arange(n + 1).view(1, -1, 1)
+    segment = torch.where(covers, segments, -1).amax(1)
+    late = times > 0.5
+    swap = torch.where(late.any(1), late.double().argmax(1), n)[:, None]
+    owner = torch.where(segment == 0, swap, torch.where(segment == swap, 0, segment))
+    weights = torch.fft.ifftshift((owner[:, None] == segments).double(), dim=-1)
+    weights = (weights + weights.flip(-1).roll(1, -1)) / 2
+    return weights[..., : size // 2 + 1]
+
+
+def _motion(image, params, interpolation):
+    """Motion artefact from the host parameters of ``_motion_plan``."""
+    x = image.to(_work_dtype(image.dtype))
+    batch, channels, *shape = x.shape
+    n = params['theta'].shape[1]
+    numeric_pad = isinstance(params['pad'], torch.Tensor)
+    theta, weights, *pad = _upload(x.device, x.dtype, params['theta'], params['weights'],
+                                   *([params['pad']] if numeric_pad else []))
+    pad = pad[0].view(batch, channels, 1, 1, 1) if numeric_pad else _min_pad(x, x.dtype)
+    # All moved copies of all elements in one resampling, one FFT along Z, one weighted sum.
+    grid = _affine_grid(theta.view(-1, 3, 4), batch, shape)
+    moved, = _resample([(x, grid, pad, _mode(interpolation))], grid)
+    spectra = torch.fft.rfft(moved.view(batch, channels, n, *shape), dim=-1)
+    weights = weights.view(batch, 1, n + 1, 1, 1, -1)
+    spectrum = torch.fft.rfft(x, dim=-1).mul_(weights[:, :, 0])
+    for m in range(n):  # accumulated in place: one read of each copy's spectrum, no temporary
+        spectrum.addcmul_(spectra[:, :, m], weights[:, :, m + 1])
+    return torch.fft.irfft(spectrum, n=shape[2], dim=-1).to(image.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bias field (TorchIO's transforms/augmentation/intensity/random_bias_field.py).
-
-@functools.lru_cache(maxsize=16)
-def _bias_exponents(order: int) -> list[tuple[int, int, int]]:
-    """Exponents (a, b, c) of x, y, z in TorchIO's coefficient order (c fastest)."""
-    return [(a, b, c) for a in range(order + 1) for b in range(order + 1 - a)
-            for c in range(order + 1 - a - b)]
-
-
-@functools.lru_cache(maxsize=16)
-def _bias_powers(shape: tuple[int, int, int], order: int, device: torch.device, dtype: torch.dtype):
-    """Per axis, ``coordinate ** arange(order + 1)``, coordinates linspace(-1, 1) (0 for one voxel)."""
-    powers = []
-    for size in shape:
-        coordinate = torch.linspace(-1, 1, size, dtype=torch.float64) if size > 1 \
-            else torch.zeros(1, dtype=torch.float64)  # TorchIO: a single voxel sits at 0
-        powers.append((coordinate[:, None] ** torch.arange(order + 1)).to(device, dtype))
-    return powers
-
-
-def _dense_coefficients(coefficients: torch.Tensor, order: int) -> torch.Tensor:
-    """Host float64 (B, o + 1, o + 1, o + 1) array of the coefficients (B, N), zero where a + b + c > o."""
-    batch = len(coefficients)
-    dense = torch.zeros(batch, (order + 1) ** 3, dtype=torch.float64)
-    dense[:, [(a * (order + 1) + b) * (order + 1) + c for a, b, c in _bias_exponents(order)]] = coefficients
-    return dense.view(batch, order + 1, order + 1, order + 1)
-
-
-def _bias_field(image: torch.Tensor, dense: torch.Tensor, order: int) -> torch.Tensor:
-    """``image * exp(sum_n coef[n] x^a y^b z^c)``; ``dense`` from ``_dense_coefficients``, on the host."""
-    x = image.to(_work_dtype(image.dtype))
-    batch = len(x)
-    dense, = _upload(x.device, x.dtype, dense)
-    px, py, pz = _bias_powers(tuple(x.shape[2:]), order, x.device, x.dtype)
-    # Separable: contract z, then y on small tensors, then x in one matmul for the full volume.
-    partial = torch.einsum('yb,zc,nabc->nayz', py, pz, dense)
-    log_field = (px @ partial.reshape(batch, order + 1, -1)).view(batch, 1, *x.shape[2:])
-    return (x * log_field.exp_()).to(image.dtype)
-
-
-def _parse_order(order) -> int:
-    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
-        raise ValueError(f'order must be an integer >= 0, got {order!r}')
-    return order
-
 
 class BiasField(Transform):
     """Multiply the image by a smooth field ``exp(polynomial)`` (MRI intensity inhomogeneity).
@@ -1136,58 +678,52 @@ class RandomBiasField(Transform):
     _apply = BiasField._apply
 
 
+def _parse_order(order) -> int:
+    if not isinstance(order, int) or isinstance(order, bool) or order < 0:
+        raise ValueError(f'order must be an integer >= 0, got {order!r}')
+    return order
+
+
+@functools.lru_cache(maxsize=16)
+def _bias_exponents(order: int) -> list[tuple[int, int, int]]:
+    """Exponents (a, b, c) of x, y, z in TorchIO's coefficient order (c fastest)."""
+    return [(a, b, c) for a in range(order + 1) for b in range(order + 1 - a)
+            for c in range(order + 1 - a - b)]
+
+
+def _dense_coefficients(coefficients: torch.Tensor, order: int) -> torch.Tensor:
+    """Host float64 (B, o + 1, o + 1, o + 1) array of the coefficients (B, N), zero where a + b + c > o."""
+    batch = len(coefficients)
+    dense = torch.zeros(batch, (order + 1) ** 3, dtype=torch.float64)
+    dense[:, [(a * (order + 1) + b) * (order + 1) + c for a, b, c in _bias_exponents(order)]] = coefficients
+    return dense.view(batch, order + 1, order + 1, order + 1)
+
+
+def _bias_field(image: torch.Tensor, dense: torch.Tensor, order: int) -> torch.Tensor:
+    """``image * exp(sum_n coef[n] x^a y^b z^c)``; ``dense`` from ``_dense_coefficients``, on the host."""
+    x = image.to(_work_dtype(image.dtype))
+    batch = len(x)
+    dense, = _upload(x.device, x.dtype, dense)
+    px, py, pz = _bias_powers(tuple(x.shape[2:]), order, x.device, x.dtype)
+    # Separable: contract z, then y on small tensors, then x in one matmul for the full volume.
+    partial = torch.einsum('yb,zc,nabc->nayz', py, pz, dense)
+    log_field = (px @ partial.reshape(batch, order + 1, -1)).view(batch, 1, *x.shape[2:])
+    return (x * log_field.exp_()).to(image.dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _bias_powers(shape: tuple[int, int, int], order: int, device: torch.device, dtype: torch.dtype):
+    """Per axis, ``coordinate ** arange(order + 1)``, coordinates linspace(-1, 1) (0 for one voxel)."""
+    powers = []
+    for size in shape:
+        coordinate = torch.linspace(-1, 1, size, dtype=torch.float64) if size > 1 \
+            else torch.zeros(1, dtype=torch.float64)  # TorchIO: a single voxel sits at 0
+        powers.append((coordinate[:, None] ** torch.arange(order + 1)).to(device, dtype))
+    return powers
+
+
 # ---------------------------------------------------------------------------------------------
 # Noise (TorchIO's transforms/augmentation/intensity/random_noise.py).
-
-def _noise_plan(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> dict:
-    """Host parameters of a Noise call: mean and std (B,), whether any mean is non-zero, and the
-    seed of the noise field (63 bits, from the host generator)."""
-    seed = torch.randint(0, 2 ** 63 - 1, (1,), generator=generator)
-    # The seed once per element (the same value), so that selecting elements keeps it; a tensor,
-    # so that torch.compile does not specialise the graph on its value.
-    return {'mean': mean, 'std': std, 'shift': bool(mean.any()), 'seed': seed.expand(len(mean)),
-            'batch': len(mean), 'element': torch.arange(len(mean))}
-
-
-# While a CUDAGraphCall captures: the CUDA generators registered with its graph, one per noise
-# field in call order (the graph reads their seeds at every replay; see CUDAGraphCall).
-_capture_generators: list[torch.Generator] = []
-
-
-@torch.library.custom_op('augment::noise_field', mutates_args=())
-def _noise_field(shape: Sequence[int], seed: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Standard normal noise of ``shape`` on ``device``, from a fresh generator seeded with
-    ``seed[0]`` (a host tensor), so that no global state is touched. A custom op, opaque to
-    torch.compile, which can neither make nor take a generator inside a graph. Meta tensors
-    carry shapes only."""
-    if device.type == 'meta':
-        return torch.empty(shape, device=device, dtype=dtype)
-    if device.type == 'cuda' and torch.cuda.is_current_stream_capturing():
-        generator = _capture_generators.pop(0)
-    else:
-        generator = torch.Generator(device=device).manual_seed(int(seed[0]))
-    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-
-
-@_noise_field.register_fake
-def _(shape, seed, device, dtype):
-    return torch.empty(shape, device=device, dtype=dtype)
-
-
-def _noise(image, params):
-    """``image + N(mean, std^2)``: one field for the whole planned batch, from one generator, of
-    which each element takes its own slab (so an element's noise does not depend on the others'
-    decisions)."""
-    x = image.to(_work_dtype(image.dtype))
-    mean, std = _upload(x.device, x.dtype, params['mean'], params['std'])
-    noise = _noise_field((params['batch'], *x.shape[1:]), params['seed'], x.device, x.dtype)
-    if len(x) < params['batch']:
-        noise = noise.index_select(0, params['element'].to(x.device, non_blocking=True))
-    noise = torch.addcmul(x, noise, std.view(-1, 1, 1, 1, 1), out=noise)
-    if params['shift']:  # known on the host; TorchIO's default mean is exactly 0
-        noise.add_(mean.view(-1, 1, 1, 1, 1))
-    return noise.to(image.dtype)
-
 
 class Noise(Transform):
     """Add Gaussian noise ``N(mean, std^2)``, independent per voxel and channel, to the image.
@@ -1257,78 +793,58 @@ class RandomNoise(Transform):
     _apply = Noise._apply
 
 
+def _noise_plan(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> dict:
+    """Host parameters of a Noise call: mean and std (B,), whether any mean is non-zero, and the
+    seed of the noise field (63 bits, from the host generator)."""
+    seed = torch.randint(0, 2 ** 63 - 1, (1,), generator=generator)
+    # The seed once per element (the same value), so that selecting elements keeps it; a tensor,
+    # so that torch.compile does not specialise the graph on its value.
+    return {'mean': mean, 'std': std, 'shift': bool(mean.any()), 'seed': seed.expand(len(mean)),
+            'batch': len(mean), 'element': torch.arange(len(mean))}
+
+
+def _noise(image, params):
+    """``image + N(mean, std^2)``: one field for the whole planned batch, from one generator, of
+    which each element takes its own slab (so an element's noise does not depend on the others'
+    decisions)."""
+    x = image.to(_work_dtype(image.dtype))
+    mean, std = _upload(x.device, x.dtype, params['mean'], params['std'])
+    noise = _noise_field((params['batch'], *x.shape[1:]), params['seed'], x.device, x.dtype)
+    if len(x) < params['batch']:
+        noise = noise.index_select(0, params['element'].to(x.device, non_blocking=True))
+    noise = torch.addcmul(x, noise, std.view(-1, 1, 1, 1, 1), out=noise)
+    if params['shift']:  # known on the host; TorchIO's default mean is exactly 0
+        noise.add_(mean.view(-1, 1, 1, 1, 1))
+    return noise.to(image.dtype)
+
+
+# While a CUDAGraphCall captures: the CUDA generators registered with its graph, one per noise
+# field in call order (the graph reads their seeds at every replay; see CUDAGraphCall).
+_capture_generators: list[torch.Generator] = []
+
+
+@torch.library.custom_op('augment::noise_field', mutates_args=())
+def _noise_field(shape: Sequence[int], seed: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise of ``shape`` on ``device``, from a fresh generator seeded with
+    ``seed[0]`` (a host tensor), so that no global state is touched. A custom op, opaque to
+    torch.compile, which can neither make nor take a generator inside a graph. Meta tensors
+    carry shapes only."""
+    if device.type == 'meta':
+        return torch.empty(shape, device=device, dtype=dtype)
+    if device.type == 'cuda' and torch.cuda.is_current_stream_capturing():
+        generator = _capture_generators.pop(0)
+    else:
+        generator = torch.Generator(device=device).manual_seed(int(seed[0]))
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+@_noise_field.register_fake
+def _(shape, seed, device, dtype):
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Affine (TorchIO's transforms/augmentation/spatial/random_affine.py).
-
-def _parse_affine_options(center, default_pad_value, default_pad_label, image_interpolation):
-    if center not in ('image', 'origin'):
-        raise ValueError(f"center must be 'image' or 'origin', got {center!r}")
-    if not _is_number(default_pad_label):
-        raise ValueError(f'default_pad_label must be a number, got {default_pad_label!r}')
-    return (center, _parse_pad(default_pad_value, 'default_pad_value', ('minimum', 'mean')),
-            float(default_pad_label), _parse_interpolation(image_interpolation))
-
-
-def _affine_maps(scales, degrees, translation, spacing, shape, center):
-    """Host float64 voxel maps ``u = matrix @ v + offset``, (B, 3, 3) and (B, 3).
-
-    Output -> input in world RAS: q = R^T (diag(1/s) (p - c) - t) + c with R = Rz Rx Ry, the
-    inverse of ITK's ``ScaleTransform`` composed with ``Euler3DTransform`` that TorchIO builds.
-    Float64, so that right angles and integer shifts land exactly on voxels.
-    """
-    angles = torch.deg2rad(degrees)
-    rotation_t = _euler(angles[:, 0], angles[:, 1], angles[:, 2]).transpose(1, 2)
-    matrix = _to_voxels(rotation_t / scales[:, None, :], spacing)
-    inverse_spacing = torch.tensor([1 / s for s in spacing], dtype=torch.float64)
-    offset = -(rotation_t @ translation[:, :, None])[..., 0] * inverse_spacing
-    if center == 'image':
-        centre = torch.tensor([(size - 1) / 2 for size in shape], dtype=torch.float64)
-        offset = offset + centre - matrix @ centre
-    return matrix, offset
-
-
-def _affine_theta(scales, degrees, translation, spacing, shape, center) -> torch.Tensor:
-    """Host float64 affine_grid matrices (B, 3, 4) of the output -> input map."""
-    matrix, offset = _affine_maps(scales, degrees, translation, spacing, shape, center)
-    return _theta(matrix, offset, shape)
-
-
-def _with_label_grid(theta: torch.Tensor, shape) -> torch.Tensor:
-    """(B, 3, 4) -> (B, 2, 3, 4): per element the image's matrix and the label's, shifted by ``_half_up``."""
-    return torch.stack([theta, theta + torch.cat([torch.zeros(3, 3), _half_up(shape)[:, None]], 1)], 1)
-
-
-def _affine_plan(scales, degrees, translation, pad, spacing, shape, options) -> dict:
-    """Host float64 parameters of an Affine call: the matrices (B, 2, 3, 4) of ``_with_label_grid``,
-    the label pad (B, 1) and the image pad ('minimum', 'mean' or (B, C))."""
-    theta = _affine_theta(scales, degrees, translation, spacing, shape, options[0])
-    return {'theta': _with_label_grid(theta, shape), 'label_pad': torch.full((len(theta), 1), options[2],
-                                                                             dtype=torch.float64), 'pad': pad}
-
-
-def _image_pad(image, pad, uploaded, dtype):
-    """The image pad (B | 1, C | 1, 1, 1, 1): ``uploaded`` for a numeric pad, else each channel's
-    minimum or (``'mean'``) the mean of the six faces, edges counted once per face (TorchIO)."""
-    if isinstance(pad, torch.Tensor):
-        return uploaded.view(*pad.shape, 1, 1, 1)
-    if pad == 'minimum':
-        return _min_pad(image, dtype)
-    faces = [image.select(axis, end) for axis in (2, 3, 4) for end in (0, -1)]
-    return torch.cat([face.flatten(2) for face in faces], 2).to(dtype).mean(2)[..., None, None, None]
-
-
-def _affine(image, label, params, interpolation):
-    """Affine resampling from the host parameters of ``_affine_plan``."""
-    dtype = _work_dtype(image.dtype)
-    batch, channels, *shape = image.shape
-    pad = params['pad']
-    # Uploaded as (2, B): the image grids and the label grids each contiguous.
-    theta, label_pad, *pad_values = _upload(image.device, dtype, params['theta'].transpose(0, 1), params['label_pad'],
-                                            *([pad] if isinstance(pad, torch.Tensor) else []))
-    grids = _affine_grid(theta.reshape(-1, 3, 4), 2 * batch, shape).view(2, batch, *shape, 3)
-    return _resample_pair(image, label, grids, _image_pad(image, pad, pad_values[0] if pad_values else None, dtype),
-                          label_pad.view(batch, 1, 1, 1, 1), interpolation)
-
 
 class Affine(Transform):
     """Scale, rotate and translate image and label (one resampling each; label nearest).
@@ -1382,17 +898,6 @@ class Affine(Transform):
         return _affine(image, label, params, self.options[3])
 
 
-def _affine_draws(transform, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """A RandomAffine's host draws (B, 3) in order: scales, degrees, translation."""
-    draws = []
-    for name in ('scales', 'degrees', 'translation'):
-        low, high = zip(*getattr(transform, name))
-        draws.append(_uniform(low, high, (batch, 3), generator))
-    if transform.isotropic:
-        draws[0] = draws[0][:, :1].expand(batch, 3)
-    return draws
-
-
 class RandomAffine(Transform):
     """Random scaling, rotation and translation; see :class:`Affine`.
 
@@ -1439,123 +944,79 @@ class RandomAffine(Transform):
     _apply = Affine._apply
 
 
+def _parse_affine_options(center, default_pad_value, default_pad_label, image_interpolation):
+    if center not in ('image', 'origin'):
+        raise ValueError(f"center must be 'image' or 'origin', got {center!r}")
+    if not _is_number(default_pad_label):
+        raise ValueError(f'default_pad_label must be a number, got {default_pad_label!r}')
+    return (center, _parse_pad(default_pad_value, 'default_pad_value', ('minimum', 'mean')),
+            float(default_pad_label), _parse_interpolation(image_interpolation))
+
+
+def _affine_draws(transform, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """A RandomAffine's host draws (B, 3) in order: scales, degrees, translation."""
+    draws = []
+    for name in ('scales', 'degrees', 'translation'):
+        low, high = zip(*getattr(transform, name))
+        draws.append(_uniform(low, high, (batch, 3), generator))
+    if transform.isotropic:
+        draws[0] = draws[0][:, :1].expand(batch, 3)
+    return draws
+
+
+def _affine_plan(scales, degrees, translation, pad, spacing, shape, options) -> dict:
+    """Host float64 parameters of an Affine call: the matrices (B, 2, 3, 4) of ``_with_label_grid``,
+    the label pad (B, 1) and the image pad ('minimum', 'mean' or (B, C))."""
+    theta = _affine_theta(scales, degrees, translation, spacing, shape, options[0])
+    return {'theta': _with_label_grid(theta, shape), 'label_pad': torch.full((len(theta), 1), options[2],
+                                                                             dtype=torch.float64), 'pad': pad}
+
+
+def _affine_theta(scales, degrees, translation, spacing, shape, center) -> torch.Tensor:
+    """Host float64 affine_grid matrices (B, 3, 4) of the output -> input map."""
+    matrix, offset = _affine_maps(scales, degrees, translation, spacing, shape, center)
+    return _theta(matrix, offset, shape)
+
+
+def _affine_maps(scales, degrees, translation, spacing, shape, center):
+    """Host float64 voxel maps ``u = matrix @ v + offset``, (B, 3, 3) and (B, 3).
+
+    Output -> input in world RAS: q = R^T (diag(1/s) (p - c) - t) + c with R = Rz Rx Ry, the
+    inverse of ITK's ``ScaleTransform`` composed with ``Euler3DTransform`` that TorchIO builds.
+    Float64, so that right angles and integer shifts land exactly on voxels.
+    """
+    angles = torch.deg2rad(degrees)
+    rotation_t = _euler(angles[:, 0], angles[:, 1], angles[:, 2]).transpose(1, 2)
+    matrix = _to_voxels(rotation_t / scales[:, None, :], spacing)
+    inverse_spacing = torch.tensor([1 / s for s in spacing], dtype=torch.float64)
+    offset = -(rotation_t @ translation[:, :, None])[..., 0] * inverse_spacing
+    if center == 'image':
+        centre = torch.tensor([(size - 1) / 2 for size in shape], dtype=torch.float64)
+        offset = offset + centre - matrix @ centre
+    return matrix, offset
+
+
+def _with_label_grid(theta: torch.Tensor, shape) -> torch.Tensor:
+    """(B, 3, 4) -> (B, 2, 3, 4): per element the image's matrix and the label's, shifted by ``_half_up``."""
+    return torch.stack([theta, theta + torch.cat([torch.zeros(3, 3), _half_up(shape)[:, None]], 1)], 1)
+
+
+def _affine(image, label, params, interpolation):
+    """Affine resampling from the host parameters of ``_affine_plan``."""
+    dtype = _work_dtype(image.dtype)
+    batch, channels, *shape = image.shape
+    pad = params['pad']
+    # Uploaded as (2, B): the image grids and the label grids each contiguous.
+    theta, label_pad, *pad_values = _upload(image.device, dtype, params['theta'].transpose(0, 1), params['label_pad'],
+                                            *([pad] if isinstance(pad, torch.Tensor) else []))
+    grids = _affine_grid(theta.reshape(-1, 3, 4), 2 * batch, shape).view(2, batch, *shape, 3)
+    return _resample_pair(image, label, grids, _image_pad(image, pad, pad_values[0] if pad_values else None, dtype),
+                          label_pad.view(batch, 1, 1, 1, 1), interpolation)
+
+
 # ---------------------------------------------------------------------------------------------
 # Elastic deformation (TorchIO's transforms/augmentation/spatial/random_elastic_deformation.py,
 # ITK's BSplineTransform).
-
-@functools.lru_cache(maxsize=16)
-def _bspline_weights(shape: tuple[int, int, int], points: tuple[int, int, int], device, dtype):
-    """Per axis, the cubic B-spline weights ``(size, points)`` of ITK's control grid.
-
-    ITK (``BSplineTransformInitializer``, as TorchIO calls it) spreads ``points - 3`` intervals
-    over the image extended by 1/8 voxel beyond its outer voxel faces, ``h = (size + 1/4) /
-    (points - 3)`` voxels, control point 1 at the extended edge: voxel v sits at grid coordinate
-    ``(v + 5/8) / h + 1``.
-    """
-    weights = []
-    for size, count in zip(shape, points):
-        h = (size + 0.25) / (count - 3)
-        position = (torch.arange(size, dtype=torch.float64) + 0.625) / h + 1
-        t = (position[:, None] - torch.arange(count, dtype=torch.float64)).abs()
-        weights.append(torch.where(t < 1, 2 / 3 - t.square() + t.pow(3) / 2,
-                                   torch.where(t < 2, (2 - t).pow(3) / 6, 0)).to(device, dtype))
-    return weights
-
-
-@functools.lru_cache(maxsize=16)
-def _bspline_frame(shape: tuple[int, int, int], points: tuple[int, int, int], spacing):
-    """Host float64: the factor taking TorchIO's control points (mm, LPS) to normalised grid units
-    in grid_sample's (k, j, i) order, and the control values of the identity map in those units.
-    The cubic B-spline reproduces linear functions, so adding the identity's control values
-    (``(a - 1) h - 5/8`` voxels) makes the spline the sampling grid itself."""
-    a, b = _normalisation(shape)
-    identity = torch.zeros(*points, 3, dtype=torch.float64)
-    for axis, (size, count) in enumerate(zip(shape, points)):
-        h = (size + 0.25) / (count - 3)
-        values = (torch.arange(count, dtype=torch.float64) - 1) * h - 0.625
-        view = [1, 1, 1]
-        view[axis] = count
-        identity[..., 2 - axis] += (values * a[axis] + b[axis]).view(view)
-    # TorchIO's grid ascends in LPS: for a RAS tensor, components 0, 1 point to -X, -Y.
-    signs = torch.tensor([s / v for s, v in zip((1, -1, -1), spacing[::-1])], dtype=torch.float64)
-    return signs * a.flip(0), identity
-
-
-def _grid_spacing(shape, points, spacing) -> tuple[float, float, float]:
-    """ITK's control-grid spacing in mm per axis: ``(size + 1/4) * spacing / (points - 3)``."""
-    return tuple((size + 0.25) * s / (count - 3) for size, count, s in zip(shape, points, spacing))
-
-
-def _warn_folding(max_displacement, shape, points, spacing, chosen) -> None:
-    """TorchIO's warning (``ElasticDeformation.parse_free_form_transform``): a displacement above
-    half the control-grid spacing can fold the grid; at planning time, as TorchIO only for a call
-    that deforms (``chosen`` None or some element chosen)."""
-    if chosen is not None and not bool(chosen.any()):
-        return
-    grid_spacing = _grid_spacing(shape, points, spacing)
-    axes = [axis for axis in range(3) if max_displacement[axis] > grid_spacing[axis] / 2]
-    if axes:
-        warnings.warn(f'The maximum displacement is larger than the coarse grid spacing for dimensions: {axes}, '
-                      'so folding may occur. Choose fewer control points or a smaller maximum displacement',
-                      RuntimeWarning, stacklevel=4)
-
-
-def _spline_coefficients(control_points: torch.Tensor, spacing, shape) -> torch.Tensor:
-    """Host float64 (B, nx, ny, nz, 3): the B-spline coefficients of the sampling grid itself
-    (normalised units, grid_sample's (k, j, i) order) from TorchIO's control points (B, nx, ny,
-    nz, 3), mm, LPS."""
-    to_grid, identity = _bspline_frame(tuple(shape), tuple(control_points.shape[1:4]), spacing)
-    # TorchIO's grid axes 0 and 1 run from the last voxel of X and Y to the first: flip them.
-    return control_points.flip(1, 2).flip(-1) * to_grid + identity
-
-
-def _with_label_coefficients(coefficients: torch.Tensor, shape) -> torch.Tensor:
-    """(B, nx, ny, nz, 3) -> (B, 2, nx, ny, nz, 3): per element the image's coefficients and the
-    label's; the B-spline reproduces constants, so shifted coefficients give the shifted grid."""
-    return torch.stack([coefficients, coefficients + _half_up(shape)], 1)
-
-
-def _elastic(image, label, params, interpolation):
-    """Resampling through a B-spline grid: params hold the host coefficients (B, 2, nx, ny, nz, 3)
-    of ``_with_label_coefficients``, the image pad ('minimum', 'mean' or (B, C)) and, optionally, the
-    label pad (B, 1) (default: each label channel's minimum, TorchIO's rule)."""
-    dtype = _work_dtype(image.dtype)
-    batch, channels, *shape = image.shape
-    shape = tuple(shape)
-    points = tuple(params['coefficients'].shape[2:5])
-    pad = params['pad']
-    label_pads = [params['label_pad']] if 'label_pad' in params else []
-    image_pads = [pad] if isinstance(pad, torch.Tensor) else []
-    # Uploaded as (2, B): the image grids and the label grids each contiguous.
-    coefficients, *pads = _upload(image.device, dtype, params['coefficients'].transpose(0, 1), *label_pads,
-                                  *image_pads)
-    wx, wy, wz = _bspline_weights(shape, points, image.device, dtype)
-    # Separable: contract z and y on small tensors, then x in one matmul that writes the grids,
-    # component-major (see _affine_grid), handed to grid_sample as a permuted view.
-    partial = torch.einsum('yb,zc,nabcd->ndayz', wy, wz, coefficients.reshape(2 * batch, *points, 3))
-    planes = wx @ partial.reshape(2 * batch * 3, points[0], -1)
-    grids = planes.view(2, batch, 3, *shape).permute(0, 1, 3, 4, 5, 2)
-    label_pad = None if label is None else pads[0].view(batch, 1, 1, 1, 1) if label_pads else _min_pad(label, dtype)
-    image_pad = _image_pad(image, pad, pads[-1] if image_pads else None, dtype)
-    return _resample_pair(image, label, grids, image_pad, label_pad, interpolation)
-
-
-def _displacement_scale(points, max_displacement, locked_borders) -> torch.Tensor:
-    """``2 D_c`` per control point and component, 0 where locked: maps U[0, 1) - 1/2 to U[-D, D)."""
-    scale = torch.tensor(max_displacement, dtype=torch.float64).mul(2).expand(*points, 3).clone()
-    for i in range(locked_borders):  # grid axes 0 and 1 only, as TorchIO 1.2.1
-        scale[i] = scale[-1 - i] = scale[:, i] = scale[:, -1 - i] = 0
-    return scale
-
-
-def _parse_triplet(value, name: str, kind: type, minimum: float) -> tuple:
-    value = _plain(value)
-    values = (value,) * 3 if _is_number(value) else tuple(value) if isinstance(value, Sequence) else ()
-    if len(values) != 3 or not all(isinstance(v, kind) and not isinstance(v, bool) and v >= minimum
-                                   for v in values):
-        raise ValueError(f'{name} must be a {kind.__name__} >= {minimum} or three of them, got {value!r}')
-    return values
-
 
 class ElasticDeformation(Transform):
     """Dense elastic deformation from a coarse grid of control-point displacements (cubic B-spline).
@@ -1625,12 +1086,6 @@ class ElasticDeformation(Transform):
         return _elastic(image, label, params, self.image_interpolation)
 
 
-def _elastic_draws(transform, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """A RandomElasticDeformation's host draws: control points (B, nx, ny, nz, 3), mm, TorchIO's convention."""
-    draws = torch.rand(batch, *transform.num_control_points, 3, dtype=torch.float64, generator=generator)
-    return (draws - 0.5) * transform._scale
-
-
 class RandomElasticDeformation(Transform):
     """Random elastic deformation; see :class:`ElasticDeformation`.
 
@@ -1686,24 +1141,129 @@ class RandomElasticDeformation(Transform):
     _apply = ElasticDeformation._apply
 
 
+def _parse_triplet(value, name: str, kind: type, minimum: float) -> tuple:
+    value = _plain(value)
+    values = (value,) * 3 if _is_number(value) else tuple(value) if isinstance(value, Sequence) else ()
+    if len(values) != 3 or not all(isinstance(v, kind) and not isinstance(v, bool) and v >= minimum
+                                   for v in values):
+        raise ValueError(f'{name} must be a {kind.__name__} >= {minimum} or three of them, got {value!r}')
+    return values
+
+
+def _displacement_scale(points, max_displacement, locked_borders) -> torch.Tensor:
+    """``2 D_c`` per control point and component, 0 where locked: maps U[0, 1) - 1/2 to U[-D, D)."""
+    scale = torch.tensor(max_displacement, dtype=torch.float64).mul(2).expand(*points, 3).clone()
+    for i in range(locked_borders):  # grid axes 0 and 1 only, as TorchIO 1.2.1
+        scale[i] = scale[-1 - i] = scale[:, i] = scale[:, -1 - i] = 0
+    return scale
+
+
+def _elastic_draws(transform, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """A RandomElasticDeformation's host draws: control points (B, nx, ny, nz, 3), mm, TorchIO's convention."""
+    draws = torch.rand(batch, *transform.num_control_points, 3, dtype=torch.float64, generator=generator)
+    return (draws - 0.5) * transform._scale
+
+
+def _spline_coefficients(control_points: torch.Tensor, spacing, shape) -> torch.Tensor:
+    """Host float64 (B, nx, ny, nz, 3): the B-spline coefficients of the sampling grid itself
+    (normalised units, grid_sample's (k, j, i) order) from TorchIO's control points (B, nx, ny,
+    nz, 3), mm, LPS."""
+    to_grid, identity = _bspline_frame(tuple(shape), tuple(control_points.shape[1:4]), spacing)
+    # TorchIO's grid axes 0 and 1 run from the last voxel of X and Y to the first: flip them.
+    return control_points.flip(1, 2).flip(-1) * to_grid + identity
+
+
+@functools.lru_cache(maxsize=16)
+def _bspline_frame(shape: tuple[int, int, int], points: tuple[int, int, int], spacing):
+    """Host float64: the factor taking TorchIO's control points (mm, LPS) to normalised grid units
+    in grid_sample's (k, j, i) order, and the control values of the identity map in those units.
+    The cubic B-spline reproduces linear functions, so adding the identity's control values
+    (``(a - 1) h - 5/8`` voxels) makes the spline the sampling grid itself."""
+    a, b = _normalisation(shape)
+    identity = torch.zeros(*points, 3, dtype=torch.float64)
+    for axis, (size, count) in enumerate(zip(shape, points)):
+        h = (size + 0.25) / (count - 3)
+        values = (torch.arange(count, dtype=torch.float64) - 1) * h - 0.625
+        view = [1, 1, 1]
+        view[axis] = count
+        identity[..., 2 - axis] += (values * a[axis] + b[axis]).view(view)
+    # TorchIO's grid ascends in LPS: for a RAS tensor, components 0, 1 point to -X, -Y.
+    signs = torch.tensor([s / v for s, v in zip((1, -1, -1), spacing[::-1])], dtype=torch.float64)
+    return signs * a.flip(0), identity
+
+
+def _with_label_coefficients(coefficients: torch.Tensor, shape) -> torch.Tensor:
+    """(B, nx, ny, nz, 3) -> (B, 2, nx, ny, nz, 3): per element the image's coefficients and the
+    label's; the B-spline reproduces constants, so shifted coefficients give the shifted grid."""
+    return torch.stack([coefficients, coefficients + _half_up(shape)], 1)
+
+
+def _warn_folding(max_displacement, shape, points, spacing, chosen) -> None:
+    """TorchIO's warning (``ElasticDeformation.parse_free_form_transform``): a displacement above
+    half the control-grid spacing can fold the grid; at planning time, as TorchIO only for a call
+    that deforms (``chosen`` None or some element chosen)."""
+    if chosen is not None and not bool(chosen.any()):
+        return
+    grid_spacing = _grid_spacing(shape, points, spacing)
+    axes = [axis for axis in range(3) if max_displacement[axis] > grid_spacing[axis] / 2]
+    if axes:
+        warnings.warn(f'The maximum displacement is larger than the coarse grid spacing for dimensions: {axes}, '
+                      'so folding may occur. Choose fewer control points or a smaller maximum displacement',
+                      RuntimeWarning, stacklevel=4)
+
+
+def _grid_spacing(shape, points, spacing) -> tuple[float, float, float]:
+    """ITK's control-grid spacing in mm per axis: ``(size + 1/4) * spacing / (points - 3)``."""
+    return tuple((size + 0.25) * s / (count - 3) for size, count, s in zip(shape, points, spacing))
+
+
+def _elastic(image, label, params, interpolation):
+    """Resampling through a B-spline grid: params hold the host coefficients (B, 2, nx, ny, nz, 3)
+    of ``_with_label_coefficients``, the image pad ('minimum', 'mean' or (B, C)) and, optionally, the
+    label pad (B, 1) (default: each label channel's minimum, TorchIO's rule)."""
+    dtype = _work_dtype(image.dtype)
+    batch, channels, *shape = image.shape
+    shape = tuple(shape)
+    points = tuple(params['coefficients'].shape[2:5])
+    pad = params['pad']
+    label_pads = [params['label_pad']] if 'label_pad' in params else []
+    image_pads = [pad] if isinstance(pad, torch.Tensor) else []
+    # Uploaded as (2, B): the image grids and the label grids each contiguous.
+    coefficients, *pads = _upload(image.device, dtype, params['coefficients'].transpose(0, 1), *label_pads,
+                                  *image_pads)
+    wx, wy, wz = _bspline_weights(shape, points, image.device, dtype)
+    # Separable: contract z and y on small tensors, then x in one matmul that writes the grids,
+    # component-major (see _affine_grid), handed to grid_sample as a permuted view.
+    partial = torch.einsum('yb,zc,nabcd->ndayz', wy, wz, coefficients.reshape(2 * batch, *points, 3))
+    planes = wx @ partial.reshape(2 * batch * 3, points[0], -1)
+    grids = planes.view(2, batch, 3, *shape).permute(0, 1, 3, 4, 5, 2)
+    label_pad = None if label is None else pads[0].view(batch, 1, 1, 1, 1) if label_pads else _min_pad(label, dtype)
+    image_pad = _image_pad(image, pad, pads[-1] if image_pads else None, dtype)
+    return _resample_pair(image, label, grids, image_pad, label_pad, interpolation)
+
+
+@functools.lru_cache(maxsize=16)
+def _bspline_weights(shape: tuple[int, int, int], points: tuple[int, int, int], device, dtype):
+    """Per axis, the cubic B-spline weights ``(size, points)`` of ITK's control grid.
+
+    ITK (``BSplineTransformInitializer``, as TorchIO calls it) spreads ``points - 3`` intervals
+    over the image extended by 1/8 voxel beyond its outer voxel faces, ``h = (size + 1/4) /
+    (points - 3)`` voxels, control point 1 at the extended edge: voxel v sits at grid coordinate
+    ``(v + 5/8) / h + 1``.
+    """
+    weights = []
+    for size, count in zip(shape, points):
+        h = (size + 0.25) / (count - 3)
+        position = (torch.arange(size, dtype=torch.float64) + 0.625) / h + 1
+        t = (position[:, None] - torch.arange(count, dtype=torch.float64)).abs()
+        weights.append(torch.where(t < 1, 2 / 3 - t.square() + t.pow(3) / 2,
+                                   torch.where(t < 2, (2 - t).pow(3) / 6, 0)).to(device, dtype))
+    return weights
+
+
 # ---------------------------------------------------------------------------------------------
 # Affine and elastic deformation in one resampling (as newer TorchIO's
 # transforms/augmentation/spatial/random_affine_elastic_deformation.py offers; not in 1.2.1).
-
-def _compose_affine(coefficients: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Host float64: the spline coefficients (B, nx, ny, nz, 3) of a grid w(v) into the affine's
-    output, mapped through its affine_grid matrices (B, 3, 4), give the coefficients of
-    ``theta @ [w(v); 1]``, the grid into the affine's input. Exact: the weights of every voxel sum
-    to 1, so an affine map of the coefficients is the same map of the grid."""
-    return torch.einsum('bij,bxyzj->bxyzi', theta[:, :, :3], coefficients) + theta[:, None, None, None, :, 3]
-
-
-def _affine_elastic_plan(scales, degrees, translation, control_points, pad, spacing, shape, options) -> dict:
-    theta = _affine_theta(scales, degrees, translation, spacing, shape, options[0])
-    coefficients = _compose_affine(_spline_coefficients(control_points, spacing, shape), theta)
-    return {'coefficients': _with_label_coefficients(coefficients, shape), 'pad': pad,
-            'label_pad': torch.full((len(theta), 1), options[2], dtype=torch.float64)}
-
 
 class AffineElasticDeformation(Transform):
     """:class:`Affine` followed by :class:`ElasticDeformation`, in one resampling.
@@ -1818,73 +1378,108 @@ class RandomAffineElasticDeformation(Transform):
     _apply = AffineElasticDeformation._apply
 
 
+def _affine_elastic_plan(scales, degrees, translation, control_points, pad, spacing, shape, options) -> dict:
+    theta = _affine_theta(scales, degrees, translation, spacing, shape, options[0])
+    coefficients = _compose_affine(_spline_coefficients(control_points, spacing, shape), theta)
+    return {'coefficients': _with_label_coefficients(coefficients, shape), 'pad': pad,
+            'label_pad': torch.full((len(theta), 1), options[2], dtype=torch.float64)}
+
+
+def _compose_affine(coefficients: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Host float64: the spline coefficients (B, nx, ny, nz, 3) of a grid w(v) into the affine's
+    output, mapped through its affine_grid matrices (B, 3, 4), give the coefficients of
+    ``theta @ [w(v); 1]``, the grid into the affine's input. Exact: the weights of every voxel sum
+    to 1, so an affine map of the coefficients is the same map of the grid."""
+    return torch.einsum('bij,bxyzj->bxyzi', theta[:, :, :3], coefficients) + theta[:, None, None, None, :, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Z-normalisation (TorchIO's transforms/preprocessing/intensity/z_normalization.py): not in the
+# pipeline, since the paper normalises each scan before cutting patches.
+
+class ZNormalization(Transform):
+    """Subtract the mean and divide by the standard deviation (TorchIO's ``ZNormalization``).
+
+    Statistics are taken per batch element over the voxels of ``masking_method``, pooled over all
+    channels; the standard deviation is unbiased (N - 1), and the result is applied to the whole
+    image. A standard deviation of 0 raises RuntimeError, as in TorchIO (checking it reads one
+    number per batch element back from the device). Labels are untouched.
+
+    Args:
+        masking_method: ``None`` (default): all voxels. A boolean tensor broadcastable to the
+            image after leading singleton axes are added: ``(X, Y, Z)``, ``(C | 1, X, Y, Z)`` or
+            ``(B | 1, C | 1, X, Y, Z)``. Or a callable ``f(tensor) -> bool tensor``, called with each
+            element's ``(C, X, Y, Z)`` image, e.g. ``ZNormalization.mean``. TorchIO's string
+            and bounding-box forms, which need a TorchIO Subject, are not offered.
+        p: Probability of applying the transform. Default 1.
+
+    Example:
+        >>> image = torch.rand(2, 1, 16, 16, 16) * 5 + 3
+        >>> out, _ = ZNormalization(masking_method=lambda x: x > 4)(image)
+        >>> bool((out[0][image[0] > 4].mean().abs() < 1e-5))
+        True
+    """
+
+    moves_label = False
+
+    def __init__(self, masking_method: torch.Tensor | Callable | None = None, p: float = 1.0):
+        super().__init__(p)
+        if masking_method is not None and not callable(masking_method) and not (
+                isinstance(masking_method, torch.Tensor) and masking_method.dtype == torch.bool
+                and 3 <= masking_method.ndim <= 5):
+            raise ValueError('masking_method must be None, a callable or a boolean tensor of 3 to 5 '
+                             f'dimensions, got {masking_method!r}')
+        self.masking_method = masking_method
+        self._masks = {}  # the tensor mask, copied once per device
+
+    @staticmethod
+    def mean(tensor: torch.Tensor) -> torch.Tensor:
+        """TorchIO's ``ZNormalization.mean``: the voxels brighter than the mean."""
+        return tensor > tensor.float().mean()
+
+    def _draw(self, batch, channels, shape, generator):
+        if isinstance(self.masking_method, torch.Tensor) and self.masking_method.ndim == 5 \
+                and len(self.masking_method) not in (1, batch):
+            raise ValueError(f'masking_method has {len(self.masking_method)} batch elements, '
+                             f'the image {batch}')
+        # The elements' indices, selected with them below p = 1: a per-element mask follows.
+        return {'element': torch.arange(batch)}
+
+    def _apply(self, image, label, params):
+        x = image.to(_work_dtype(image.dtype))
+        dims = (1, 2, 3, 4)
+        if self.masking_method is None:
+            mean, std = x.mean(dims, keepdim=True), x.std(dims, keepdim=True)
+        else:
+            mask = self._mask(x, params['element'])
+            count = mask.expand_as(x).sum(dims, keepdim=True)
+            mean = torch.where(mask, x, 0).sum(dims, keepdim=True) / count
+            std = (torch.where(mask, x - mean, 0).square().sum(dims, keepdim=True) / (count - 1)).sqrt()
+        if bool((std == 0).any()):
+            raise RuntimeError('Standard deviation is 0 for the masked values of a batch element')
+        return ((x - mean) / std).to(image.dtype), label
+
+    def _mask(self, x: torch.Tensor, element: torch.Tensor) -> torch.Tensor:
+        if callable(self.masking_method):
+            masks = [torch.as_tensor(self.masking_method(e)).to(x.device) for e in x]
+            mask = torch.stack([m if m.ndim == 4 else m[None] for m in masks])
+        else:
+            if x.device not in self._masks:
+                mask = self.masking_method.to(x.device)
+                self._masks[x.device] = mask.reshape((1,) * (5 - mask.ndim) + tuple(mask.shape))
+            mask = self._masks[x.device]
+            if len(mask) > len(x):  # the chosen elements' masks (p < 1)
+                mask = mask.index_select(0, element.to(x.device, non_blocking=True))
+        try:
+            torch.broadcast_shapes(mask.shape, x.shape)
+        except RuntimeError:
+            raise ValueError(f'masking_method gives a mask of shape {tuple(mask.shape)}, '
+                             f'which does not broadcast to the image {tuple(x.shape)}') from None
+        return mask.bool()
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA graphs: a plan's parameters in static buffers, the device part captured once.
-
-class _StaticPlan:
-    """A plan whose floating-point host tensors live in one static device buffer (``plan``), and
-    ``load`` copies another plan of the same structure into it: through one static pinned buffer
-    on CUDA, without blocking. Every other leaf (decisions, flip indices, element indices) must
-    equal the first plan's, since the device part may branch on them; noise seeds (the leaves
-    named ``seed``) are copied into static host tensors and returned, for a graph's generators."""
-
-    def __init__(self, plan, device: torch.device, dtype: torch.dtype):
-        leaves, self._spec = pytree.tree_flatten_with_path(plan)
-        self._floats = [i for i, (_, leaf) in enumerate(leaves)
-                        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
-        self._seeds = [i for i, (path, _) in enumerate(leaves) if getattr(path[-1], 'key', None) == 'seed']
-        self._loaded = set(self._floats + self._seeds)
-        self._fixed = [leaf for i, (_, leaf) in enumerate(leaves) if i not in self._loaded]
-        sizes = [leaves[i][1].numel() for i in self._floats]
-        cuda = device.type == 'cuda'
-        self._host = torch.empty(sum(sizes), dtype=dtype, pin_memory=cuda)
-        self._device = torch.empty(sum(sizes), dtype=dtype, device=device)
-        self._copied = torch.cuda.Event() if cuda else None
-        pieces = iter(zip(self._host.split(sizes), self._device.split(sizes)))
-        self._pieces, static = [], [leaf for _, leaf in leaves]
-        for i in self._floats:
-            host, on_device = next(pieces)
-            self._pieces.append(host.view(static[i].shape))
-            static[i] = on_device.view(static[i].shape)
-        for i in self._seeds:  # host tensors, read by the noise op outside a graph
-            static[i] = static[i].clone()
-        self._seed_leaves = [static[i] for i in self._seeds]
-        self.plan = pytree.tree_unflatten(static, self._spec)
-
-    def load(self, plan) -> list[int]:
-        """Copy ``plan``'s parameters into the static buffers; returns its noise seeds."""
-        leaves, spec = pytree.tree_flatten_with_path(plan)
-        values = [leaf for _, leaf in leaves]
-        fixed = [leaf for i, leaf in enumerate(values) if i not in self._loaded]
-        if spec != self._spec or not all(_same(a, b) for a, b in zip(fixed, self._fixed)) or not all(
-                isinstance(values[i], torch.Tensor) and values[i].shape == piece.shape
-                for piece, i in zip(self._pieces, self._floats)):
-            raise ValueError('this call plans differently from the captured one (another shape, pad form or '
-                             'flip pattern): a CUDA graph replays one structure')
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous call's copy has left the pinned buffer
-        for piece, i in zip(self._pieces, self._floats):
-            piece.copy_(values[i])
-        self._device.copy_(self._host, non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
-        for leaf, i in zip(self._seed_leaves, self._seeds):
-            leaf.copy_(values[i])
-        return [int(values[i][0]) for i in self._seeds]
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
-            and torch.equal(a, b)
-    return type(a) is type(b) and a == b
-
-
-def _graph_safe(transform) -> bool:
-    """p = 1 throughout, and no user callable inside: the plan's structure is then fixed."""
-    return isinstance(transform, Transform) and transform.p == 1 and all(
-        _graph_safe(t) for t in getattr(transform, 'transforms', ()))
-
 
 class CUDAGraphCall:
     """A transform's device work at p = 1, captured once in a CUDA graph and replayed per call.
@@ -1970,55 +1565,462 @@ class CUDAGraphCall:
         return self._out
 
 
+def _graph_safe(transform) -> bool:
+    """p = 1 throughout, and no user callable inside: the plan's structure is then fixed."""
+    return isinstance(transform, Transform) and transform.p == 1 and all(
+        _graph_safe(t) for t in getattr(transform, 'transforms', ()))
+
+
+class _StaticPlan:
+    """A plan whose floating-point host tensors live in one static device buffer (``plan``), and
+    ``load`` copies another plan of the same structure into it: through one static pinned buffer
+    on CUDA, without blocking. Every other leaf (decisions, flip indices, element indices) must
+    equal the first plan's, since the device part may branch on them; noise seeds (the leaves
+    named ``seed``) are copied into static host tensors and returned, for a graph's generators."""
+
+    def __init__(self, plan, device: torch.device, dtype: torch.dtype):
+        leaves, self._spec = pytree.tree_flatten_with_path(plan)
+        self._floats = [i for i, (_, leaf) in enumerate(leaves)
+                        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()]
+        self._seeds = [i for i, (path, _) in enumerate(leaves) if getattr(path[-1], 'key', None) == 'seed']
+        self._loaded = set(self._floats + self._seeds)
+        self._fixed = [leaf for i, (_, leaf) in enumerate(leaves) if i not in self._loaded]
+        sizes = [leaves[i][1].numel() for i in self._floats]
+        cuda = device.type == 'cuda'
+        self._host = torch.empty(sum(sizes), dtype=dtype, pin_memory=cuda)
+        self._device = torch.empty(sum(sizes), dtype=dtype, device=device)
+        self._copied = torch.cuda.Event() if cuda else None
+        pieces = iter(zip(self._host.split(sizes), self._device.split(sizes)))
+        self._pieces, static = [], [leaf for _, leaf in leaves]
+        for i in self._floats:
+            host, on_device = next(pieces)
+            self._pieces.append(host.view(static[i].shape))
+            static[i] = on_device.view(static[i].shape)
+        for i in self._seeds:  # host tensors, read by the noise op outside a graph
+            static[i] = static[i].clone()
+        self._seed_leaves = [static[i] for i in self._seeds]
+        self.plan = pytree.tree_unflatten(static, self._spec)
+
+    def load(self, plan) -> list[int]:
+        """Copy ``plan``'s parameters into the static buffers; returns its noise seeds."""
+        leaves, spec = pytree.tree_flatten_with_path(plan)
+        values = [leaf for _, leaf in leaves]
+        fixed = [leaf for i, leaf in enumerate(values) if i not in self._loaded]
+        if spec != self._spec or not all(_same(a, b) for a, b in zip(fixed, self._fixed)) or not all(
+                isinstance(values[i], torch.Tensor) and values[i].shape == piece.shape
+                for piece, i in zip(self._pieces, self._floats)):
+            raise ValueError('this call plans differently from the captured one (another shape, pad form or '
+                             'flip pattern): a CUDA graph replays one structure')
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous call's copy has left the pinned buffer
+        for piece, i in zip(self._pieces, self._floats):
+            piece.copy_(values[i])
+        self._device.copy_(self._host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        for leaf, i in zip(self._seed_leaves, self._seeds):
+            leaf.copy_(values[i])
+        return [int(values[i][0]) for i in self._seeds]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+            and torch.equal(a, b)
+    return type(a) is type(b) and a == b
+
+
 # ---------------------------------------------------------------------------------------------
-# The paper's pipeline.
+# The shared machinery, called by the transforms above. First, argument parsing: TorchIO's forms
+# (``_parse_range``, ``parse_params`` in torchio/transforms), with errors that name the parameter.
 
-def paper_augmentation(p: float = 0.5, spacing=None, background=None, single_resampling: bool = False) -> Compose:
-    """The paper's augmentation: Flip, Motion, Bias field, Noise, Affine, Elastic deformation.
+def _parse_probability(value, name: str) -> float:
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise ValueError(f'{name} must be a probability in [0, 1], got {value!r}')
+    return float(value)
 
-    In the paper's order, each applied independently with probability ``p``, every other
-    parameter at TorchIO's default (the paper names TorchIO's transforms and no parameter):
-    left-right flip; 2 motions of U(-10, 10) degrees and U(-10, 10) mm; order-3 bias field with
-    coefficients U(-0.5, 0.5); noise with std U(0, 0.25) (Z-normalised units); scales
-    U(0.9, 1.1) and rotations U(-10, 10) degrees per axis; elastic deformation on 7^3 control
-    points with displacements up to 7.5 mm. The flip is drawn with ``flip_probability=1`` so
-    that, like the other five, it happens with probability exactly ``p``.
 
-    Why p = 0.5: the paper applies the transforms "sequentially with a random probability"
-    without numbers; 0.5 makes every one of the 64 on/off combinations equally likely, so the
-    network sees unaugmented-looking patches (1/64) as well as the full chain (1/64).
-    Z-normalisation is not part of it: the paper normalises each scan before cutting patches.
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
 
-    Args:
-        p: Probability of each of the six transforms, in [0, 1]. Default 0.5.
-        spacing: Voxel size ``(sx, sy, sz)`` in mm for Motion, Affine and Elastic. Default 1 mm.
-        background: The image value outside the input for Motion, Affine and Elastic, in the
-            image's intensity units. None (default): each channel's minimum, TorchIO's rule (in
-            the paper's pipeline the background was the minimum). A number; or one value per
-            batch element ``(B,)``, per channel ``(C,)`` (e.g. each channel's background after a
-            per-channel normalisation) or both ``(B, C)``; a 1-D array with B == C > 1 is
-            ambiguous and raises. Extension: TorchIO's Motion and Elastic always pad with the
-            minimum, which after a Z-normalisation that leaves the background at 0 would frame
-            a moved patch with the (negative) minimum, a frame real scans never have.
-        single_resampling: If True, Affine and Elastic become one
-            :class:`RandomAffineElasticDeformation` (one interpolation, one decision ``p`` for
-            both, so the stream of draws differs too). Default False: the paper's two steps.
-            Deviation when True; the difference is measured in :class:`AffineElasticDeformation`.
 
-    Example:
-        >>> patch, label = torch.randn(1, 2, 64, 64, 64), torch.zeros(1, 1, 64, 64, 64)
-        >>> augmentation = paper_augmentation(spacing=(1.0, 1.0, 1.2), background=[0.0, -0.5])
-        >>> out, out_label = augmentation(patch, label, generator=torch.Generator().manual_seed(0))
-        >>> out.shape, out_label.shape
-        (torch.Size([1, 2, 64, 64, 64]), torch.Size([1, 1, 64, 64, 64]))
+def _plain(value):
+    """numpy arrays and tensors (as TorchIO accepts them) as Python numbers or tuples of them."""
+    if isinstance(value, torch.Tensor) or type(value).__module__ == 'numpy':
+        value = value.tolist()
+        return tuple(value) if isinstance(value, list) else value
+    return value
+
+
+def _parse_range(value, name: str, min_constraint: float | None = None) -> tuple[float, float]:
+    """TorchIO's ``_parse_range``: ``d >= 0`` -> ``(-d, d)`` or ``(min_constraint, d)``; ``(a, b)``, a <= b."""
+    value = _plain(value)
+    if _is_number(value):
+        if value < 0:
+            raise ValueError(f'{name} must be non-negative when a single number, got {value}')
+        return (float(-value if min_constraint is None else min_constraint), float(value))
+    if (isinstance(value, Sequence) and len(value) == 2 and all(map(_is_number, value))
+            and value[0] <= value[1]):
+        if min_constraint is not None and value[0] < min_constraint:
+            raise ValueError(f'{name} must be at least {min_constraint}, got {tuple(value)}')
+        return (float(value[0]), float(value[1]))
+    raise ValueError(f'{name} must be a number or a (min, max) pair with min <= max, got {value!r}')
+
+
+def _parse_params(value, around: float, name: str, min_constraint: float | None = None
+                  ) -> list[tuple[float, float]]:
+    """TorchIO's ``parse_params``: ``x``, ``(a, b)``, ``(x1, x2, x3)`` or six values -> three ranges."""
+    value = _plain(value)
+    values = (value,) if _is_number(value) else tuple(value) if isinstance(value, Sequence) else None
+    if values is None or len(values) not in (1, 2, 3, 6) or not all(map(_is_number, values)):
+        raise ValueError(f'{name} must be a number or a sequence of 2, 3 or 6 numbers, got {value!r}')
+    if len(values) == 1:
+        values *= 3
+    if len(values) == 2:  # (a, b) is the range of every axis, not shifted by `around`
+        ranges = [values] * 3
+    elif len(values) == 3:
+        ranges = [(around - x, around + x) for x in values]
+    else:
+        ranges = [values[0:2], values[2:4], values[4:6]]
+    ranges = [(float(low), float(high)) for low, high in ranges]
+    for low, high in ranges:
+        if low > high:
+            raise ValueError(f'{name} gives the range ({low}, {high}), whose minimum exceeds its maximum')
+        if min_constraint is not None and low < min_constraint:
+            raise ValueError(f'{name} gives the range ({low}, {high}), below the minimum {min_constraint}')
+    return ranges
+
+
+def _parse_spacing(spacing) -> tuple[float, float, float]:
+    if spacing is None:
+        return (1.0, 1.0, 1.0)
+    if (isinstance(spacing, Sequence) and len(spacing) == 3 and all(map(_is_number, spacing))
+            and all(s > 0 for s in spacing)):
+        return tuple(float(s) for s in spacing)
+    raise ValueError(f'spacing must be three positive voxel sizes in mm, got {spacing!r}')
+
+
+def _parse_interpolation(value) -> str:
+    if value not in ('linear', 'nearest'):
+        raise ValueError(f"image_interpolation must be 'linear' or 'nearest', got {value!r}")
+    return value
+
+
+def _parse_pad(value, name: str, strings: tuple[str, ...] = ('minimum',)):
+    """A pad value: one of ``strings``, a number, or an array of numbers of shape (N,) or (B, C)."""
+    if isinstance(value, str):
+        if value in strings:
+            return value
+        raise ValueError(f'{name} must be one of {strings}, a number or an array of numbers, got {value!r}')
+    if _is_number(value):
+        return float(value)
+    try:
+        tensor = torch.as_tensor(value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f'{name} must be one of {strings}, a number or an array of numbers, got {value!r}') from None
+    if tensor.ndim > 2 or tensor.numel() == 0 or not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f'{name} must be finite numbers of shape (), (N,) or (B, C), got {value!r}')
+    return tensor
+
+
+def _pad_plan(value, batch: int, channels: int, name: str):
+    """A parsed pad value as the string it is or a host (batch, channels) tensor. A 1-D array has
+    one value per batch element (length B) or per channel (length C); B == C > 1 is ambiguous."""
+    if isinstance(value, str):
+        return value
+    tensor = torch.as_tensor(value, dtype=torch.float64)
+    if tensor.ndim == 0:
+        return tensor.expand(batch, channels)
+    if tensor.ndim == 1:
+        if len(tensor) == batch == channels and batch > 1:
+            raise ValueError(f'{name} has {batch} values for a batch of {batch} with {channels} channels: '
+                             'give a (B, C) array to say which is meant')
+        if len(tensor) == batch:
+            return tensor[:, None].expand(batch, channels)
+        if len(tensor) == channels:
+            return tensor[None].expand(batch, channels)
+    elif tensor.shape[0] in (1, batch) and tensor.shape[1] in (1, channels):
+        return tensor.expand(batch, channels)
+    raise ValueError(f'{name} has shape {tuple(tensor.shape)}, which fits neither the batch of {batch} '
+                     f'nor the {channels} channels')
+
+
+def _parameter(value, tail: tuple[int, ...], name: str) -> torch.Tensor:
+    """A deterministic parameter as a float64 tensor with a leading batch axis (1 = shared)."""
+    tensor = torch.as_tensor(value, dtype=torch.float64)
+    if tensor.shape == tail:
+        return tensor[None]
+    if tensor.ndim == len(tail) + 1 and tensor.shape[1:] == tail and len(tensor) > 0:
+        return tensor
+    raise ValueError(f'{name} must have shape {tail} or (B, *{tail}), got {tuple(tensor.shape)}')
+
+
+def _per_element(tensor: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """A host parameter with a leading batch axis of 1 or ``batch``, expanded to ``batch``."""
+    if len(tensor) not in (1, batch):
+        raise ValueError(f'{name} has {len(tensor)} sets of values for a batch of {batch}')
+    return tensor.expand(batch, *tensor.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# The host's side of a call: the generator, the chosen elements' parameters, the draws, dtypes
+# and the host-to-device copy.
+
+def _host_generator(generator) -> torch.Generator:
+    if generator is None:
+        return torch.default_generator
+    if not isinstance(generator, torch.Generator) or generator.device.type != 'cpu':
+        raise ValueError('generator must be a CPU torch.Generator (every parameter is drawn on the host, '
+                         f'whatever the image device), got {generator!r}')
+    return generator
+
+
+def _take(params, index: torch.Tensor):
+    """The parameters of the batch elements ``index``: every tensor in ``params`` has a leading
+    batch axis; numbers, strings and generators are shared by the whole call."""
+    if isinstance(params, torch.Tensor):
+        return params[index]
+    if isinstance(params, dict):
+        return {key: _take(value, index) for key, value in params.items()}
+    if isinstance(params, (list, tuple)):
+        return type(params)(_take(value, index) for value in params)
+    return params
+
+
+def _uniform(low, high, shape, generator: torch.Generator) -> torch.Tensor:
+    """Float64 host draws of ``shape``, uniform in ``[low, high)``; ``low`` and ``high`` are numbers
+    or sequences broadcast against the last axis (one range per axis)."""
+    low, high = (torch.as_tensor(bound, dtype=torch.float64) for bound in (low, high))
+    return low + (high - low) * torch.rand(shape, dtype=torch.float64, generator=generator)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _upload(device: torch.device, dtype: torch.dtype, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Host tensors on ``device`` as ``dtype``, in one copy: packed into one buffer, pinned and
+    copied without blocking on CUDA, so that the host queues the call's kernels without waiting.
+    Tensors already on ``device`` as ``dtype`` (the static buffers of a :class:`CUDAGraphCall`)
+    are used as they are."""
+    if all(tensor.device == device and tensor.dtype == dtype for tensor in tensors):
+        return list(tensors)
+    flat = torch.cat([tensor.reshape(-1).to(dtype) for tensor in tensors])
+    if device.type == 'cuda':
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    return [piece.view(tensor.shape) for piece, tensor in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry: world maps in voxel indices, and the sampling grids handed to grid_sample.
+
+def _euler(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``Rz(z) @ Rx(x) @ Ry(y)`` (radians, right-handed, batched): ITK's Euler3D order."""
+    one, zero = torch.ones_like(x), torch.zeros_like(x)
+
+    def matrix(rows):
+        return torch.stack([torch.stack(row, -1) for row in rows], -2)
+
+    cx, sx, cy, sy, cz, sz = x.cos(), x.sin(), y.cos(), y.sin(), z.cos(), z.sin()
+    rx = matrix([[one, zero, zero], [zero, cx, -sx], [zero, sx, cx]])
+    ry = matrix([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
+    rz = matrix([[cz, -sz, zero], [sz, cz, zero], [zero, zero, one]])
+    return rz @ rx @ ry
+
+
+def _to_voxels(matrix: torch.Tensor, spacing) -> torch.Tensor:
+    """``S^-1 @ matrix @ S`` for S = diag(spacing): a world (mm) linear map in voxel indices."""
+    ratio = torch.tensor([[sj / si for sj in spacing] for si in spacing], dtype=matrix.dtype)
+    return matrix * ratio
+
+
+@functools.lru_cache(maxsize=64)
+def _normalisation(shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host float64 ``(a, b)`` per voxel axis (i, j, k) with ``g = a u + b``; an axis of one voxel
+    keeps g = u (grid_sample reads its only voxel whatever g is)."""
+    a = torch.tensor([2 / (n - 1) if n > 1 else 1.0 for n in shape], dtype=torch.float64)
+    b = torch.tensor([-1.0 if n > 1 else 0.0 for n in shape], dtype=torch.float64)
+    return a, b
+
+
+def _theta(matrix: torch.Tensor, offset: torch.Tensor, shape) -> torch.Tensor:
+    """Host float64: the voxel map ``u = matrix @ v + offset`` ((N, 3, 3), (N, 3)) as affine_grid's
+    ``(N, 3, 4)`` matrix between normalised output and input coordinates, in (k, j, i) order."""
+    a, b = _normalisation(tuple(shape))
+    scaled = a[:, None] * matrix / a  # A M A^-1, A = diag(a)
+    shift = a * offset + b - scaled @ b
+    return torch.cat([scaled.flip(-1, -2), shift.flip(-1)[..., None]], -1)
+
+
+def _half_up(shape) -> torch.Tensor:
+    """Host float64, per grid component (k, j, i): the normalised shift of ``2^-21 max(shape)``
+    voxels (a few float32 steps of the largest index) that makes grid_sample's nearest lookup,
+    which rounds half to even, round an exact half voxel up as ITK does (``floor(u + 0.5)``),
+    on labels and in the inside test. Interpolated images keep the unshifted grid."""
+    a, _ = _normalisation(tuple(shape))
+    return a.flip(0) * (max(shape) * 2.0 ** -21)
+
+
+def _cpu_kernels(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is on the CPU, for which three forms below are written (the affine grid
+    by broadcasting, the inside test by comparisons, grid_sample in slabs); a GPU, and the meta
+    tensors on which device work is counted, take the one-kernel forms. One predicate, so that a
+    test can run the GPU's forms on the CPU."""
+    return tensor.device.type == 'cpu'
+
+
+def _affine_grid(theta: torch.Tensor, batch: int, shape) -> torch.Tensor:
+    """The sampling grid ``(batch, n * X, Y, Z, 3)`` of ``theta`` (batch * n, 3, 4) on the device:
+    the n maps of an element are stacked along X, so one grid_sample pulls them all.
+
+    On a GPU it is one ``affine_grid``. On the CPU, where affine_grid writes a (X, Y, Z, 4) base
+    grid and multiplies it (three times the time), the same sums are built by broadcasting, one
+    addition writing the grid, component-major (``(3, N, X, Y, Z)`` storage, handed over as a
+    permuted view, which grid_sample reads through its strides): a broadcast over a contiguous Z
+    axis is vectorised, one over an inner axis of 3 is not, and the component planes are what
+    the inside test compares (``_inside_by_bounds``)."""
+    if not _cpu_kernels(theta):
+        return F.affine_grid(theta, [len(theta), 1, *shape], align_corners=True).view(batch, -1, *shape[1:], 3)
+    i, j, k = (torch.linspace(-1, 1, n, dtype=theta.dtype) if n > 1 else torch.zeros(1, dtype=theta.dtype)
+               for n in shape)
+    # (3, 4, N, 1, 1): component x=k, y=j, z=i; column. Contiguous, so that the sums below are
+    # too (broadcasting lays its result out after its inputs).
+    columns = theta.permute(1, 2, 0).contiguous()[..., None, None]
+    along_ij = i.view(-1, 1) * columns[:, 2] + j * columns[:, 1]  # (3, N, X, Y)
+    along_k = k * columns[:, 0, :, 0] + columns[:, 3, :, 0]  # (3, N, Z)
+    planes = along_ij[..., None] + along_k[:, :, None, None]
+    return planes.view(3, batch, -1, *shape[1:]).permute(1, 2, 3, 4, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resampling: ITK's ResampleImageFilter with LinearInterpolateImageFunction (or
+# NearestNeighborInterpolateImageFunction), as TorchIO calls it through SimpleITK. An output
+# voxel v pulls the input at a continuous index u; inside -0.5 <= u < n - 0.5 on every axis it
+# interpolates with edge-clamped neighbours (grid_sample's 'border'), outside it takes the pad.
+# Maps are handed to grid_sample as normalised grids (components in (k, j, i) order,
+# align_corners=True: g = 2 u / (n - 1) - 1).
+
+def _resample_pair(image, label, grids, image_pad, label_pad, interpolation):
+    """Image and optional label through ``grids`` (2, N, X, Y, Z, 3): grids 0 for the image,
+    grids 1, shifted by ``_half_up``, for the label and the inside test."""
+    items = [(image, grids[0], image_pad, _mode(interpolation))]
+    if label is not None:
+        items.append((label, grids[1], label_pad, 'nearest'))
+    out = _resample(items, grids[1])
+    return out[0], None if label is None else out[1]
+
+
+def _mode(interpolation: str) -> str:
+    return 'bilinear' if interpolation == 'linear' else 'nearest'
+
+
+def _resample(items, test_grid: torch.Tensor) -> list[torch.Tensor]:
+    """Pull volumes (N, C, X, Y, Z) through grids with ITK's rule; ``items`` are
+    ``(volume, grid, pad, mode)``, pad a (N | 1, C | 1, 1, 1, 1) tensor, mode 'bilinear' or
+    'nearest'; the inside test is made on ``test_grid``.
+
+    On a GPU (and on meta tensors) the inside test is one more grid_sample: a nearest lookup of
+    ones with zero padding is 1 where the nearest voxel exists, i.e. inside, one kernel instead
+    of a chain of comparisons over the stored grid; ``lerp`` then takes the pad where it is 0
+    and the sample where it is 1, exactly. On the CPU, where the 3-D grid_sample is scalar code
+    and comparisons are vectorised, the test compares the grid's component planes with the
+    bounds ``-0.5`` and ``n - 0.5`` (normalised) instead; the two differ only at exact ties.
+    Work is in the grid's dtype; every volume keeps its own.
     """
-    pad = 'minimum' if background is None else _parse_pad(background, 'background')
-    return Compose([
-        RandomFlip(axes=0, flip_probability=1.0, p=p),
-        RandomMotion(spacing=spacing, default_pad_value=pad, p=p),
-        RandomBiasField(p=p),
-        RandomNoise(p=p),
-        *([RandomAffineElasticDeformation(spacing=spacing, default_pad_value=pad, p=p)] if single_resampling else
-          [RandomAffine(spacing=spacing, default_pad_value=pad, p=p),
-           RandomElasticDeformation(spacing=spacing, default_pad_value=pad, p=p)]),
-    ])
+    shape = tuple(items[0][0].shape[2:])
+    inside = (_inside_by_bounds if _cpu_kernels(test_grid) else _inside_by_lookup)(test_grid, shape)
+    out = []
+    for volume, grid, pad, mode in items:
+        sampled = _grid_sample(volume.to(grid.dtype), grid, mode)
+        select = torch.lerp(pad, sampled, inside, out=sampled) if inside.is_floating_point() \
+            else torch.where(inside, sampled, pad, out=sampled)  # in place: no new volume
+        out.append(select.to(volume.dtype))
+    return out
+
+
+def _grid_sample(x: torch.Tensor, grid: torch.Tensor, mode: str, padding: str = 'border') -> torch.Tensor:
+    """``F.grid_sample``. On the CPU the 3-D kernel runs one thread per batch element, so a single
+    volume is cut into as many slabs along X as there are threads."""
+    options = dict(mode=mode, padding_mode=padding, align_corners=True)
+    threads, size = _threads(), grid.shape[1]
+    if not _cpu_kernels(x) or len(x) > 1 or threads == 1 or size < threads:
+        return F.grid_sample(x, grid, **options)
+    rows = size // threads * threads
+    slabs = grid[:, :rows].reshape(threads, rows // threads, *grid.shape[2:])
+    out = F.grid_sample(x.expand(threads, *x.shape[1:]), slabs, **options)
+    out = out.transpose(0, 1).reshape(1, x.shape[1], rows, *grid.shape[2:4])
+    if rows == size:
+        return out
+    return torch.cat([out, F.grid_sample(x, grid[:, rows:], **options)], 2)
+
+
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    """torch's CPU thread count; a constant of the graph under torch.compile, which cannot trace
+    the call (a changed count takes effect at the next compilation)."""
+    return torch.get_num_threads()
+
+
+def _inside_by_bounds(grid: torch.Tensor, shape) -> torch.Tensor:
+    """(N, 1, ...) bool: ``-0.5 <= u < n - 0.5`` on every axis, compared in normalised units on
+    each component plane (vectorised on a component-major grid)."""
+    low, high = _bounds(tuple(shape))
+    planes = [grid[..., component] for component in range(3)]
+
+    def test(parts):
+        tests = [(part >= low[c]).logical_and_(part < high[c]) for c, part in enumerate(parts)]
+        return tests[0].logical_and_(tests[1]).logical_and_(tests[2])
+
+    if torch.compiler.is_compiling():  # compiled, the comparisons fuse into one pass anyway
+        return test(planes)[:, None]
+    # Eager, in blocks of X-rows, so that a plane's second comparison reads it from cache rather
+    # than from memory (a whole plane is 12 MB at 144^3).
+    inside = torch.empty(planes[0].shape, dtype=torch.bool, device=grid.device)
+    rows = max(1, _BLOCK_VOXELS // math.prod(planes[0].shape[2:]))
+    for start in range(0, planes[0].shape[1], rows):
+        inside[:, start:start + rows] = test([plane[:, start:start + rows] for plane in planes])
+    return inside[:, None]
+
+
+# The voxels of one block of the CPU's inside test: 1 MB of float32 per grid component.
+_BLOCK_VOXELS = 1 << 18
+
+
+@functools.lru_cache(maxsize=64)
+def _bounds(shape: tuple[int, int, int]) -> tuple[list[float], list[float]]:
+    """The inside bounds ``-0.5`` and ``n - 0.5`` in normalised units, (k, j, i) order: Python
+    numbers, from ``_normalisation``'s a and b in the same float64 steps, so that the compiled
+    graph holds them as constants and reads no tensor back."""
+    ab = [(2 / (n - 1), -1.0) if n > 1 else (1.0, 0.0) for n in shape]
+    low = [b - a / 2 for a, b in ab]
+    high = [a * (n - 0.5) + b for (a, b), n in zip(ab, shape)]
+    return low[::-1], high[::-1]
+
+
+def _inside_by_lookup(grid: torch.Tensor, shape) -> torch.Tensor:
+    """(N, 1, ...) float: 1 where ``grid`` points inside a volume of ``shape``, else 0; one
+    nearest lookup of ones with zero padding (1 where the nearest voxel exists)."""
+    unit = _unit(grid.device, grid.dtype).expand(len(grid), 1, *shape)
+    return _grid_sample(unit, grid, 'nearest', 'zeros')
+
+
+@functools.lru_cache(maxsize=16)
+def _unit(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A single 1, expanded into the input volume of the inside test (no full-size memory)."""
+    return torch.ones((1, 1, 1, 1, 1), device=device, dtype=dtype)
+
+
+def _image_pad(image, pad, uploaded, dtype):
+    """The image pad (B | 1, C | 1, 1, 1, 1): ``uploaded`` for a numeric pad, else each channel's
+    minimum or (``'mean'``) the mean of the six faces, edges counted once per face (TorchIO)."""
+    if isinstance(pad, torch.Tensor):
+        return uploaded.view(*pad.shape, 1, 1, 1)
+    if pad == 'minimum':
+        return _min_pad(image, dtype)
+    faces = [image.select(axis, end) for axis in (2, 3, 4) for end in (0, -1)]
+    return torch.cat([face.flatten(2) for face in faces], 2).to(dtype).mean(2)[..., None, None, None]
+
+
+def _min_pad(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.amin(dim=(2, 3, 4), keepdim=True).to(dtype)
