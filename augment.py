@@ -1,85 +1,42 @@
 """The paper's six 3-D augmentations in torch, batched, on any device, with TorchIO 1.2.1's semantics.
 
-The paper augments every 144^3 training patch with TorchIO: Flip, Motion, Bias field, Noise,
-Affine and Elastic deformation, in that order, each with a random probability, after
-Z-normalisation. TorchIO transforms one volume at a time on the CPU through SimpleITK; this
-module does the same arithmetic in torch, where the tensor lives, for a whole batch at once.
-The references are TorchIO 1.2.1's source (``torchio/transforms/...``, named in each section
-below) and the ITK classes it calls through SimpleITK; ``tests/test_augment.py`` checks the
-results against TorchIO itself.
+The paper augments every 144^3 training patch with TorchIO: Flip, Motion, Bias field, Noise, Affine
+and Elastic deformation, in that order, each with a random probability, after Z-normalisation.
+TorchIO transforms one volume at a time on the CPU through SimpleITK; this module does the same
+arithmetic in torch, where the tensor lives, for a whole batch at once. Each section names the
+TorchIO source it follows; ``tests/test_augment.py`` checks the results against TorchIO itself.
 
-Call form
-    ``image, label = transform(image, label=None, generator=None)``. ``image`` is a floating-point
-    ``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)`` tensor; ``label`` (optional, any dtype, e.g. a {0, 1}
-    uint8 or float mask) has the same number of dimensions, the same batch size and spatial shape,
-    and any channel count. Intensity transforms (Motion, BiasField, Noise, ZNormalization) touch
-    the image only; spatial transforms (Flip, Affine, ElasticDeformation) move image and label
-    with one draw, the label by nearest neighbour so that it keeps its values and dtype. Inputs are
-    never modified in place; an input that no transform touched may be returned as is.
+Call form: ``image, label = transform(image, label=None, generator=None)``. ``image`` is a
+floating-point ``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)`` tensor on any device; ``label`` (optional, any
+dtype) has the same batch size and spatial shape and any channel count. Intensity transforms touch
+the image only; spatial ones move image and label with one draw, the label by nearest neighbour, so
+that it keeps its values and dtype. ``generator`` is a CPU ``torch.Generator`` (what is drawn from it,
+and where: :meth:`Transform.plan`). Inputs are never modified in place (an untouched one may be
+returned as is). A tensor's voxel axes are the world axes R, A, S, origin at voxel (0, 0, 0)
+(TorchIO's identity affine), voxels ``spacing`` mm apart (default 1 mm); rotations are in degrees,
+translations and displacements in mm.
 
-Batches
-    Each element of a batch draws its own parameters, its own ``p`` decision included, and the
-    whole batch goes through vectorised calls (one ``grid_sample``, one FFT, ...). The only loop
-    over the batch is ZNormalization's callable mask: the callable is user code written for one
-    ``(C, X, Y, Z)`` image, as in TorchIO.
+Contents, in this order: :class:`Transform`, :class:`Compose` and :func:`paper_augmentation`; one
+section per transform of the pipeline, each with its ``Random`` class: Flip, Motion, BiasField,
+Noise, Affine, ElasticDeformation; AffineElasticDeformation (the last two in one resampling);
+ZNormalization; :class:`CUDAGraphCall`; then the shared machinery: argument parsing, the host's
+draws and their upload, grids, and resampling with ITK's inside test.
 
-Devices, dtypes, randomness
-    Every random number comes from ``generator``, a CPU ``torch.Generator`` whatever the image's
-    device (None: torch's default CPU generator). A call first draws, on the host and in a fixed
-    order, everything it needs: per transform, in the pipeline's order, the ``p`` decisions of
-    the batch elements (when p < 1), then the parameters of every element, chosen or not (so a
-    call takes the same count of numbers whatever it decides), and for Noise one seed from which
-    the per-voxel noise is drawn on the device. Parameter arithmetic (rotation matrices, motion
-    cuts, spline coefficients) is done in float64 on the host and copied to the device once per
-    transform, pinned and without blocking on CUDA; no value is read back from the device (only
-    ZNormalization reads back whether a standard deviation is 0). A seeded generator repeats a
-    run exactly on a given device; CPU and CUDA differ in the noise only, and the streams differ
-    from TorchIO's (which draws on the global generator), so parity with TorchIO is tested
-    through the deterministic classes. Arithmetic runs in float32 (float64 inputs stay float64);
-    float16 and bfloat16 images are upcast for it, because sampling coordinates, FFTs and the
-    bias polynomial need float32 precision, and the result is cast back to the input dtype.
-
-Compilation and CUDA graphs
-    A call is ``plan`` (host: the draws and all parameter arithmetic, whose results are host
-    tensors and Python values) then ``run`` (device work only). At p = 1, ``run`` given a plan
-    has no graph break under ``torch.compile`` and no host sync, so new draws reuse one graph;
-    :class:`CUDAGraphCall` captures it in a CUDA graph. Below 1, real skipping gathers the
-    chosen elements (with their labels for a spatial transform only), transforms them and
-    writes them back (in place into what a Compose's earlier steps wrote, never into the
-    caller's tensors), which changes shapes: that is for eager mode.
-
-Geometry
-    A tensor is a volume whose voxel axes are the world axes R, A, S (TorchIO's convention for a
-    raw tensor: identity affine), origin at voxel (0, 0, 0), with voxel size ``spacing`` in mm
-    (default 1 mm isotropic). Degrees are degrees, translations and displacements are mm.
-    Resampling follows ITK's ``ResampleImageFilter``: an output voxel pulls the input at a
-    continuous index ``u``; inside ``-0.5 <= u < n - 0.5`` on every axis it interpolates with
-    edge-clamped neighbours, outside it takes the pad value.
-
-Deliberate deviations from TorchIO 1.2.1 (each also stated where it applies)
-    * Motion rotates about the image centre. TorchIO sets the centre and then silently drops it
-      (``Motion.get_rigid_transforms``), so its motions pivot about world (0, 0, 0), a corner of a
-      raw tensor.
-    * Labels keep their dtype after spatial transforms (TorchIO returns float32 label maps).
-      Nearest-neighbour lookups and inside tests run in float32 on a grid shifted by
-      ``2^-21 max(shape)`` voxels so that an exact half voxel rounds up, as ITK's
-      ``floor(u + 0.5)`` in double precision does; within that distance of a half voxel (and
-      within float32 rounding) they can differ from ITK, which flips about one label voxel in
-      10^4 to 10^5 and, rarer still, the pad of one image voxel at the border.
-    * Motion (which has no label) makes its inside test on the unshifted grid: on a GPU,
-      grid_sample's nearest lookup rounds half to even, which counts the exact tie
-      ``u = n - 0.5`` inside when n is odd. An axis of one voxel has no inside test there
-      (grid_sample reads its only voxel).
-    * Every element's parameters are drawn whatever its ``p`` decision, so a call takes the same
-      count of numbers from the generator whatever it decides.
-    * :class:`AffineElasticDeformation` (an option; the pipeline keeps two steps) resamples once
-      where TorchIO 1.2.1 resamples twice; the measured difference is in its docstring.
-    * ``image_interpolation`` is ``'linear'`` or ``'nearest'``; TorchIO's other SimpleITK
-      interpolators, Affine's ``'otsu'`` pad and ``label_interpolation`` (labels are always
-      nearest) are not offered. Noise is drawn on the image's device from a seed drawn from
-      ``generator``, not on the CPU from a ``seed`` argument. A transform applies when its draw ``r < p`` (TorchIO: ``r <= p``, so p=0 applied
-      with probability 2^-24). Volumes are always 3-D: TorchIO's special cases for 2-D images
-      (last axis of size 1) are not reproduced.
+Deviations from TorchIO 1.2.1:
+    * Motion rotates about the image centre; TorchIO sets that centre, then drops it
+      (``Motion.get_rigid_transforms``) and pivots about world (0, 0, 0), a corner of a raw tensor.
+    * Labels keep their dtype (TorchIO returns float32). Their nearest lookups and the inside tests
+      run in float32 on a grid shifted to round an exact half voxel up, as ITK does in float64;
+      within float32 rounding of a half voxel they can differ from ITK. Motion, which has no label,
+      tests on the unshifted grid, where a GPU's lookup counts the tie ``u = n - 0.5`` inside for odd n.
+    * A transform applies when its draw ``r < p`` (TorchIO: ``r <= p``), and every element's
+      parameters are drawn whatever its decision. Noise is drawn on the image's device from a seed
+      drawn from ``generator``, not on the CPU from a ``seed`` argument.
+    * Not offered: interpolators other than ``'linear'`` and ``'nearest'``, Affine's ``'otsu'`` pad,
+      ``label_interpolation`` (labels are always nearest), TorchIO's special cases for 2-D images.
+    * Extensions: ``default_pad_value`` for Motion and Elastic, pads per element or channel (Affine's
+      too), ElasticDeformation without ``max_displacement``, and :class:`AffineElasticDeformation`,
+      which resamples once where the pipeline resamples twice.
 
 Example
     >>> import torch, augment
@@ -117,11 +74,16 @@ __all__ = [
 class Transform:
     """Base of every transform: checks the input, handles the batch and the probability ``p``.
 
+    A call is :meth:`plan` (the host's part) then :meth:`run` (the device's). Each element of a
+    batch draws its own parameters, its own ``p`` decision included, and the whole batch goes
+    through vectorised calls (one ``grid_sample``, one FFT, ...); the only loop over the batch is
+    ZNormalization's callable mask, user code written for one ``(C, X, Y, Z)`` image as in TorchIO.
+
     Args:
         p: Probability, in [0, 1], that the transform is applied to a batch element; each
-            element draws its own decision ``r ~ U[0, 1)`` (float64, on the host) and is
-            transformed iff ``r < p`` (TorchIO: ``r <= p``). Default 1: always, and no decision
-            is drawn. Only the elements drawn are transformed; the others are returned as they
+            element draws its own decision ``r ~ U[0, 1)`` (float64) and is transformed iff
+            ``r < p`` (TorchIO: ``r <= p``, so that p = 0 applies with probability 2^-24).
+            Default 1: always, and no decision is drawn. Only the elements drawn are transformed; the others are returned as they
             came. Deviation from TorchIO: the parameters of every element are drawn whatever its
             decision, so that a call always takes the same count of numbers from the generator.
 
@@ -147,9 +109,8 @@ class Transform:
             image: Floating-point ``(C, X, Y, Z)`` or ``(B, C, X, Y, Z)`` tensor, on any device.
             label: Optional tensor of any dtype with the image's layout, batch size and spatial
                 shape (channels may differ), on the image's device.
-            generator: CPU ``torch.Generator``, the source of every random number whatever the
-                image's device (per-voxel noise is drawn on the device from a seed drawn from
-                it); None uses torch's default CPU generator.
+            generator: CPU ``torch.Generator``, the source of every random number (see
+                :meth:`plan`); None uses torch's default CPU generator.
         """
         if not isinstance(image, torch.Tensor) or image.ndim not in (4, 5):
             raise ValueError('image must be a (C, X, Y, Z) or (B, C, X, Y, Z) tensor, got '
@@ -174,21 +135,42 @@ class Transform:
         return image, label
 
     def plan(self, batch: int, channels: int, shape: tuple[int, int, int], generator: torch.Generator):
-        """Everything on the host for a call on a ``(batch, channels, *shape)`` image on any device:
-        draw first the ``batch`` decisions (when p < 1), then the parameters of every element, and
-        do the parameter arithmetic (matrices, spline coefficients, k-space weights) in float64.
+        """The host's part of a call on a ``(batch, channels, *shape)`` image on any device.
+
+        Every random number of a call is drawn here, on the host, from ``generator`` (a CPU
+        ``torch.Generator``) whatever the image's device, in a fixed order: per transform, in a
+        Compose's order, the ``batch`` decisions (when p < 1), then the parameters of every
+        element, chosen or not (so that a call takes the same count of numbers whatever it
+        decides), and for Noise one seed from which the per-voxel noise is drawn on the device.
+        The parameter arithmetic (rotation matrices, motion cuts, spline coefficients, k-space
+        weights) is done here too, in float64. A seeded generator thus repeats a call exactly on
+        a given device; CPU and CUDA differ in the noise only. The streams differ from TorchIO's,
+        which draws on the global generator, so parity with TorchIO is tested through the
+        deterministic classes.
+
         Returns ``(chosen, params)``: chosen None (p = 1) or a bool tensor (batch,); params holds
-        host tensors with a leading batch axis and Python values (which :meth:`run` may branch on)."""
+        host tensors with a leading batch axis and Python values (which :meth:`run` may branch on).
+        """
         chosen = None if self.p == 1 else torch.rand(batch, dtype=torch.float64, generator=generator) < self.p
         return chosen, self._draw(batch, channels, shape, generator)
 
     def run(self, image: torch.Tensor, label: torch.Tensor | None, plan, owned: Sequence[torch.Tensor] = ()):
-        """Apply a plan to 5-D tensors: only the elements it chose go through ``_apply``. At p = 1
-        this is device work only, with no graph break under ``torch.compile`` and no host sync;
-        below 1 it indexes the chosen elements, which changes shapes (eager mode), and writes them
-        back in place into those of ``image`` and ``label`` that are in ``owned`` (buffers of the
-        call, never the caller's: Compose passes what its earlier steps wrote), into a copy of
-        the others."""
+        """Apply a plan to 5-D tensors on their device: only the elements it chose go through
+        ``_apply``.
+
+        The plan's host tensors are copied to the device once per transform, pinned and without
+        blocking on CUDA, and no value is read back (except by ZNormalization, which checks that
+        no standard deviation is 0). Arithmetic runs in float32 (float64 images stay float64):
+        float16 and bfloat16 images are upcast for it, because sampling coordinates, FFTs and the
+        bias polynomial need float32 precision, and the result is cast back to the input dtype.
+
+        At p = 1 this is device work only, with no graph break under ``torch.compile`` and no host
+        sync, so that new plans reuse one compiled graph and :class:`CUDAGraphCall` can capture
+        it. Below 1 it gathers the chosen elements (with their labels for a spatial transform
+        only), which changes shapes (eager mode), transforms them and writes them back in place
+        into those of ``image`` and ``label`` that are in ``owned`` (buffers of the call, never the
+        caller's: Compose passes what its earlier steps wrote), into a copy of the others.
+        """
         chosen, params = plan
         if chosen is None or bool(chosen.all()):
             return self._apply(image, label, params)
@@ -296,7 +278,7 @@ def paper_augmentation(p: float = 0.5, spacing=None, background=None, single_res
         single_resampling: If True, Affine and Elastic become one
             :class:`RandomAffineElasticDeformation` (one interpolation, one decision ``p`` for
             both, so the stream of draws differs too). Default False: the paper's two steps.
-            Deviation when True; the difference is measured in :class:`AffineElasticDeformation`.
+            Deviation when True: see :class:`AffineElasticDeformation`.
 
     Example:
         >>> patch, label = torch.randn(1, 2, 64, 64, 64), torch.zeros(1, 1, 64, 64, 64)
@@ -1276,13 +1258,8 @@ class AffineElasticDeformation(Transform):
     Deviation (an option, not in TorchIO 1.2.1, which the paper used): the two steps interpolate
     twice, and pad twice (Affine's pad outside the affine's result, then Elastic's), so the
     results differ where the second interpolation blurs, the second nearest lookup rounds, or
-    the elastic step reaches the affine result's edge. Measured against
-    ``Compose([RandomAffine(), RandomElasticDeformation()])`` with the same draws (TorchIO's
-    default parameters): on ``bench.sample``'s rough Z-normalised image (std 1, correlation
-    length about 2 voxels) at 144^3, 4 draws, mean |difference| 0.16 and 99th percentile 2.2,
-    its label blobs differing in 46% of the voxels either result labels; on a smooth ``cos(r / 6)``
-    (amplitude 1) with a sphere label of radius 30 at 96^3, 3 draws, mean 0.006-0.010, 99th
-    percentile 0.09-0.29, the sphere differing in 3.0-3.4% of its voxels (its boundary shell).
+    the elastic step reaches the affine result's edge: little on a smooth image, much on a rough
+    one, and in labels along their boundaries (docs/augment.md gives the measured differences).
     On a linear image, which interpolation reproduces, the two agree to float32 rounding away
     from the edges (tested). Newer TorchIO's ``AffineElasticDeformation`` (``affine_first=True``)
     adds the displacement in the input's frame, ``T_affine(v) + d(v)``, which differs again by
@@ -1338,7 +1315,7 @@ class RandomAffineElasticDeformation(Transform):
     Per batch element the draws of :class:`RandomAffine` (nine) then those of
     :class:`RandomElasticDeformation`, in that order: with the same generator, the parameters of
     ``Compose([RandomAffine(...), RandomElasticDeformation(...)])`` at p = 1. One decision ``p``
-    for both (the two steps draw one each). The measured difference from the two steps is in
+    for both (the two steps draw one each). How the result differs from the two steps:
     :class:`AffineElasticDeformation`.
 
     Args:
@@ -1484,7 +1461,10 @@ class ZNormalization(Transform):
 class CUDAGraphCall:
     """A transform's device work at p = 1, captured once in a CUDA graph and replayed per call.
 
-    The host still draws a plan per call (the same numbers as ``transform(image, label,
+    What is captured is :meth:`Transform.run` given a plan: at p = 1, device work only, with no
+    host sync and no branch on a tensor's value, so one capture serves every plan of the same
+    structure. Below 1, real skipping gathers the chosen elements, which changes shapes from
+    call to call: that is for eager mode. The host still draws a plan per call (the same numbers as ``transform(image, label,
     generator)``); its parameters are copied into one static pinned buffer and from there, in one
     non-blocking copy, into the graph's static device buffer; the inputs are copied into the
     graph's static inputs, and the graph replays: one launch, whatever the kernels. Noise fields
@@ -1875,7 +1855,7 @@ def _affine_grid(theta: torch.Tensor, batch: int, shape) -> torch.Tensor:
     the n maps of an element are stacked along X, so one grid_sample pulls them all.
 
     On a GPU it is one ``affine_grid``. On the CPU, where affine_grid writes a (X, Y, Z, 4) base
-    grid and multiplies it (three times the time), the same sums are built by broadcasting, one
+    grid and multiplies it, the same sums are built, faster, by broadcasting, one
     addition writing the grid, component-major (``(3, N, X, Y, Z)`` storage, handed over as a
     permuted view, which grid_sample reads through its strides): a broadcast over a contiguous Z
     axis is vectorised, one over an inner axis of 3 is not, and the component planes are what
@@ -2000,7 +1980,8 @@ def _bounds(shape: tuple[int, int, int]) -> tuple[list[float], list[float]]:
 
 def _inside_by_lookup(grid: torch.Tensor, shape) -> torch.Tensor:
     """(N, 1, ...) float: 1 where ``grid`` points inside a volume of ``shape``, else 0; one
-    nearest lookup of ones with zero padding (1 where the nearest voxel exists)."""
+    nearest lookup of ones with zero padding (1 where the nearest voxel exists). An axis of one
+    voxel has no inside test here: grid_sample reads its only voxel whatever the grid says."""
     unit = _unit(grid.device, grid.dtype).expand(len(grid), 1, *shape)
     return _grid_sample(unit, grid, 'nearest', 'zeros')
 
