@@ -54,6 +54,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from numbers import Real
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -868,16 +869,16 @@ class Affine(Transform):
             for value, name in ((scales, 'scales'), (degrees, 'degrees'), (translation, 'translation')))
         if (self.scales <= 0).any():
             raise ValueError(f'scales must be > 0, got {scales!r}')
-        self.options = _parse_affine_options(center, default_pad_value, default_pad_label, image_interpolation)
+        self.options = _AffineOptions.parse(center, default_pad_value, default_pad_label, image_interpolation)
         self.spacing = _parse_spacing(spacing)
 
     def _draw(self, batch, channels, shape, generator):
         return _affine_plan(*(_per_element(getattr(self, name), batch, name) for name in ('scales', 'degrees', 'translation')),
-                            _pad_plan(self.options[1], batch, channels, 'default_pad_value'), self.spacing, shape,
-                            self.options)
+                            _pad_plan(self.options.default_pad_value, batch, channels, 'default_pad_value'),
+                            self.spacing, shape, self.options)
 
     def _apply(self, image, label, params):
-        return _affine(image, label, params, self.options[3])
+        return _affine(image, label, params, self.options.image_interpolation)
 
 
 class RandomAffine(Transform):
@@ -915,24 +916,34 @@ class RandomAffine(Transform):
         self.scales = _parse_params(scales, 1.0, 'scales', min_constraint=0)
         self.degrees = _parse_params(degrees, 0.0, 'degrees')
         self.translation = _parse_params(translation, 0.0, 'translation')
-        self.options = _parse_affine_options(center, default_pad_value, default_pad_label, image_interpolation)
+        self.options = _AffineOptions.parse(center, default_pad_value, default_pad_label, image_interpolation)
         self.spacing = _parse_spacing(spacing)
 
     def _draw(self, batch, channels, shape, generator):
         return _affine_plan(*_affine_draws(self, batch, generator),
-                            _pad_plan(self.options[1], batch, channels, 'default_pad_value'), self.spacing, shape,
-                            self.options)
+                            _pad_plan(self.options.default_pad_value, batch, channels, 'default_pad_value'),
+                            self.spacing, shape, self.options)
 
     _apply = Affine._apply
 
 
-def _parse_affine_options(center, default_pad_value, default_pad_label, image_interpolation):
-    if center not in ('image', 'origin'):
-        raise ValueError(f"center must be 'image' or 'origin', got {center!r}")
-    if not _is_number(default_pad_label):
-        raise ValueError(f'default_pad_label must be a number, got {default_pad_label!r}')
-    return (center, _parse_pad(default_pad_value, 'default_pad_value', ('minimum', 'mean')),
-            float(default_pad_label), _parse_interpolation(image_interpolation))
+class _AffineOptions(NamedTuple):
+    """The checked settings of an Affine or RandomAffine besides its parameters (the one-resampling
+    forms hold one of those and take its settings)."""
+
+    center: str  # the pivot: 'image' or 'origin'
+    default_pad_value: str | float | torch.Tensor  # 'minimum', 'mean', a number or an array
+    default_pad_label: float
+    image_interpolation: str  # 'linear' or 'nearest'
+
+    @classmethod
+    def parse(cls, center, default_pad_value, default_pad_label, image_interpolation) -> _AffineOptions:
+        if center not in ('image', 'origin'):
+            raise ValueError(f"center must be 'image' or 'origin', got {center!r}")
+        if not _is_number(default_pad_label):
+            raise ValueError(f'default_pad_label must be a number, got {default_pad_label!r}')
+        return cls(center, _parse_pad(default_pad_value, 'default_pad_value', ('minimum', 'mean')),
+                   float(default_pad_label), _parse_interpolation(image_interpolation))
 
 
 def _affine_draws(transform, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -946,12 +957,12 @@ def _affine_draws(transform, batch: int, generator: torch.Generator) -> list[tor
     return draws
 
 
-def _affine_plan(scales, degrees, translation, pad, spacing, shape, options) -> dict:
+def _affine_plan(scales, degrees, translation, pad, spacing, shape, options: _AffineOptions) -> dict:
     """Host float64 parameters of an Affine call: the matrices (B, 2, 3, 4) of ``_with_label_grid``,
     the label pad (B, 1) and the image pad ('minimum', 'mean' or (B, C))."""
-    theta = _affine_theta(scales, degrees, translation, spacing, shape, options[0])
-    return {'theta': _with_label_grid(theta, shape), 'label_pad': torch.full((len(theta), 1), options[2],
-                                                                             dtype=torch.float64), 'pad': pad}
+    theta = _affine_theta(scales, degrees, translation, spacing, shape, options.center)
+    return {'theta': _with_label_grid(theta, shape),
+            'label_pad': torch.full((len(theta), 1), options.default_pad_label, dtype=torch.float64), 'pad': pad}
 
 
 def _affine_theta(scales, degrees, translation, spacing, shape, center) -> torch.Tensor:
@@ -1295,7 +1306,8 @@ class AffineElasticDeformation(Transform):
         return _affine_elastic_plan(
             *(_per_element(getattr(affine, name), batch, name) for name in ('scales', 'degrees', 'translation')),
             _per_element(self._elastic.control_points, batch, 'control_points'),
-            _pad_plan(affine.options[1], batch, channels, 'default_pad_value'), affine.spacing, shape, affine.options)
+            _pad_plan(affine.options.default_pad_value, batch, channels, 'default_pad_value'), affine.spacing, shape,
+            affine.options)
 
     def plan(self, batch, channels, shape, generator):
         plan = super().plan(batch, channels, shape, generator)
@@ -1305,7 +1317,7 @@ class AffineElasticDeformation(Transform):
         return plan
 
     def _apply(self, image, label, params):
-        return _elastic(image, label, params, self._affine.options[3])
+        return _elastic(image, label, params, self._affine.options.image_interpolation)
 
 
 class RandomAffineElasticDeformation(Transform):
@@ -1343,8 +1355,8 @@ class RandomAffineElasticDeformation(Transform):
     def _draw(self, batch, channels, shape, generator):
         affine = self._affine
         return _affine_elastic_plan(*_affine_draws(affine, batch, generator), _elastic_draws(self._elastic, batch, generator),
-                                    _pad_plan(affine.options[1], batch, channels, 'default_pad_value'), affine.spacing,
-                                    shape, affine.options)
+                                    _pad_plan(affine.options.default_pad_value, batch, channels, 'default_pad_value'),
+                                    affine.spacing, shape, affine.options)
 
     def plan(self, batch, channels, shape, generator):
         plan = super().plan(batch, channels, shape, generator)
@@ -1355,11 +1367,12 @@ class RandomAffineElasticDeformation(Transform):
     _apply = AffineElasticDeformation._apply
 
 
-def _affine_elastic_plan(scales, degrees, translation, control_points, pad, spacing, shape, options) -> dict:
-    theta = _affine_theta(scales, degrees, translation, spacing, shape, options[0])
+def _affine_elastic_plan(scales, degrees, translation, control_points, pad, spacing, shape,
+                         options: _AffineOptions) -> dict:
+    theta = _affine_theta(scales, degrees, translation, spacing, shape, options.center)
     coefficients = _compose_affine(_spline_coefficients(control_points, spacing, shape), theta)
     return {'coefficients': _with_label_coefficients(coefficients, shape), 'pad': pad,
-            'label_pad': torch.full((len(theta), 1), options[2], dtype=torch.float64)}
+            'label_pad': torch.full((len(theta), 1), options.default_pad_label, dtype=torch.float64)}
 
 
 def _compose_affine(coefficients: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
