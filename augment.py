@@ -84,20 +84,28 @@ class Transform:
         p: Probability, in [0, 1], that the transform is applied to a batch element; each
             element draws its own decision ``r ~ U[0, 1)`` (float64) and is transformed iff
             ``r < p`` (TorchIO: ``r <= p``, so that p = 0 applies with probability 2^-24).
-            Default 1: always, and no decision is drawn. Only the elements drawn are transformed; the others are returned as they
-            came. Deviation from TorchIO: the parameters of every element are drawn whatever its
-            decision, so that a call always takes the same count of numbers from the generator.
+            Default 1: always, and no decision is drawn. Only the elements drawn are
+            transformed; the others are returned as they came. Deviation from TorchIO: the
+            parameters of every element are drawn whatever its decision, so that a call always
+            takes the same count of numbers from the generator.
 
     Subclasses implement ``_draw(batch, channels, shape, generator)`` (host: draws and
     parameter arithmetic; returns host tensors with a leading batch axis and Python values),
     ``_apply(image, label, params)`` (device work on 5-D tensors: one upload of the host tensors,
     no branch on a tensor's value) and, where params hold more than batch-indexed tensors,
-    ``_select(params, index)``.
+    ``_select(params, index)``. A random class whose ``_draw`` returns what its deterministic
+    class X plans says so, ``class RandomX(Transform, draws_for=X)``, and then applies its draws
+    with X's ``_apply`` (and moves the label when X does).
     """
 
     # False for intensity transforms, which leave the label as it came: below p = 1 their chosen
     # elements go through without their labels, which are neither gathered nor written back.
     moves_label = True
+
+    def __init_subclass__(cls, draws_for: type[Transform] | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if draws_for is not None:
+            cls._apply, cls.moves_label = draws_for._apply, draws_for.moves_label
 
     def __init__(self, p: float = 1.0):
         self.p = _parse_probability(p, 'p')
@@ -467,7 +475,7 @@ class Motion(Transform):
         return _motion(image, params, self.image_interpolation), label
 
 
-class RandomMotion(Transform):
+class RandomMotion(Transform, draws_for=Motion):
     """Random MRI motion artefact; see :class:`Motion` (including the pivot deviation).
 
     Per batch element, in this order: ``degrees ~ U(degrees range)`` and ``translation ~
@@ -491,8 +499,6 @@ class RandomMotion(Transform):
         torch.Size([1, 1, 16, 16, 16])
     """
 
-    moves_label = False
-
     def __init__(self, degrees=10, translation=10, num_transforms: int = 2,
                  image_interpolation: str = 'linear', spacing=None, default_pad_value='minimum', p: float = 1.0):
         super().__init__(p)
@@ -514,8 +520,6 @@ class RandomMotion(Transform):
                                                                                generator)
         return _motion_plan(degrees, translation, times,
                             _pad_plan(self.default_pad_value, batch, channels, 'default_pad_value'), self.spacing, shape)
-
-    _apply = Motion._apply
 
 
 def _motion_plan(degrees, translation, times, pad, spacing, shape) -> dict:
@@ -629,7 +633,7 @@ class BiasField(Transform):
         return _bias_field(image, coefficients, self.order), label
 
 
-class RandomBiasField(Transform):
+class RandomBiasField(Transform, draws_for=BiasField):
     """Random bias field; see :class:`BiasField`.
 
     Per batch element, every coefficient (the constant term included) is drawn independently,
@@ -647,8 +651,6 @@ class RandomBiasField(Transform):
         True
     """
 
-    moves_label = False
-
     def __init__(self, coefficients=0.5, order: int = 3, p: float = 1.0):
         super().__init__(p)
         self.coefficients_range = _parse_range(coefficients, 'coefficients')
@@ -657,8 +659,6 @@ class RandomBiasField(Transform):
     def _draw(self, batch, channels, shape, generator):
         return _dense_coefficients(_uniform(*self.coefficients_range, (batch, len(_bias_exponents(self.order))),
                                             generator), self.order)
-
-    _apply = BiasField._apply
 
 
 def _parse_order(order) -> int:
@@ -744,7 +744,7 @@ class Noise(Transform):
         return _noise(image, params), label
 
 
-class RandomNoise(Transform):
+class RandomNoise(Transform, draws_for=Noise):
     """Gaussian noise with a random mean and standard deviation; see :class:`Noise`.
 
     Per batch element: ``mean ~ U(mean range)``, then ``std ~ U(std range)``; then one device
@@ -761,8 +761,6 @@ class RandomNoise(Transform):
         True
     """
 
-    moves_label = False
-
     def __init__(self, mean=0, std=(0, 0.25), p: float = 1.0):
         super().__init__(p)
         self.mean_range = _parse_range(mean, 'mean')
@@ -772,8 +770,6 @@ class RandomNoise(Transform):
         mean = _uniform(*self.mean_range, (batch,), generator)
         std = _uniform(*self.std_range, (batch,), generator)
         return _noise_plan(mean, std, generator)
-
-    _apply = Noise._apply
 
 
 def _noise_plan(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> dict:
@@ -881,7 +877,7 @@ class Affine(Transform):
         return _affine(image, label, params, self.options.image_interpolation)
 
 
-class RandomAffine(Transform):
+class RandomAffine(Transform, draws_for=Affine):
     """Random scaling, rotation and translation; see :class:`Affine`.
 
     Per batch element, nine independent uniform draws, in this order: three scales, three
@@ -923,8 +919,6 @@ class RandomAffine(Transform):
         return _affine_plan(*_affine_draws(self, batch, generator),
                             _pad_plan(self.options.default_pad_value, batch, channels, 'default_pad_value'),
                             self.spacing, shape, self.options)
-
-    _apply = Affine._apply
 
 
 class _AffineOptions(NamedTuple):
@@ -1079,7 +1073,7 @@ class ElasticDeformation(Transform):
         return _elastic(image, label, params, self.image_interpolation)
 
 
-class RandomElasticDeformation(Transform):
+class RandomElasticDeformation(Transform, draws_for=ElasticDeformation):
     """Random elastic deformation; see :class:`ElasticDeformation`.
 
     Per batch element, every control-point component is drawn ``U[-D_c, D_c)`` (TorchIO's
@@ -1130,8 +1124,6 @@ class RandomElasticDeformation(Transform):
         plan = super().plan(batch, channels, shape, generator)
         _warn_folding(self.max_displacement, shape, self.num_control_points, self.spacing, plan[0])
         return plan
-
-    _apply = ElasticDeformation._apply
 
 
 def _parse_triplet(value, name: str, kind: type, minimum: float) -> tuple:
@@ -1320,7 +1312,7 @@ class AffineElasticDeformation(Transform):
         return _elastic(image, label, params, self._affine.options.image_interpolation)
 
 
-class RandomAffineElasticDeformation(Transform):
+class RandomAffineElasticDeformation(Transform, draws_for=AffineElasticDeformation):
     """Random :class:`AffineElasticDeformation`: RandomAffine then RandomElasticDeformation,
     resampled once.
 
@@ -1363,8 +1355,6 @@ class RandomAffineElasticDeformation(Transform):
         elastic = self._elastic
         _warn_folding(elastic.max_displacement, shape, elastic.num_control_points, elastic.spacing, plan[0])
         return plan
-
-    _apply = AffineElasticDeformation._apply
 
 
 def _affine_elastic_plan(scales, degrees, translation, control_points, pad, spacing, shape,
