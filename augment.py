@@ -1466,11 +1466,10 @@ class CUDAGraphCall:
 
     What is captured is :meth:`Transform.run` given a plan: at p = 1, device work only, with no
     host sync and no branch on a tensor's value, so one capture serves every plan of the same
-    structure. Below 1, real skipping gathers the chosen elements, which changes shapes from
-    call to call: that is for eager mode. The host still draws a plan per call (the same numbers as ``transform(image, label,
-    generator)``); its parameters are copied into one static pinned buffer and from there, in one
-    non-blocking copy, into the graph's static device buffer; the inputs are copied into the
-    graph's static inputs, and the graph replays: one launch, whatever the kernels. Noise fields
+    structure. The host still draws a plan per call (the same numbers as ``transform(image,
+    label, generator)``); its parameters are copied into one static pinned buffer and from there,
+    in one non-blocking copy, into the graph's static device buffer; the inputs are copied into
+    the graph's static inputs, and the graph replays: one launch, whatever the kernels. Noise fields
     come from CUDA generators registered with the graph and seeded from the plan before each
     replay, so a replay gives the eager call's result. Needs CUDA and a torch with
     ``CUDAGraph.register_generator_state`` (2.5 and later) when the transform adds noise.
