@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SCRIPTS = ("repro.py", "bench.py", "phantom.py")
 SEPARATORS = ("&&", "||", "|", ";")
+INLINE_COMMAND = re.compile(r"`((?:\w+=\S* )*(?:python3?|torchrun|/usr/bin/time|env) [^`]*)`")
 
 
 def where(path, line):
@@ -36,7 +37,7 @@ def shown_commands(path):
                 pending = None
                 commands.append((start, text))
         else:
-            commands += [(number, m) for m in re.findall(r"`((?:\w+=\S* )*(?:python3?|torchrun|/usr/bin/time|env) [^`]*)`", line)]
+            commands += [(number, m) for m in INLINE_COMMAND.findall(line)]
     return commands
 
 
@@ -73,7 +74,8 @@ def subcommands(parser):
 
 def unknown_flags(check):
     """One line per flag shown in the documents that its parser lacks. ``check(script, arguments)``
-    returns (the command's name, its parser, its flags) or None for a call it does not cover."""
+    returns (the command's name, the options its parser knows, the flags shown) or None for a call it
+    does not cover."""
     problems = []
     for path in DOCUMENTS:
         for line, script, arguments in invocations(path):
@@ -167,4 +169,5 @@ def test_every_docs_file_is_linked_from_the_readme():
 
 def test_the_readme_is_a_front_page():
     text = (ROOT / "README.md").read_text()
-    assert len(text.splitlines()) <= 180 and len(text.split()) <= 1800
+    lines, words = len(text.splitlines()), len(text.split())
+    assert lines <= 180 and words <= 1800, f"README.md: {lines} lines and {words} words; at most 180 and 1,800"
