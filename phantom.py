@@ -1091,19 +1091,24 @@ def ensure_cached(cache_dir=None, seed: int = 0, spacing: float = 1.0, progress:
     return final
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Synthetic longitudinal MS-lesion MRI in the ISBI 2015 training layout.")
-    what = parser.add_mutually_exclusive_group(required=True)
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python phantom.py`` (tests/test_docs.py checks the documents' flags against it)."""
+    p = argparse.ArgumentParser(description="Synthetic longitudinal MS-lesion MRI in the ISBI 2015 training layout.")
+    what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--out", metavar="DIR", help="write the dataset under DIR/training/")
     what.add_argument("--preview", metavar="PNG", help="save axial and coronal slices of one scan")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--spacing", type=float, default=1.0, metavar="MM",
-                        help=f"isotropic voxel size in mm, {SPACING_RANGE_MM[0]}..{SPACING_RANGE_MM[1]} (default 1)")
-    parser.add_argument("--subjects", type=int, default=len(ISBI_TIMEPOINTS),
-                        help="number of subjects (default 5, with ISBI's 4,4,5,4,4 time points; beyond 5: 4 each)")
-    parser.add_argument("--compress", action="store_true", help="write .nii.gz instead of .nii")
-    args = parser.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--spacing", type=float, default=1.0, metavar="MM",
+                   help=f"isotropic voxel size in mm, {SPACING_RANGE_MM[0]}..{SPACING_RANGE_MM[1]} (default 1)")
+    p.add_argument("--subjects", type=int, default=len(ISBI_TIMEPOINTS),
+                   help="number of subjects (default 5, with ISBI's 4,4,5,4,4 time points; beyond 5: 4 each)")
+    p.add_argument("--compress", action="store_true", help="write .nii.gz instead of .nii")
+    return p
+
+
+def main(argv=None) -> int:
+    cli = parser()
+    args = cli.parse_args(argv)
     try:
         if args.preview:
             path = preview(args.preview, seed=args.seed, spacing=args.spacing)
@@ -1112,7 +1117,7 @@ def main(argv=None) -> int:
             path = generate(args.out, seed=args.seed, spacing=args.spacing, subjects=args.subjects,
                             timepoints=timepoints, compress=args.compress)
     except ValueError as err:
-        parser.error(str(err))
+        cli.error(str(err))
     print(path)
     return 0
 
