@@ -37,8 +37,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def conv3x3x3(cin, cout, stride=1):
-    return nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False)
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d that runs in float32 where oneDNN's bf16 weight gradient is wrong.
+
+    On CPUs with AVX-512 BF16 but no AMX (AMD Zen 4 seen), torch 2.13's bf16 gradient of a 3x3x3 kernel's
+    weights reads uninitialised memory when the input's first spatial side is 2 and it has more than 16
+    channels: values up to 1e38, different on every call, and the loss turns NaN. Such a level is the
+    coarsest one of a small patch (32 voxels for the residual net), a few voxels in all, so running it in
+    float32 costs nothing measurable; every other convolution keeps bf16 autocast.
+    """
+
+    def forward(self, x):
+        if x.device.type == "cpu" and x.shape[2] == 2 and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+def conv3x3x3(cin, cout, stride=1, bias=False):
+    return Conv3d(cin, cout, 3, stride=stride, padding=1, bias=bias)
 
 
 def conv1x1x1(cin, cout):
@@ -246,8 +263,8 @@ parameter count does not depend on the choice; only batch norm keeps running sta
 def double_conv(cin, cmid, cout, norm):
     """Çiçek's level: two 3x3x3 convolutions, each followed by normalisation (batch norm in Çiçek) and ReLU."""
     return nn.Sequential(
-        nn.Conv3d(cin, cmid, 3, padding=1), NORMS[norm](cmid), nn.ReLU(inplace=True),
-        nn.Conv3d(cmid, cout, 3, padding=1), NORMS[norm](cout), nn.ReLU(inplace=True),
+        conv3x3x3(cin, cmid, bias=True), NORMS[norm](cmid), nn.ReLU(inplace=True),
+        conv3x3x3(cmid, cout, bias=True), NORMS[norm](cout), nn.ReLU(inplace=True),
     )
 
 

@@ -254,3 +254,19 @@ def test_bce_dice_overfits_one_volume():
     dsc = 2 * (pred * y).sum() / (pred.sum() + y.sum())
     assert loss.item() < 0.3 * first
     assert dsc > 0.9
+
+
+def test_a_depth_two_level_has_a_finite_repeatable_weight_gradient_under_bf16():
+    """The coarsest level of a small patch (first side 2, over 16 channels): its bf16 weight gradient is
+    wrong on some CPUs (model.Conv3d); it must match float32 to bf16's precision on every call."""
+    from model import conv3x3x3
+    torch.manual_seed(0)
+    conv, x = conv3x3x3(32, 32), torch.randn(1, 32, 2, 4, 4)
+    conv(x).square().sum().backward()
+    reference, conv.weight.grad = conv.weight.grad.clone(), None
+    for _ in range(5):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = conv(x)
+        y.float().square().sum().backward()
+        assert torch.allclose(conv.weight.grad, reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+        conv.weight.grad = None
