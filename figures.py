@@ -160,9 +160,10 @@ def qc(path, image, mask, affine, name):
     for ax in axes[1][len(levels):]:
         ax.axis("off")
     if len(levels) < 3:
-        axes[1][len(levels)].text(0.5, 0.5, "no other axial level with lesions\n10 mm or more from these",
-                                  color="white", fontsize=9, ha="center", va="center", transform=axes[1][len(levels)].transAxes)
-    found = f"{count} lesion{'s' * (count != 1)}, {volume:.2f} mL" if count else "no lesion found"
+        spare = axes[1][len(levels)]
+        spare.text(0.5, 0.5, "no other axial level with lesions\n10 mm or more from these", color="white",
+                   fontsize=9, ha="center", va="center", transform=spare.transAxes)
+    found = f"{count} lesion{'s' * (count != 1)}, {volume:.3g} mL" if count else "no lesion found"
     outlines = "; lesion outlines red, the largest yellow" if count else ""
     fig.suptitle(f"{name}: {found}\nradiological convention: the subject's right on the left{outlines}",
                  color="white", fontsize=11)

@@ -1,6 +1,5 @@
 from types import SimpleNamespace
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
