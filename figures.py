@@ -78,8 +78,21 @@ def _brain_box(image, margin=3):
     the panels show the head, not the empty field around it."""
     inside = np.nonzero(image > image.min())
     if not len(inside[0]):
-        return tuple(slice(None) for _ in range(3))
-    return tuple(slice(max(0, int(i.min()) - margin), int(i.max()) + margin + 1) for i in inside)
+        return tuple(slice(0, n) for n in image.shape)
+    return tuple(slice(max(0, int(i.min()) - margin), min(n, int(i.max()) + margin + 1))
+                 for i, n in zip(inside, image.shape))
+
+
+def _slices(labels, spacing):
+    """Where `qc` cuts a RAS+ volume: the (sagittal, coronal, axial) indices of the slices holding most of the
+    largest lesion (label 1), or the middle ones, and the axial levels of the bottom row (`_levels`, 10 mm
+    apart; without a lesion three fixed fractions of the height)."""
+    if not labels.any():
+        return [n // 2 for n in labels.shape], [int(round(f * (labels.shape[2] - 1))) for f in (0.3, 0.65, 0.8)]
+    largest = labels == 1
+    centre = [int(np.argmax(np.count_nonzero(largest, axis=tuple(a for a in range(3) if a != axis))))
+              for axis in range(3)]
+    return centre, _levels(labels, centre[2], max(1, int(round(10 / spacing[2]))))
 
 
 def _levels(labels, first, gap, count=3):
@@ -137,16 +150,11 @@ def qc(path, image, mask, affine, name):
     geometry = data.Geometry.of(np.shape(image), affine)
     image = geometry.apply(np.asarray(image, dtype=np.float32), order=1, crop=False)
     box = _brain_box(image)
-    box = tuple(slice(*b.indices(n)[:2]) for b, n in zip(box, image.shape))
     image, labels = image[box], geometry.apply(labels, order=0, crop=False)[box]
-    foreground = image[image > image.min()] if (image > image.min()).any() else image.ravel()
-    window = np.percentile(foreground, (0.5, 99.9))  # lesions are the brightest few per mille of a FLAIR
+    foreground = image[image > image.min()]
+    window = np.percentile(foreground if foreground.size else image, (0.5, 99.9))  # lesions: the brightest few ‰
     count, volume = summary["lesion_count"], summary["lesion_volume_ml"]
-    largest = labels == 1
-    centre = [int(np.argmax(np.count_nonzero(largest, axis=tuple(a for a in range(3) if a != axis))))
-              if count else n // 2 for axis, n in enumerate(labels.shape)]
-    levels = (_levels(labels, centre[2], max(1, int(round(10 / geometry.spacing[2])))) if count else
-              [int(round(f * (labels.shape[2] - 1))) for f in (0.3, 0.65, 0.8)])
+    centre, levels = _slices(labels, geometry.spacing)
 
     fig = Figure(figsize=(10, 7.6), facecolor="black", layout="constrained")
     axes = fig.subplots(2, 3)
