@@ -12,6 +12,10 @@ default: skimage's connectivity=2 in the Python re-implementation of the ISBI 20
 2019, MedICL-VU/LesionSeg `test.py`; the challenge's own evaluation is MATLAB code we have not run) or 26
 (jcreinhold/lesion-metrics, skimage's default).
 
+`lesion_table` lists the lesions of one mask in its own grid (voxels, volume from the affine's determinant,
+centroid, probabilities) and numbers them in a labelled mask; `lesion_summary` gives a scan's lesion count and
+volume. The columns of both tables are described once, in `LESION_COLUMNS` and `SUMMARY_COLUMNS`.
+
 A test scan's report is `scan_scores` (one dict, JSON-ready: an undefined value is None, never inf or nan),
 and a test set's is `summarise` over the keys named once in `REPORTED`; `isbi2015_score` is the ISBI 2015
 challenge's score over a set of scans scored against both raters.
@@ -136,6 +140,130 @@ def lesion_metrics(pred, truth, connectivity=18):
         "truth_lesions": int(n_truth), "pred_lesions": int(n_pred),
         "detected_lesions": int(detected), "false_lesions": int(false),
     }
+
+
+LESION_CONNECTIVITY = 18
+"""The connectivity of a lesion in the lesion tables: that of the lesion-wise metrics' default."""
+
+NEIGHBOURS = {6: "a face", 18: "a face or an edge", 26: "a face, an edge or a corner"}
+"""What joins two voxels into one component, for each connectivity of `STRUCTURES`."""
+
+LESION_COLUMNS = {
+    "lesion_id": ("The lesion's number and its value in the labelled lesion mask. A lesion is a connected "
+                  f"component of the mask with {LESION_CONNECTIVITY}-connectivity (voxels sharing "
+                  f"{NEIGHBOURS[LESION_CONNECTIVITY]}). Lesions are "
+                  "numbered by decreasing volume, 1 the largest; equal volumes in the order the voxel array "
+                  "first meets them (last index fastest)", None),
+    "voxels": ("Number of voxels of the lesion in the input's own grid", None),
+    "volume_ml": ("Lesion volume: its voxels times the volume of one voxel, the absolute determinant of the "
+                  "affine's 3x3 part, which is right for anisotropic and oblique grids", "mL"),
+    "centroid_x_mm": ("Centre of mass of the lesion in world coordinates (the input's affine applied to the "
+                      "voxel centroid; scanner RAS+, as nibabel reads it): x, increasing towards the subject's "
+                      "right", "mm"),
+    "centroid_y_mm": ("Centre of mass in world coordinates: y, increasing towards anterior", "mm"),
+    "centroid_z_mm": ("Centre of mass in world coordinates: z, increasing towards superior", "mm"),
+    "centroid_i": ("Centre of mass of the lesion in the input's voxel indices, first axis (0-based, "
+                   "fractional)", None),
+    "centroid_j": ("Centre of mass in voxel indices, second axis", None),
+    "centroid_k": ("Centre of mass in voxel indices, third axis", None),
+    "mean_probability": ("Mean over the lesion's voxels of the network's lesion probability (the sigmoid of "
+                         "its output); n/a when no probabilities were given", None),
+    "max_probability": ("Largest lesion probability among the lesion's voxels; n/a when no probabilities were "
+                        "given", None),
+}
+"""The columns of a lesion table (`lesion_table`'s rows): {name: (description, units or None)}. One description
+per column, for the tables' sidecars and the docs alike."""
+
+SUMMARY_COLUMNS = {
+    "scan": ("The scan: its input file, or its BIDS source entities", None),
+    "lesion_count": ("Number of lesions (rows of the scan's lesion table)", None),
+    "lesion_volume_ml": ("Total lesion volume: lesion voxels times the volume of one voxel (absolute determinant "
+                         "of the affine's 3x3 part)", "mL"),
+    "threshold": ("Probability above which a voxel is lesion", None),
+    "min_lesion_size_mm3": ("Lesions smaller than this were dropped from the mask and the tables", "mm^3"),
+    "connectivity": ("Two lesion voxels are one lesion when a chain of lesion voxels joins them, each sharing "
+                     "with the next " + "; ".join(f"{w} ({c})" for c, w in NEIGHBOURS.items()), None),
+}
+"""The columns of a per-scan summary table: {name: (description, units or None)}; `lesion_summary` gives the
+lesion count and volume, the caller the scan and the settings it used."""
+
+
+def voxel_volume_mm3(affine):
+    """The volume of one voxel of a grid: |det| of the affine's 3x3 part, right for any grid (anisotropic,
+    rotated or sheared), where the product of the voxel sizes is right only for orthogonal axes."""
+    affine = np.asarray(affine, dtype=float)
+    if affine.shape != (4, 4):
+        raise ValueError(f"an affine is a 4x4 matrix, got shape {affine.shape}")
+    return float(abs(np.linalg.det(affine[:3, :3])))
+
+
+def _kept(voxels, voxel_mm3, min_size_mm3):
+    """Which components are at least `min_size_mm3` large (to rounding, so that k voxels of v mm³ pass k v)."""
+    if not (math.isfinite(min_size_mm3) and min_size_mm3 >= 0):
+        raise ValueError(f"the minimum lesion size must be a finite number of mm³ >= 0, got {min_size_mm3}")
+    volumes = voxels * voxel_mm3
+    return (volumes >= min_size_mm3) | np.isclose(volumes, min_size_mm3, rtol=1e-9, atol=0)
+
+
+def lesion_table(mask, affine, probabilities=None, connectivity=LESION_CONNECTIVITY, min_size_mm3=0.0):
+    """The lesions of one scan's mask, one row each, and the labelled mask they are numbered in.
+
+    `mask`: binary 3D array or tensor in the grid of `affine` (4x4, voxel -> world mm). `probabilities`: the
+    lesion probabilities in the same grid, or None. A lesion is a connected component (`components`,
+    `LESION_CONNECTIVITY` by default); components smaller than `min_size_mm3` (mm³) are dropped.
+
+    Returns (labels, rows). `labels` (int32, the mask's shape) numbers the kept lesions 1..n by decreasing
+    volume (ties in the order the voxel array first meets them), 0 elsewhere: `labels > 0` is the mask with
+    the small components dropped. `rows`: one dict per lesion in that order, with the keys of
+    `LESION_COLUMNS` (the probabilities None without `probabilities`). Sums and maxima by label (numpy
+    bincount, maximum.at) over the lesion voxels only, no Python loop over voxels.
+    """
+    affine = np.asarray(affine, dtype=float)
+    voxel_mm3 = voxel_volume_mm3(affine)
+    labels, count = components(mask, connectivity)
+    if probabilities is not None:
+        probabilities = probabilities.detach().cpu().numpy() if isinstance(probabilities, torch.Tensor) \
+            else np.asarray(probabilities)
+        if probabilities.shape != labels.shape:
+            raise ValueError(f"probabilities of shape {probabilities.shape} for a mask of shape {labels.shape}")
+    where = np.nonzero(labels)
+    ids = _renumbered(labels[where], count, voxel_mm3, min_size_mm3)
+    where, ids = tuple(axis[ids > 0] for axis in where), ids[ids > 0]
+    labels = np.zeros(labels.shape, dtype=np.int32)
+    labels[where] = ids
+    n = int(ids.max(initial=0))
+    voxels = np.bincount(ids, minlength=n + 1)[1:]
+    centroids = np.stack([np.bincount(ids, weights=axis, minlength=n + 1)[1:] for axis in where], 1) / voxels[:, None]
+    world = centroids @ affine[:3, :3].T + affine[:3, 3]
+    mean = peak = [None] * n
+    if probabilities is not None:
+        values = probabilities[where].astype(np.float64)
+        mean = (np.bincount(ids, weights=values, minlength=n + 1)[1:] / voxels).tolist()
+        peak = np.full(n + 1, -np.inf)
+        np.maximum.at(peak, ids, values)
+        peak = peak[1:].tolist()
+    rows = [dict(zip(LESION_COLUMNS, (i + 1, int(voxels[i]), float(voxels[i] * voxel_mm3 / 1000), *world[i].tolist(),
+                                      *centroids[i].tolist(), mean[i], peak[i]))) for i in range(n)]
+    return labels, rows
+
+
+def _renumbered(ids, count, voxel_mm3, min_size_mm3):
+    """New numbers for the voxels' component `ids` (1..count, from ndimage.label): 1..n by decreasing size, the
+    stable sort keeping label's raster order among equal sizes; 0 for a component under `min_size_mm3`."""
+    voxels = np.bincount(ids, minlength=count + 1)[1:]
+    order = np.argsort(-voxels, kind="stable")
+    order = order[_kept(voxels[order], voxel_mm3, min_size_mm3)]
+    number = np.zeros(count + 1, dtype=np.int32)
+    number[order + 1] = np.arange(1, len(order) + 1, dtype=np.int32)
+    return number[ids]
+
+
+def lesion_summary(labels, affine):
+    """The lesion count and total volume of one scan from the `labels` of `lesion_table` (numbered 1..n):
+    {"lesion_count": n, "lesion_volume_ml": lesion voxels x voxel volume / 1000}, keys of SUMMARY_COLUMNS."""
+    labels = np.asarray(labels)
+    return {"lesion_count": int(labels.max(initial=0)),
+            "lesion_volume_ml": float(np.count_nonzero(labels) * voxel_volume_mm3(affine) / 1000)}
 
 
 def hausdorff95(pred, truth, spacing=(1.0, 1.0, 1.0)):

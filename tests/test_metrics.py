@@ -1,13 +1,15 @@
 import json
 import math
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
-from metrics import (MIN_SCANS_FOR_CORR, REPORTED, BCEDiceLoss, components, dice, hausdorff95, iou, isbi2015_score,
-                     lesion_metrics, precision, relative_volume_difference, scan_scores, sensitivity, summarise,
-                     volume_correlation)
+from metrics import (LESION_COLUMNS, MIN_SCANS_FOR_CORR, REPORTED, SUMMARY_COLUMNS, BCEDiceLoss, components, dice,
+                     hausdorff95, iou, isbi2015_score, lesion_metrics, lesion_summary, lesion_table, precision,
+                     relative_volume_difference, scan_scores, sensitivity, summarise, volume_correlation)
 
 
 def empty(shape=(10, 10, 10)):
@@ -324,3 +326,85 @@ def test_bce_dice_loss_is_float32_under_bf16_logits():
     logits = torch.randn(1, 1, 4, 4, 4).bfloat16()
     loss = BCEDiceLoss()(logits, torch.ones(1, 1, 4, 4, 4))
     assert loss.dtype == torch.float32
+
+
+def oblique_scan(tmp_path):
+    """A mask of blobs of many sizes saved as NIfTI with an anisotropic, rotated and sheared affine, read back."""
+    rotation = np.array([[np.cos(0.4), -np.sin(0.4), 0], [np.sin(0.4), np.cos(0.4), 0], [0, 0, 1]])
+    tilt = np.array([[1, 0, 0], [0, np.cos(0.3), -np.sin(0.3)], [0, np.sin(0.3), np.cos(0.3)]])
+    shear = np.array([[1, 0.2, 0], [0, 1, 0.1], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ tilt @ shear @ np.diag([0.9, 1.2, 3.0])
+    affine[:3, 3] = (-40, 12.5, 7)
+    rng = np.random.default_rng(0)
+    mask = ndimage.binary_dilation(rng.random((24, 20, 12)) > 0.98) | (rng.random((24, 20, 12)) > 0.93)
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), tmp_path / "mask.nii.gz")
+    image = nib.load(tmp_path / "mask.nii.gz")
+    return np.asarray(image.dataobj).astype(bool), image.affine
+
+
+def test_lesion_table_against_an_independent_count_on_an_oblique_anisotropic_grid(tmp_path):
+    mask, affine = oblique_scan(tmp_path)
+    voxel_mm3 = abs(np.linalg.det(affine[:3, :3]))  # the header's sform
+    assert voxel_mm3 != pytest.approx(np.prod(nib.load(tmp_path / "mask.nii.gz").header.get_zooms()), rel=1e-3)
+    faces_and_edges = np.ones((3, 3, 3), bool)
+    faces_and_edges[::2, ::2, ::2] = False  # 18-connectivity: all but the 8 corners
+    truth, n = ndimage.label(mask, faces_and_edges)
+    sizes = np.bincount(truth.ravel())[1:]
+    assert n > 20 and len(set(sizes)) > 3
+    probabilities = np.random.default_rng(1).random(mask.shape)
+    labels, rows = lesion_table(mask, affine, probabilities)
+    assert [r["lesion_id"] for r in rows] == list(range(1, n + 1))
+    assert [r["voxels"] for r in rows] == sorted(sizes, reverse=True)
+    np.testing.assert_allclose([r["volume_ml"] for r in rows], np.sort(sizes)[::-1] * voxel_mm3 / 1000)
+    np.testing.assert_array_equal(labels > 0, mask)
+    for r in rows:
+        voxels = np.argwhere(labels == r["lesion_id"])
+        assert len(np.unique(truth[labels == r["lesion_id"]])) == 1 and len(voxels) == r["voxels"]
+        centroid = voxels.mean(axis=0)
+        np.testing.assert_allclose([r["centroid_i"], r["centroid_j"], r["centroid_k"]], centroid)
+        np.testing.assert_allclose([r["centroid_x_mm"], r["centroid_y_mm"], r["centroid_z_mm"]],
+                                   (affine @ [*centroid, 1])[:3])
+        values = probabilities[labels == r["lesion_id"]]
+        assert r["mean_probability"] == pytest.approx(values.mean()) and r["max_probability"] == values.max()
+    assert list(rows[0]) == list(LESION_COLUMNS)
+    assert lesion_summary(labels, affine) == {"lesion_count": n,
+                                              "lesion_volume_ml": pytest.approx(mask.sum() * voxel_mm3 / 1000)}
+    assert set(lesion_summary(labels, affine)) < set(SUMMARY_COLUMNS)
+
+
+def test_lesion_table_min_size_drops_exactly_the_smaller_components(tmp_path):
+    mask, affine = oblique_scan(tmp_path)
+    voxel_mm3 = abs(np.linalg.det(affine[:3, :3]))
+    truth, _ = ndimage.label(mask, ndimage.generate_binary_structure(3, 2))
+    sizes = np.bincount(truth.ravel())
+    big = np.flatnonzero(sizes >= 3)[1:]  # component ids (0 is the background) of 3 voxels or more
+    assert 0 < len(big) < len(sizes) - 1 and 3 in sizes[1:]
+    labels, rows = lesion_table(mask, affine, min_size_mm3=3 * voxel_mm3)
+    np.testing.assert_array_equal(labels > 0, np.isin(truth, big))
+    assert sorted(r["voxels"] for r in rows) == sorted(sizes[big])
+    assert labels.max() == len(rows) == len(big)
+    _, rows = lesion_table(mask, affine, min_size_mm3=3 * voxel_mm3 * (1 + 1e-6))
+    assert min(r["voxels"] for r in rows) > 3  # just above 3 voxels: the 3-voxel lesions go too
+    with pytest.raises(ValueError, match="minimum lesion size"):
+        lesion_table(mask, affine, min_size_mm3=-1)
+
+
+def test_lesion_table_of_an_empty_mask_and_without_probabilities():
+    labels, rows = lesion_table(np.zeros((6, 6, 6)), np.diag([2.0, 2.0, 2.0, 1.0]), np.zeros((6, 6, 6)))
+    assert rows == [] and not labels.any()
+    assert lesion_summary(labels, np.eye(4)) == {"lesion_count": 0, "lesion_volume_ml": 0.0}
+    _, rows = lesion_table(torch.ones(2, 2, 2), np.diag([2.0, 2.0, 2.0, 1.0]))
+    assert rows[0]["volume_ml"] == pytest.approx(0.064)
+    assert rows[0]["mean_probability"] is None and rows[0]["max_probability"] is None
+
+
+def test_lesion_table_numbers_equal_volumes_in_raster_order_and_uses_18_connectivity():
+    mask = np.zeros((6, 6, 6), bool)
+    mask[4, 0, 0] = mask[0, 4, 0] = True  # two one-voxel lesions: the first in C order comes first
+    mask[2, 2, 2] = mask[3, 3, 3] = True  # corners only: two more lesions under 18-connectivity
+    mask[0, 0, 4] = mask[1, 1, 4] = True  # an edge: one lesion of two voxels, the largest
+    labels, rows = lesion_table(mask, np.eye(4))
+    assert [r["voxels"] for r in rows] == [2, 1, 1, 1, 1]
+    assert labels[0, 0, 4] == 1 and labels[0, 4, 0] == 2 and labels[2, 2, 2] == 3 and labels[3, 3, 3] == 4
+    assert labels[4, 0, 0] == 5
