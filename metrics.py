@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from nibabel.affines import voxel_sizes
 from scipy import ndimage
 
 
@@ -311,12 +312,16 @@ def _pair_terms(segmentation, reference, voxel_mm3, connectivity):
             "seg_volume_mm3": seg_voxels * voxel_mm3, "ref_volume_mm3": ref_voxels * voxel_mm3}
 
 
-def scan_scores(pred, truth, spacing=(1.0, 1.0, 1.0), raters=None, connectivity=18):
+def scan_scores(pred, truth, affine=None, raters=None, connectivity=LESION_CONNECTIVITY):
     """Every score of one test scan, as a JSON-ready dict.
 
     `pred`, `truth`: binary (X, Y, Z) torch tensors (bool, uint8, float {0, 1}) on any device; the voxel
-    metrics run there and come back in one copy, the lesion-wise ones and HD95 run on the host. `spacing`:
-    mm per axis. `raters`: both raters' masks (rater 1, rater 2) where they exist, for `isbi2015_score`.
+    metrics run there and come back in one copy, the lesion-wise ones and HD95 run on the host. `affine`:
+    the masks' grid, 4x4 voxel -> world mm (None: the identity, 1 mm voxels); HD95 measures with its voxel
+    sizes (nibabel's `voxel_sizes`, the lengths of its columns) and a volume is voxels x `voxel_volume_mm3`,
+    so that `pred_lesions` and `pred_volume_mm3` / 1000 (and the truth's) are the lesion count and volume in
+    mL that `lesion_summary` gives for the same mask: one definition of a lesion and of its volume.
+    `raters`: both raters' masks (rater 1, rater 2) where they exist, for `isbi2015_score`.
 
     Keys: `dsc`, `iou`, `ppv`, `tpr`, `rvd` (signed), `ltpr`, `lfpr`, `truth_lesions`, `pred_lesions`,
     `detected_lesions`, `false_lesions`, `hd95_mm`, `pred_volume_mm3`, `truth_volume_mm3`, and
@@ -331,7 +336,8 @@ def scan_scores(pred, truth, spacing=(1.0, 1.0, 1.0), raters=None, connectivity=
     module's rule and is perfect (`rvd` 0, `hd95_mm` 0).
     """
     pred, truth = torch.as_tensor(pred), torch.as_tensor(truth)
-    voxel_mm3 = float(np.prod(spacing))
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
+    voxel_mm3 = voxel_volume_mm3(affine)
     dsc, iou_, ppv, tpr, rvd, pred_voxels, truth_voxels = torch.stack([
         dice(pred, truth), iou(pred, truth), precision(pred, truth), sensitivity(pred, truth),
         relative_volume_difference(pred, truth), pred.bool().sum().float(), truth.bool().sum().float()]).tolist()
@@ -339,7 +345,7 @@ def scan_scores(pred, truth, spacing=(1.0, 1.0, 1.0), raters=None, connectivity=
     lesions = lesion_metrics(pred_host, truth_host, connectivity)
     scores = {
         "dsc": dsc, "iou": iou_, "ppv": ppv, "tpr": tpr, "rvd": _defined(rvd), **lesions,
-        "hd95_mm": _defined(hausdorff95(pred_host, truth_host, spacing)),
+        "hd95_mm": _defined(hausdorff95(pred_host, truth_host, voxel_sizes(affine))),
         "pred_volume_mm3": pred_voxels * voxel_mm3, "truth_volume_mm3": truth_voxels * voxel_mm3,
         "isbi_unnormalised_1rater": _isbi_terms(dsc, ppv, lesions["ltpr"], lesions["lfpr"]),
     }

@@ -21,6 +21,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import reduce
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,6 +30,7 @@ import numpy as np
 import scipy
 import torch
 import torch.distributed as dist
+from nibabel.affines import voxel_sizes
 from tqdm import tqdm
 
 import augment
@@ -407,20 +409,64 @@ def test_and_report(run, model, test_scans, stopper, history) -> dict:
     return results
 
 
-def test(run, model, scans) -> dict:
-    """Score the test scans with the best checkpoint and write their masks in their original grids."""
+def test(run, model, scans) -> tuple[dict, dict]:
+    """The best checkpoint on the test scans, scored in each scan's own grid (``GRID``): each mask is written
+    back to the scan's grid (predictions/<id>_pred.nii.gz, ``infer.write_prediction``) and that file is
+    scored against the scan's original mask files, with the grid's voxel sizes and voxel volume, so that the
+    numbers are those a user gets from the files whatever grid the network ran on. Returns the metrics and
+    the masks in the prepared grid, for Fig. 7."""
     protocol, device, out = run.protocol, run.device, run.out
+    originals = original_mask_files(protocol, [scan.id for scan in scans])
     per_scan, masks = {}, {}
     (out / "predictions").mkdir(exist_ok=True)
     for scan in progress(scans, "test"):
         logits = infer.predict_logits(model, scan.image.to(device), protocol.window, amp=protocol.amp,
                                       tta=protocol.tta, background=scan.background)
-        pred = infer.segment(logits)
-        per_scan[scan.id] = metrics.scan_scores(pred, scan.mask.to(device), scan.spacing,
-                                                raters=[r.to(device) for r in scan.raters.values()] if len(scan.raters) == 2 else None)
-        infer.write_prediction(out / "predictions" / f"{scan.id}_pred.nii.gz", logits, scan.geometry)
-        masks[scan.id] = pred.cpu()
-    return {"scans": per_scan, "mean": metrics.summarise(per_scan)}, masks
+        written = out / "predictions" / f"{scan.id}_pred.nii.gz"
+        infer.write_prediction(written, logits, scan.geometry)
+        per_scan[scan.id] = score_written(written, *originals[scan.id], device)
+        masks[scan.id] = infer.segment(logits).cpu()
+    return {"grid": GRID, "scans": per_scan, "mean": metrics.summarise(per_scan)}, masks
+
+
+GRID = "native"
+"""Where the test metrics are measured (metrics.json's ``grid``): each scan's own voxel grid, the one its files
+are in, as the ISBI 2015 challenge scores and the paper measured its 1 mm scans. Validation, which only
+picks the best epoch, stays in the prepared grid."""
+
+
+def original_mask_files(protocol, ids) -> dict:
+    """Per scan id, what its test scores are measured against, as ``data.load_dataset`` found the files for
+    the protocol's data and --label: (the label's mask files, the rule combining them (``np.maximum`` for
+    union, ``np.minimum`` for intersection; one file is itself), both raters' files or None where the scan
+    has fewer, for the ISBI 2015 score). load_dataset has already checked that each is a binary mask on its
+    image's grid."""
+    root = Path(find_data(protocol)[0]).expanduser()
+    _, layout, found = data._find(root)
+    label_keys, combine = data._label_raters(protocol.label, layout, root)
+    files = {}
+    for sid in ids:
+        entry = found[sid].files
+        raters = [entry[key] for key in layout.raters if key in entry]
+        files[sid] = ([entry[key] for key in label_keys], combine, raters if len(raters) == 2 else None)
+    return files
+
+
+def score_written(prediction, label_files, combine, rater_files, device) -> dict:
+    """``metrics.scan_scores`` of a written mask file against the original mask files of its scan, read with
+    ``data.read_image`` in their own grid (the label's combined by ``combine``), with that grid's affine;
+    adds ``spacing_mm``, the grid's voxel sizes."""
+    def read(file):
+        array, affine, _ = data.read_image(file)
+        return array != 0, affine
+
+    def on_device(mask):
+        return torch.from_numpy(mask).to(device)
+    label = [read(file) for file in label_files]
+    truth, affine = reduce(combine, [mask for mask, _ in label]), label[0][1]
+    raters = None if rater_files is None else [on_device(read(file)[0]) for file in rater_files]
+    scores = metrics.scan_scores(on_device(read(prediction)[0]), on_device(truth), affine, raters)
+    return {**scores, "spacing_mm": voxel_sizes(affine).tolist()}
 
 
 def report(run, history, results, test_scans, masks):
@@ -440,9 +486,27 @@ def report(run, history, results, test_scans, masks):
     cell = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     lines += [f"| {sid} | " + " | ".join(cell(s[k]) for k in keys) + " |" for sid, s in results["scans"].items()]
     lines += ["| **mean** | " + " | ".join(cell(results["mean"][k]) for k in keys) + " |", "",
+              f"Scored in each scan's own grid ({results['grid']}): the written mask "
+              f"(predictions/<scan>_pred.nii.gz) against the scan's original mask files (--label {protocol.label}). "
+              "The validation DSC of Fig. 6 is measured in the prepared grid.", "", *lesion_lines(results), "",
               "## Figures", "", "Fig. 6, loss and validation DSC per epoch: ![fig6](fig6.png)", "",
               "Fig. 7, the test scans' most lesioned slice: ![fig7](fig7.png)", ""]
     atomic_save(out / "report.md", lambda tmp: tmp.write_text("\n".join(lines)))
+
+
+def lesion_lines(results) -> list[str]:
+    """report.md's lesion table: per test scan, the true and the predicted lesion count and volume side by
+    side, so that a reader sees volume agreement (the ISBI 2015 score's correlation term)."""
+    lines = ["## Lesions per test scan", "",
+             f"A lesion is a connected component of the mask ({metrics.LESION_CONNECTIVITY}-connectivity: voxels "
+             f"sharing {metrics.NEIGHBOURS[metrics.LESION_CONNECTIVITY]}); its volume is its voxels times the "
+             "volume of one voxel of the scan's own grid (|det| of the affine), as in predict's lesion tables.", "",
+             "| scan | true lesions | predicted lesions | true volume (mL) | predicted volume (mL) | voxel size (mm) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for sid, s in results["scans"].items():
+        lines.append(f"| {sid} | {s['truth_lesions']} | {s['pred_lesions']} | {s['truth_volume_mm3'] / 1000:.3f} | "
+                     f"{s['pred_volume_mm3'] / 1000:.3f} | {' x '.join(f'{v:g}' for v in s['spacing_mm'])} |")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -515,6 +579,14 @@ def check_sizes(protocol, scans, n_train, group):
 def load_scans(protocol):
     """The scans of the protocol's channels, from --data or the built-in dataset; a line naming the data; and
     the data files' fingerprint, which a resume must find unchanged."""
+    root, dataset, spacing = find_data(protocol)
+    scans = data.load_dataset(root, protocol.channels, protocol.label, norm=protocol.norm, spacing=spacing)
+    return scans, dataset, data.dataset_fingerprint(root)
+
+
+def find_data(protocol):
+    """Where the protocol's data are: the folder or manifest to read, a line naming the data, and the voxel
+    size in mm to resample them to (None: their own; the built-in data are generated at the protocol's)."""
     spacing = protocol.spacing
     if protocol.data:
         root = Path(protocol.data)
@@ -531,8 +603,7 @@ def load_scans(protocol):
         root = phantom.ensure_cached(seed=0, spacing=built_in, progress=sys.stderr.isatty())
         dataset = f"built-in synthetic MS data (phantom.py, seed 0, {built_in:g} mm)"
         spacing = None  # generated at that spacing
-    scans = data.load_dataset(root, protocol.channels, protocol.label, norm=protocol.norm, spacing=spacing)
-    return scans, dataset, data.dataset_fingerprint(root)
+    return root, dataset, spacing
 
 
 # --------------------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ def test_scan_scores_holds_every_per_scan_metric():
     truth = two_lesions()
     pred = torch.roll(truth, 1, 0)
     pred[0, 15, 0] = True  # a false lesion
-    scores = scan_scores(pred, truth, spacing=(1.0, 1.0, 2.0))
+    scores = scan_scores(pred, truth, affine=np.diag([1.0, 1.0, 2.0, 1.0]))
     assert scores["dsc"] == pytest.approx(dice(pred, truth).item())
     assert scores["iou"] == pytest.approx(iou(pred, truth).item())
     assert scores["ppv"] == pytest.approx(precision(pred, truth).item())

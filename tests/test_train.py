@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 import infer
 import repro
@@ -146,6 +147,38 @@ def test_report_names_files_that_exist(finished):
     for name in embedded:
         assert (finished / name).is_file()
     assert "Dataset: synthetic MS data" in report and "| **mean** |" in report
+
+
+def test_test_metrics_are_measured_in_each_scans_own_grid(dataset, tmp_path):
+    # The data are at 4 mm and the network runs at 3.5 mm: the prepared grid is not the scans' own.
+    out = tmp_path / "resampled"
+    assert repro.main(["--data", str(dataset), "--out", str(out), *TINY, "--spacing", "3.5", "--label", "union"]) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    report = (out / "report.md").read_text()
+    assert results["grid"] == "native" and results["scans"]
+    masks = dataset / "training"
+    for sid, scores in results["scans"].items():
+        pred = nib.load(out / "predictions" / f"{sid}_pred.nii.gz")
+        raters = [nib.load(masks / sid.split("_")[0] / "masks" / f"{sid}_mask{r}.nii") for r in (1, 2)]
+        p = np.asarray(pred.dataobj) != 0
+        t = (np.asarray(raters[0].dataobj) != 0) | (np.asarray(raters[1].dataobj) != 0)  # --label union
+        assert p.shape == t.shape == raters[0].shape
+        assert p.any() and t.any()
+        expected = 2 * (p & t).sum() / (p.sum() + t.sum())
+        assert scores["dsc"] == pytest.approx(expected, abs=1e-6)
+        assert scores["spacing_mm"] == pytest.approx([4.0, 4.0, 4.0])
+        # lesions and volumes: 18-connected components and the header's voxel volume, in that same grid
+        voxel_ml = abs(np.linalg.det(raters[0].affine[:3, :3])) / 1000
+        structure = ndimage.generate_binary_structure(3, 2)
+        for who, mask in (("pred", p), ("truth", t)):
+            assert scores[f"{who}_lesions"] == ndimage.label(mask, structure)[1]
+            assert scores[f"{who}_volume_mm3"] / 1000 == pytest.approx(mask.sum() * voxel_ml)
+        row = (f"| {sid} | {scores['truth_lesions']} | {scores['pred_lesions']} | {t.sum() * voxel_ml:.3f} | "
+               f"{p.sum() * voxel_ml:.3f} | 4 x 4 x 4 |")
+        assert row in report
+        rater1 = np.asarray(raters[0].dataobj) != 0  # the ISBI terms against each rater, also in that grid
+        assert scores["raters"][0]["dsc"] == pytest.approx(2 * (p & rater1).sum() / (p.sum() + rater1.sum()),
+                                                            abs=1e-6)
 
 
 def test_early_stopping_records_improvements():
