@@ -13,6 +13,7 @@ cache: $RESUNET_CACHE, else ~/.cache/resunet3d-ms.
 import argparse
 import ctypes
 import json
+import math
 import os
 import statistics
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from scipy import stats
 
 import data
 import figures
@@ -215,50 +217,100 @@ def mean_sd(values):
 
 
 def write_table2(out, stem, rows, seeds, channels):
-    """<stem>.md (ours beside the paper's: mean ± sd over seeds and each seed's value; the findings) and
-    <stem>.csv (one row per cell and seed)."""
+    """<stem>.md (ours beside the paper's: mean ± sd over seeds and each seed's value; the findings, judged by
+    VERDICT_RULE) and <stem>.csv (one row per cell and seed: the numbers the findings are computed from)."""
     by = {}
     for r in rows:
         by.setdefault((r["model"], r["channel"]), []).append(r)
     fmt = lambda m, s: f"{m:.4f} ± {s:.4f}" if len(seeds) > 1 else f"{m:.4f}"  # noqa: E731
     lines = ["# Table 2: test DSC and IoU, ours beside the paper's", "",
              f"Ours: {'; '.join(sorted({r['dataset'] for r in rows}))}; seeds {', '.join(map(str, seeds))} "
-             f"(mean ± sample sd over {len(seeds)} seed{'s' * (len(seeds) > 1)}). Paper: ISBI 2015 training data, "
-             "scan-level 17:2:2 split, one run.", "",
+             f"(mean ± sample sd over {len(seeds)} seed{'s' * (len(seeds) > 1)}), each scan scored in its own grid. "
+             "Paper: ISBI 2015 training data, scan-level 17:2:2 split, one run.", "",
              "| model | channel | paper DSC | our DSC | per seed | paper IoU | our IoU | test scans | report |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    means = {}
     for (model, channel), cell in by.items():
         dsc, iou = mean_sd([r["dsc"] for r in cell]), mean_sd([r["iou"] for r in cell])
-        means[(model, channel)] = dsc
         paper = [f"{v:.4f}" for v in PAPER_TABLE2[(model, channel)]] if (model, channel) in PAPER_TABLE2 else \
             ["future work (§5), not in the paper"] * 2
         lines.append(f"| {MODEL_NAMES[model]} | {channel} | {paper[0]} | {fmt(*dsc)} | "
                      f"{', '.join(format(r['dsc'], '.3f') for r in cell)} | {paper[1]} | {fmt(*iou)} | "
                      f"{cell[0]['test_scans']} | " + " ".join(f"[seed {r['seed']}]({r['report']})" for r in cell) + " |")
-    lines += ["", "## The paper's findings, on our data", "", *findings(means, channels, len(seeds))]
+    per_seed = {key: {r["seed"]: r["dsc"] for r in cell} for key, cell in by.items()}
+    lines += ["", "## The paper's findings, on our data", "", VERDICT_RULE, "", *findings(per_seed, channels)]
     infer.atomic(out / f"{stem}.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     train.write_csv(out / f"{stem}.csv", rows)
 
 
-def findings(means, channels, n):
-    """The paper's two findings (§4.3), judged on the seed means, each with its spread."""
-    lines, seeds = [], f"{n} seed{'s' * (n > 1)}"
-    def show(key):
-        return f"{means[key][0]:.4f} ± {means[key][1]:.4f}" if n > 1 else f"{means[key][0]:.4f}"
+VERDICT_LEVEL = 0.95
+VERDICT_RULE = (
+    "Each finding is judged on its test DSC difference per seed, signed so that the paper's claim is positive. "
+    "One seed draws the split, the initial weights, the patches and the augmentation of both cells alike, so "
+    f"each seed gives one paired difference. The finding **holds** when the two-sided {VERDICT_LEVEL:.0%} paired "
+    f"t interval of the mean difference (mean ± t({(1 + VERDICT_LEVEL) / 2:g}, n - 1) × sd / √n over n seeds) lies "
+    "above 0, **does not hold** when it lies below 0, and is **undecided** when it contains 0. One seed gives no "
+    "interval: no verdict.")
+"""The one rule by which table2.md judges the paper's findings, printed there and quoted in docs/results.md
+(which says why this rule); ``judge`` applies it at ``VERDICT_LEVEL``."""
+
+
+def judge(differences, level=VERDICT_LEVEL):
+    """VERDICT_RULE on one finding's per-seed differences (signed so that the paper's claim is positive):
+    (verdict, the two-sided ``level`` Student's t interval of their mean, or None for a single seed)."""
+    n = len(differences)
+    if n < 2:
+        return "one seed: cannot judge", None
+    mean, sd = mean_sd(differences)
+    half = stats.t.ppf((1 + level) / 2, n - 1) * sd / math.sqrt(n)
+    interval = (float(mean - half), float(mean + half))
+    verdict = "holds" if interval[0] > 0 else "does not hold" if interval[1] < 0 else "undecided"
+    return verdict, interval
+
+
+def findings(per_seed, channels):
+    """The paper's two findings (§4.3), each judged by VERDICT_RULE on differences paired by seed, beside the
+    paper's own difference. ``per_seed``: {(model, channel): {seed: test DSC}}."""
+    lines = []
     for model in ("residual", "unet"):
-        cells = {c: means[(model, c)] for c in channels if (model, c) in means}
-        if len(cells) > 1:
-            best = max(cells, key=lambda c: cells[c][0])
-            holds = "holds" if best == "FLAIR" else "does not hold"
-            lines.append(f"- FLAIR is the best channel for the {MODEL_NAMES[model]}: **{holds}** on the means of "
-                         f"{seeds}; best is {best} ({show((model, best))})" +
-                         (f", FLAIR {show((model, 'FLAIR'))}." if best != "FLAIR" and (model, "FLAIR") in means else "."))
-    if ("residual", "FLAIR") in means and ("unet", "FLAIR") in means:
-        holds = "holds" if means[("residual", "FLAIR")][0] > means[("unet", "FLAIR")][0] else "does not hold"
-        lines.append(f"- The residual net beats the plain one on FLAIR: **{holds}** on the means of {seeds}: "
-                     f"{show(('residual', 'FLAIR'))} against {show(('unet', 'FLAIR'))} (paper 0.7068 against 0.6470).")
+        cells = {c: per_seed[(model, c)] for c in channels if (model, c) in per_seed}
+        if "FLAIR" not in cells or len(cells) < 2:
+            continue
+        others = [c for c in cells if c != "FLAIR"]
+        runner = max(others, key=lambda c: statistics.mean(cells[c].values()))
+        lines.append(finding(f"FLAIR is the best channel for the {MODEL_NAMES[model]}",
+                             f"FLAIR minus the runner-up, {runner} (the best other channel by mean DSC)",
+                             cells["FLAIR"], cells[runner], paper_runner_up(model, others)))
+    if ("residual", "FLAIR") in per_seed and ("unet", "FLAIR") in per_seed:
+        ours, theirs = PAPER_TABLE2[("residual", "FLAIR")][0], PAPER_TABLE2[("unet", "FLAIR")][0]
+        lines.append(finding("The residual net beats the plain one on FLAIR",
+                             "Residual 3D U-Net minus 3D U-Net on FLAIR", per_seed[("residual", "FLAIR")],
+                             per_seed[("unet", "FLAIR")], f"{ours:.4f} − {theirs:.4f} = {ours - theirs:+.4f}"))
     return lines or ["- Too few cells ran to judge either finding."]
+
+
+def paper_runner_up(model, others):
+    """The paper's FLAIR minus its best of the ``others`` channels, for the network ``model`` (Table 2)."""
+    known = [c for c in others if (model, c) in PAPER_TABLE2]
+    if not known:
+        return f"none of {', '.join(others)} is in Table 2"
+    best = max(known, key=lambda c: PAPER_TABLE2[(model, c)][0])
+    flair, second = PAPER_TABLE2[(model, "FLAIR")][0], PAPER_TABLE2[(model, best)][0]
+    return f"FLAIR {flair:.4f} − {best} {second:.4f} = {flair - second:+.4f}"
+
+
+def finding(claim, what, first, second, paper):
+    """One finding's line: ``first`` minus ``second`` ({seed: DSC}, paired on their common seeds), its
+    verdict, mean, sample sd, signs and interval, and the paper's difference (one run of each)."""
+    seeds = sorted(set(first) & set(second))
+    differences = [first[s] - second[s] for s in seeds]
+    verdict, interval = judge(differences)
+    each = ", ".join(f"{d:+.4f} (seed {s})" for s, d in zip(seeds, differences))
+    if interval is None:
+        return f"- {claim}: **{verdict}**. {what}: {each}. Paper, one run: {paper}."
+    mean, sd = mean_sd(differences)
+    signs = " ".join("+" if d > 0 else "-" if d < 0 else "0" for d in differences)
+    return (f"- {claim}: **{verdict}**. {what}, per seed: {each}; mean {mean:+.4f}, sd {sd:.4f}, signs {signs}, "
+            f"{VERDICT_LEVEL:.0%} interval [{interval[0]:+.4f}, {interval[1]:+.4f}]. Paper, one run: {paper}.")
 
 
 # --------------------------------------------------------------------------------------------

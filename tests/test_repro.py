@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,11 @@ def test_table2_with_two_seeds_writes_every_cell_the_spread_and_the_findings(dat
     assert "FLAIR is the best channel for the Residual 3D U-Net: **" in table
     assert "FLAIR is the best channel for the 3D U-Net: **" in table
     assert "The residual net beats the plain one on FLAIR: **" in table and "2 seeds" in table
+    assert repro.VERDICT_RULE in table
+    dsc = {(r["model"], r["channel"], int(r["seed"])): float(r["dsc"]) for r in rows}
+    for seed in (0, 1):  # the findings are computed from the rows of the CSV, paired by seed
+        difference = dsc[("residual", "FLAIR", seed)] - dsc[("unet", "FLAIR", seed)]
+        assert f"{difference:+.4f} (seed {seed})" in table.split("The residual net beats")[1]
     assert "(seed0/residual-FLAIR/report.md)" in table
     assert (out / "fig7.png").is_file()  # both networks on FLAIR, read back from the cells' predictions
     seeds = {json.loads((out / f"seed{s}" / "residual-FLAIR" / "config.json").read_text())["protocol"]["seed"]
@@ -72,3 +78,38 @@ def test_the_quick_preset_gives_both_networks_the_same_settings():
     protocols = [repro.parse(["--quick", "--model", m])[0] for m in ("unet", "residual")]
     a, b = ({k: v for k, v in vars(p).items() if k != "model"} for p in protocols)
     assert a == b
+
+
+def test_the_verdict_rule_on_known_differences():
+    t = 4.302652729911275  # Student's t, 0.975 quantile, 2 degrees of freedom
+    verdict, (low, high) = repro.judge([0.02, 0.03, 0.025])
+    assert verdict == "holds" and (low, high) == pytest.approx((0.025 - t * 0.005 / 3 ** 0.5, 0.025 + t * 0.005 / 3 ** 0.5))
+    assert repro.judge([-0.02, -0.03, -0.025])[0] == "does not hold"
+    assert repro.judge([-0.036, 0.031, 0.019])[0] == "undecided"  # signs split, mean inside the noise
+    assert repro.judge([0.001, 0.05, 0.1])[0] == "undecided"  # every sign positive is not enough with 3 seeds
+    assert repro.judge([0.001, 0.05, 0.1] * 3)[0] == "holds"  # the same spread over 9 seeds is clear of 0
+    assert repro.judge([0.06]) == ("one seed: cannot judge", None)
+
+
+def test_findings_pair_by_seed_against_the_runner_up_beside_the_papers_difference():
+    per_seed = {("residual", "FLAIR"): {0: 0.70, 1: 0.72, 2: 0.71}, ("unet", "FLAIR"): {0: 0.60, 1: 0.61, 2: 0.62},
+                ("residual", "T2W"): {0: 0.60, 1: 0.61, 2: 0.63}, ("unet", "T2W"): {0: 0.80, 1: 0.55, 2: 0.56},
+                ("residual", "PDW"): {0: 0.50, 1: 0.52, 2: 0.51}, ("unet", "PDW"): {0: 0.70, 1: 0.70, 2: 0.70}}
+    residual, unet, headline = repro.findings(per_seed, ("FLAIR", "T2W", "PDW"))
+    assert residual.startswith("- FLAIR is the best channel for the Residual 3D U-Net: **holds**.")
+    assert "runner-up, T2W" in residual and "+0.1000 (seed 0), +0.1100 (seed 1), +0.0800 (seed 2)" in residual
+    assert "signs + + +" in residual and "FLAIR 0.7068 − T2W 0.5177 = +0.1891" in residual
+    # the runner-up is the best other channel by mean (PDW), not at each seed (T2W wins seed 0)
+    assert unet.startswith("- FLAIR is the best channel for the 3D U-Net: **does not hold**.") and "runner-up, PDW" in unet
+    assert "-0.1000 (seed 0), -0.0900 (seed 1), -0.0800 (seed 2)" in unet and "signs - - -" in unet
+    assert "FLAIR 0.6470 − T2W 0.5637 = +0.0833" in unet  # the paper's own runner-up for its 3D U-Net
+    assert headline.startswith("- The residual net beats the plain one on FLAIR: **holds**.")
+    assert "mean +0.1000, sd 0.0100" in headline and "0.7068 − 0.6470 = +0.0598" in headline
+    one = repro.findings({k: {0: v[0]} for k, v in per_seed.items()}, ("FLAIR", "T2W", "PDW"))
+    assert all("**one seed: cannot judge**" in line and "interval" not in line for line in one)
+    assert "+0.1000 (seed 0)" in one[2]
+
+
+def test_the_docs_state_the_verdict_rule_the_code_applies():
+    results = (Path(__file__).resolve().parent.parent / "docs" / "results.md").read_text()
+    assert repro.VERDICT_RULE in " ".join(word for word in results.split() if word != ">")  # a block quote
