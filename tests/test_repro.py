@@ -83,7 +83,8 @@ def test_the_quick_preset_gives_both_networks_the_same_settings():
 def test_the_verdict_rule_on_known_differences():
     t = 4.302652729911275  # Student's t, 0.975 quantile, 2 degrees of freedom
     verdict, (low, high) = repro.judge([0.02, 0.03, 0.025])
-    assert verdict == "holds" and (low, high) == pytest.approx((0.025 - t * 0.005 / 3 ** 0.5, 0.025 + t * 0.005 / 3 ** 0.5))
+    half = t * 0.005 / 3 ** 0.5  # the mean 0.025 and the sample sd 0.005 of the three differences
+    assert verdict == "holds" and (low, high) == pytest.approx((0.025 - half, 0.025 + half))
     assert repro.judge([-0.02, -0.03, -0.025])[0] == "does not hold"
     assert repro.judge([-0.036, 0.031, 0.019])[0] == "undecided"  # signs split, mean inside the noise
     assert repro.judge([0.001, 0.05, 0.1])[0] == "undecided"  # every sign positive is not enough with 3 seeds
@@ -100,7 +101,8 @@ def test_findings_pair_by_seed_against_the_runner_up_beside_the_papers_differenc
     assert "runner-up, T2W" in residual and "+0.1000 (seed 0), +0.1100 (seed 1), +0.0800 (seed 2)" in residual
     assert "signs + + +" in residual and "FLAIR 0.7068 − T2W 0.5177 = +0.1891" in residual
     # the runner-up is the best other channel by mean (PDW), not at each seed (T2W wins seed 0)
-    assert unet.startswith("- FLAIR is the best channel for the 3D U-Net: **does not hold**.") and "runner-up, PDW" in unet
+    assert unet.startswith("- FLAIR is the best channel for the 3D U-Net: **does not hold**.")
+    assert "runner-up, PDW" in unet
     assert "-0.1000 (seed 0), -0.0900 (seed 1), -0.0800 (seed 2)" in unet and "signs - - -" in unet
     assert "FLAIR 0.6470 − T2W 0.5637 = +0.0833" in unet  # the paper's own runner-up for its 3D U-Net
     assert headline.startswith("- The residual net beats the plain one on FLAIR: **holds**.")
