@@ -289,25 +289,49 @@ def read_checkpoint(path, device="cpu") -> dict:
 def load_model(path, device):
     """The network of a checkpoint, in eval mode on ``device``, and the facts of its run; UsageError (one
     line) when the file is no checkpoint, its facts lack what ``predict`` needs, or its weights do not fit
-    the network its facts describe."""
+    the network its facts describe. The network is first built on the meta device (no memory) and its
+    weights' names and shapes compared with the file's, so that facts describing a huge network allocate
+    nothing."""
     try:
         checkpoint = read_checkpoint(path, device)
     except UsageError as e:
         raise UsageError(f"--checkpoint {e}") from None
-    facts = checkpoint["facts"]
-    missing = [k for k, kind in (("network", dict), ("channels", list), ("norm", str), ("spacing_mm", list))
-               if not isinstance(facts.get(k), kind)]
-    if missing:
-        raise UsageError(f"--checkpoint {path}: not a checkpoint written by repro.py (its facts lack "
-                         f"{', '.join(missing)})")
+    facts, weights = checkpoint["facts"], checkpoint["model"]
+    network, spacing, channels = facts.get("network"), facts.get("spacing_mm"), facts.get("channels")
+    bad = [name for name, ok in (
+        ("network", isinstance(network, dict)),
+        ("channels", isinstance(channels, list) and channels and all(isinstance(c, str) for c in channels)
+         and isinstance(network, dict) and network.get("in_channels", 1) == len(channels)),
+        ("norm", facts.get("norm") in data.NORMS),
+        ("spacing_mm", isinstance(spacing, list) and len(spacing) == 3
+         and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in spacing)),
+        ("weights", all(isinstance(v, torch.Tensor) for v in weights.values()))) if not ok]
+    if bad:
+        raise UsageError(f"--checkpoint {path}: not a checkpoint written by repro.py (no valid {', '.join(bad)} in it)")
     try:
-        model = build_model(**facts["network"]).to(device)
-        model.load_state_dict(checkpoint["model"])
-    except Exception as e:  # a network the facts cannot build, weights of other names or shapes
-        detail = " ".join(line.strip() for line in str(e).splitlines()[1:] or str(e).splitlines())
+        with torch.device("meta"):
+            skeleton = build_model(**network)
+    except Exception as e:  # whatever facts a file holds: an unknown model, an option or size it cannot take
+        raise UsageError(f"--checkpoint {path}: its facts describe no network this project builds "
+                         f"({network}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    misfit = _misfit({k: tuple(v.shape) for k, v in skeleton.state_dict().items()},
+                     {k: tuple(v.shape) for k, v in weights.items()})
+    if misfit:
         raise UsageError(f"--checkpoint {path}: its weights do not fit the network its facts describe "
-                         f"({facts['network']}): {type(e).__name__}: {detail[:300]}") from None
+                         f"({network}): {misfit}")
+    model = build_model(**network).to(device)
+    model.load_state_dict(weights)
     return model.eval(), facts
+
+
+def _misfit(expected: dict, found: dict) -> str | None:
+    """How weights of names and shapes ``found`` differ from a network's ``expected`` ones, or None."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    other = [f"{k} {found[k]} for {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
+    parts = [f"{len(keys)} {what} (first {keys[0]})" for what, keys in
+             (("missing", missing), ("unexpected", unexpected), ("of another shape", other)) if keys]
+    return "; ".join(parts) or None
 
 
 def is_scan(path: Path) -> bool:
