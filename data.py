@@ -22,8 +22,11 @@ This module does the same, top to bottom:
      ``spacing=None`` the 0.5 mm grid is kept (all MICCAI scans agree); pass
      ``spacing=1.0`` to train at the ISBI 2015 resolution (8x fewer voxels).
    - Anything else through a CSV manifest,
-     ``subject,timepoint,<channels...>,mask[,brainmask][,split]``.
-2. Checks. Every bad input raises ``DataError`` with one line naming the file and what to do.
+     ``subject,timepoint,<channels...>,mask[,brainmask][,split]``; a column that is neither a
+     known channel nor names image files (e.g. ``notes``) is ignored.
+2. Checks. Every bad input raises ``DataError`` with one line naming the file and what to do,
+   before anything is allocated for it: only regular files are opened, ids must be single
+   file names, headers are checked against the file's size and ``MAX_VOXELS``.
 3. ``read_scan``: the one function that turns input files into the network's input, for
    training and prediction alike: reorient to RAS+, resample (optional), crop to the
    image's foreground, z-normalise each channel. It returns a ``Geometry`` whose
