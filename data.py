@@ -22,8 +22,11 @@ This module does the same, top to bottom:
      ``spacing=None`` the 0.5 mm grid is kept (all MICCAI scans agree); pass
      ``spacing=1.0`` to train at the ISBI 2015 resolution (8x fewer voxels).
    - Anything else through a CSV manifest,
-     ``subject,timepoint,<channels...>,mask[,brainmask][,split]``.
-2. Checks. Every bad input raises ``DataError`` with one line naming the file and what to do.
+     ``subject,timepoint,<channels...>,mask[,brainmask][,split]``; a column that is neither a
+     known channel nor names image files (e.g. ``notes``) is ignored.
+2. Checks. Every bad input raises ``DataError`` with one line naming the file and what to do,
+   before anything is allocated for it: only regular files are opened, ids must be single
+   file names, headers are checked against the file's size and ``MAX_VOXELS``.
 3. ``read_scan``: the one function that turns input files into the network's input, for
    training and prediction alike: reorient to RAS+, resample (optional), crop to the
    image's foreground, z-normalise each channel. It returns a ``Geometry`` whose
@@ -37,10 +40,15 @@ a leading channel axis, (C, X, Y, Z).
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
+import io
+import math
 import os
 import re
+import stat
 import sys
+import unicodedata
 import zlib
 from dataclasses import dataclass, field, replace
 from functools import reduce
@@ -275,22 +283,42 @@ SPLIT_BY = ("scan", "subject")  # what ``split_scans`` shuffles and cuts: scans 
 _MANIFEST_HEADER = "'subject,timepoint,<channels...>,mask[,brainmask][,split]'"
 
 
+def read_csv(path: str | os.PathLike) -> list[tuple[int, list[str]]]:
+    """The rows of a CSV file that hold anything, as (line number, cells stripped of
+    spaces), read as UTF-8 (a byte-order mark, as Excel writes one, is accepted). Any
+    failure raises DataError naming the file: not a regular file, permission denied, not
+    UTF-8 text, not CSV."""
+    path = Path(path)
+    check_file(path)
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                if any(c.strip() for c in row):
+                    rows.append((reader.line_num, [c.strip() for c in row]))
+    except PermissionError as e:
+        raise DataError(f"{path}: permission denied, cannot read this file; make it readable (chmod u+r).") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (a byte {e.object[e.start]:#04x} cannot be decoded); save it "
+                        "as UTF-8 (CSV UTF-8 in a spreadsheet).") from e
+    except (OSError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read this file as CSV ({e}).") from e
+    return rows
+
+
 def _read_manifest(csv_path: Path) -> dict[str, Found]:
     """Rows ``subject,timepoint,<channel columns>,mask[,brainmask][,split]``; relative paths
     are resolved against the CSV's folder; an empty cell means that file is missing. A
-    UTF-8 byte-order mark (Excel writes one) is accepted."""
-    if _dangling(csv_path):
-        raise DataError(f"{csv_path}: dangling symlink (it points to {os.readlink(csv_path)}, which does not exist).")
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except FileNotFoundError as e:
-        raise DataError(f"{csv_path}: no such manifest file.") from e
-    except PermissionError as e:
-        raise DataError(f"{csv_path}: permission denied, cannot read the manifest; make it readable.") from e
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{csv_path}: cannot read the manifest ({e}).") from e
-    rows = [(line, [c.strip() for c in r]) for line, r in enumerate(rows, start=1) if any(c.strip() for c in r)]
+    UTF-8 byte-order mark (Excel writes one) is accepted.
+
+    Channel columns: a column named after a known channel (``channel_name``), and any
+    other column whose cells name NIfTI or NRRD files (e.g. MSSEG's GADO). Any other
+    column (e.g. ``notes``, ``age``) is ignored, so that a spreadsheet's own columns can
+    stay; one that names image files in some rows and not in others is refused. Subject
+    ids become parts of file names, so each must be one safe file-name component
+    (``unsafe_name``)."""
+    rows = read_csv(csv_path)
     if not rows:
         raise DataError(f"{csv_path}: empty manifest; expected a header row "
                         f"{_MANIFEST_HEADER} and one row per scan.")
@@ -304,17 +332,19 @@ def _read_manifest(csv_path: Path) -> dict[str, Found]:
     twice = sorted({h for h, low in zip(header, lower) if low in special and lower.count(low) > 1})
     if twice:
         raise DataError(f"{csv_path}: column(s) {', '.join(twice)} appear more than once; keep one of each.")
-    channels = [h for h, low in zip(header, lower) if low not in special]
+    if not rows[1:]:
+        raise DataError(f"{csv_path}: empty dataset, the manifest lists no scans.")
+    for line, row in rows[1:]:
+        if len(row) != len(header):
+            raise DataError(f"{csv_path}, line {line}: {len(row)} cells, the header has {len(header)}.")
+    channels = [h for i, (h, low) in enumerate(zip(header, lower))
+                if low not in special and _holds_images(csv_path, h, [(line, row[i]) for line, row in rows[1:]])]
     keys = [_channel_key(c) for c in channels]
     if len(set(keys)) < len(keys):
         twice = [c for c, k in zip(channels, keys) if keys.count(k) > 1]
         raise DataError(f"{csv_path}: columns {', '.join(twice)} name the same channel; keep one of them.")
-    if not rows[1:]:
-        raise DataError(f"{csv_path}: empty dataset, the manifest lists no scans.")
     found: dict[str, Found] = {}
     for line, row in rows[1:]:
-        if len(row) != len(header):
-            raise DataError(f"{csv_path}, line {line}: {len(row)} cells, the header has {len(header)}.")
         cells = dict(zip(lower, row))
         try:
             tp = int(cells["timepoint"])
@@ -322,6 +352,10 @@ def _read_manifest(csv_path: Path) -> dict[str, Found]:
             raise DataError(f"{csv_path}, line {line}: timepoint {cells['timepoint']!r} is not an integer.")
         if not cells["subject"]:
             raise DataError(f"{csv_path}, line {line}: empty subject.")
+        for what, name in (("subject", cells["subject"]), ("scan id", f"{cells['subject']}_{tp:02d}")):
+            if reason := unsafe_name(name):
+                raise DataError(f"{csv_path}, line {line}: {what} {name!r} {reason}; ids become file names "
+                                "(<subject>_<TT>_pred.nii.gz), so each must be one file-name component.")
         split = cells.get("split")
         if split is not None and split.lower() not in SPLITS:
             raise DataError(f"{csv_path}, line {line}: split {split!r}; expected one of {', '.join(SPLITS)} "
@@ -331,9 +365,42 @@ def _read_manifest(csv_path: Path) -> dict[str, Found]:
             raise DataError(f"{csv_path}, line {line}: subject {cells['subject']} time point {tp} is listed twice.")
         files = {(low if low in ("mask", BRAINMASK) else _channel_key(name)): csv_path.parent / Path(cell).expanduser()
                  for name, low, cell in zip(header, lower, row)
-                 if cell and low not in ("subject", "timepoint", "split")}
+                 if cell and (low in ("mask", BRAINMASK) or name in channels)}
         found[sid] = Found(cells["subject"], tp, files, split.lower() if split else None)
     return found
+
+
+def _holds_images(csv_path: Path, column: str, cells: list[tuple[int, str]]) -> bool:
+    """Whether a manifest column is a channel: a known channel name, or cells naming image files."""
+    if channel_name(column):
+        return True
+    images = [(line, cell) for line, cell in cells if cell.lower().endswith(IMAGE_SUFFIXES)]
+    other = [(line, cell) for line, cell in cells if cell and not cell.lower().endswith(IMAGE_SUFFIXES)]
+    if images and other:
+        raise DataError(f"{csv_path}, line {other[0][0]}: column {column!r} names image files in other rows "
+                        f"(line {images[0][0]}), here {other[0][1]!r}; expected a .nii, .nii.gz, .nrrd or .nhdr "
+                        "file, or an empty cell.")
+    return bool(images)
+
+
+_NAME_BYTES = 200  # a scan id's file names (<id>_pred.nii.gz) must stay within NAME_MAX, 255 bytes
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why ``name`` cannot be one file-name component, or None when it can: not empty, not
+    ``.`` or ``..``, no ``/`` or ``\\``, no control or invisible formatting character (they
+    would hide in a message or a listing), at most 200 bytes in UTF-8."""
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return "is '.' or '..'"
+    if "/" in name or "\\" in name:
+        return "holds a path separator (/ or \\)"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") for c in name):
+        return "holds a control or invisible formatting character"
+    if len(name.encode("utf-8", "surrogatepass")) > _NAME_BYTES:
+        return f"is longer than {_NAME_BYTES} bytes"
+    return None
 
 
 def _check_splits(found: dict[str, Found], path: Path) -> None:
@@ -349,10 +416,12 @@ def _check_splits(found: dict[str, Found], path: Path) -> None:
 
 
 def dataset_fingerprint(path: str | os.PathLike) -> str:
-    """A short hex digest of the dataset at ``path``: each scan's id, file keys, file
-    names and sizes, and a manifest's split column, for a resume check. It does not read
-    the images, and it does not depend on how ``path`` is spelled (``DIR``, ``DIR/``, a
-    relative or an absolute path give the same digest). Missing files count as size -1."""
+    """A short hex digest of the dataset at ``path``, for a resume check: each scan's id,
+    file keys and file names, a manifest's split column, and the bytes of every file (an
+    NRRD header's data file too), so that voxels edited in place are noticed. Files are
+    hashed with SHA-256 (hardware-accelerated on current CPUs) in 1 MiB blocks. The digest does not depend on how ``path`` is
+    spelled (``DIR``, ``DIR/``, a relative or an absolute path give the same digest). A
+    missing file counts as missing; one that cannot be read raises DataError."""
     _, layout, found = _find(Path(path).expanduser())
     digest = hashlib.sha256(layout.name.encode())
     for sid in sorted(found):
@@ -360,25 +429,87 @@ def dataset_fingerprint(path: str | os.PathLike) -> str:
         digest.update(f"\n{sid}|{entry.split}".encode())
         for key in sorted(entry.files):
             file = entry.files[key]
-            try:
-                size = os.stat(file).st_size
-            except OSError:
-                size = -1
-            digest.update(f"|{key}={file.name}:{size}".encode())
+            digest.update(f"|{key}={file.name}:".encode())
+            if not os.path.exists(file):
+                digest.update(b"missing")
+                continue
+            for part in (file, _detached_file(file)):
+                if part is not None:
+                    _hash_file(part, digest)
     return digest.hexdigest()[:16]
+
+
+def _hash_file(path: Path, digest) -> None:
+    """Feed the bytes of the regular file ``path`` to ``digest``, 1 MiB at a time."""
+    check_file(path)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    except OSError as e:
+        raise _unreadable(path, e) from e
+
+
+def _detached_file(path: Path, header: dict | None = None) -> Path | None:
+    """The data file an NRRD header names (always for ``.nhdr``, rarely for ``.nrrd``), as
+    pynrrd finds it (relative to the header's folder); None for other files, or a header
+    that cannot be parsed."""
+    if header is None:
+        if not path.name.lower().endswith((".nhdr", ".nrrd")):
+            return None
+        try:
+            header = nrrd.read_header(str(path))
+        except (OSError, ValueError, KeyError, TypeError, nrrd.NRRDError):
+            return None
+    name = header.get("datafile", header.get("data file"))
+    return None if name is None else path.parent / name
 
 
 # --------------------------------------------------------------------------------------------
 # Reading one file, with the checks every scan needs
 
-def _check_file(path: Path) -> None:
-    if _dangling(path):
-        raise DataError(f"{path}: dangling symlink (it points to {os.readlink(path)}, which does not exist); "
-                        "fix or remove the link.")
-    if not path.exists():
-        raise DataError(f"{path}: no such file.")
-    if not path.is_file():
-        raise DataError(f"{path}: not a file.")
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
+"""The file types ``read_image`` reads."""
+
+MAX_VOXELS = 1024 ** 3
+"""The most voxels one volume may hold, as stored and after resampling (4 GiB as float32):
+twice the side of the largest public MS scans (MICCAI 2008, 512³). A header describing
+more is corrupt or hostile, and a spacing that resamples a scan beyond it is a mistake;
+both are refused before anything is allocated."""
+
+MAX_INTENSITY = 1e15
+"""The largest voxel magnitude accepted. Scanners store 16-bit integers, or floats of
+that order; values beyond this are not MR intensities, and near float32's limit (3.4e38)
+their squares overflow in a z-normalisation."""
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def check_file(path: str | os.PathLike, listed: str = "") -> None:
+    """Refuse anything but a regular file at ``path`` (symlinks followed), judged by
+    ``os.stat`` before the file is opened: reading a FIFO or a device blocks or never ends.
+    DataError names the file and what it is instead; ``listed`` (e.g. "listed for scan X in
+    m.csv") is added after the reason."""
+    path = Path(path)
+    where = f", {listed}" if listed else ""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise DataError(f"{path}: dangling symlink (it points to {os.readlink(path)}, which does not "
+                            f"exist){where}; fix or remove the link.") from None
+        raise DataError(f"{path}: no such file{where}.") from None
+    except PermissionError:
+        raise DataError(f"{path}: permission denied, cannot reach this file{where}; make its folders "
+                        "readable (chmod u+rx).") from None
+    except (OSError, ValueError) as e:  # a path through a file, a loop of symlinks, a name too long
+        raise DataError(f"{path}: cannot reach this file{where} ({getattr(e, 'strerror', None) or e}).") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{path}: is a folder, expected a file{where}.")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        raise DataError(f"{path}: is {kind}, expected a regular file{where}.")
 
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header | None]:
@@ -386,65 +517,130 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, nib.Nif
 
     Returns ``(float32 array (X, Y, Z), 4x4 voxel-to-RAS-mm affine, header)``; header is the
     nibabel header for NIfTI (so predictions can be written into the same space), None for
-    NRRD. Trailing axes of length 1 are dropped; a true 4D image, a complex-valued image,
-    NaN or inf voxels, an unreadable or corrupt file raise DataError. No reorientation,
-    no resampling: ``read_scan`` does those.
+    NRRD. Trailing axes of length 1 are dropped. Refused with DataError: everything
+    ``_header`` refuses, a .nii.gz whose gzip stream is damaged (its CRC-32 or length is
+    checked) or shorter than its header describes, NaN or inf voxels, magnitudes beyond
+    ``MAX_INTENSITY``, an unreadable or corrupt file. No reorientation, no resampling:
+    ``read_scan`` does those.
     """
     path = Path(path)
-    _check_file(path)
-    name = path.name.lower()
+    shape, affine, image = _header(path)
     try:
-        if name.endswith((".nii", ".nii.gz")):
-            img = nib.load(path)
-            if np.dtype(img.get_data_dtype()).kind == "c":
-                raise DataError(f"{path}: complex-valued image ({img.get_data_dtype()}); expected a real "
-                                "magnitude image. Export the magnitude.")
-            data, affine, header = img.get_fdata(dtype=np.float32), img.affine.copy(), img.header
-        elif name.endswith((".nrrd", ".nhdr")):
-            data, hdr = nrrd.read(str(path))
-            if data.dtype.kind == "c":
-                raise DataError(f"{path}: complex-valued image ({data.dtype}); expected a real magnitude "
-                                "image. Export the magnitude.")
+        if isinstance(image, dict):  # pynrrd's header
             # pynrrd returns Fortran order; one C-order float32 copy here (cast and transpose at once)
-            data, affine, header = np.ascontiguousarray(data, dtype=np.float32), _nrrd_affine(hdr, path), None
+            data, header = np.ascontiguousarray(nrrd.read(str(path))[0], dtype=np.float32), None
         else:
-            raise DataError(f"{path}: unsupported file type; expected .nii, .nii.gz, .nrrd or .nhdr.")
-    except PermissionError as e:
-        raise DataError(f"{e.filename or path}: permission denied, cannot read this file; "
-                        "make it readable (chmod u+r).") from e
-    except (OSError, EOFError, ValueError, TypeError, zlib.error, nib.filebasedimages.ImageFileError,
-            nrrd.NRRDError) as e:
-        raise DataError(f"{path}: unreadable or corrupt file ({type(e).__name__}: {e}). "
-                        "Re-download or re-export it.") from e
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DataError(f"{path}: shape {data.shape}, expected one 3D volume. "
-                        "Split multi-volume (4D) files into one file per channel.")
+            if path.name.lower().endswith(".gz"):
+                image = _gunzipped(path, image)
+            data, header = image.get_fdata(dtype=np.float32), image.header
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from e
+    data = data.reshape(shape)
     bad = ~np.isfinite(data)
     if bad.any():
         raise DataError(f"{path}: {int(bad.sum())} NaN or inf voxels; "
                         "fix the file (e.g. set them to 0) before training.")
+    peak = max(-float(data.min()), float(data.max()))
+    if peak > MAX_INTENSITY:
+        raise DataError(f"{path}: voxel values reach {peak:.3g} in magnitude, beyond {MAX_INTENSITY:g} "
+                        "(data.MAX_INTENSITY); these are not MR intensities. Rescale the image.")
     return data, affine, header
 
 
-def _read_grid(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
-    """A file's voxel shape and affine from its header alone (no voxel data read)."""
-    _check_file(path)
+_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, zlib.error, nib.filebasedimages.ImageFileError,
+                nrrd.NRRDError)
+
+
+def _unreadable(path: Path, error: Exception) -> DataError:
+    """The one line for a file that failed to read: a permission refused is told apart from damage."""
+    if isinstance(error, PermissionError):
+        return DataError(f"{error.filename or path}: permission denied, cannot read this file; "
+                         "make it readable (chmod u+r).")
+    return DataError(f"{path}: unreadable or corrupt file ({type(error).__name__}: {error}). "
+                     "Re-download or re-export it.")
+
+
+def _header(path: Path):
+    """``(shape, affine, image)`` of one image file from its header alone, checked before any
+    voxel is read: a regular file of a known type holding one 3D volume (trailing axes of
+    length 1 dropped) of at least 2 voxels a side and at most ``MAX_VOXELS``, of real
+    values, with a finite, invertible affine; an uncompressed NIfTI at least as long as its
+    header describes. ``image``: nibabel's image (voxels not read yet) or pynrrd's header."""
+    check_file(path)
+    name = path.name.lower()
     try:
-        if path.name.lower().endswith((".nii", ".nii.gz")):
-            img = nib.load(path)
-            return tuple(int(n) for n in img.shape), img.affine.copy()
-        if path.name.lower().endswith((".nrrd", ".nhdr")):
-            hdr = nrrd.read_header(str(path))
-            return tuple(int(n) for n in hdr["sizes"]), _nrrd_affine(hdr, path)
-    except PermissionError as e:
-        raise DataError(f"{path}: permission denied, cannot read this file; make it readable (chmod u+r).") from e
-    except (OSError, EOFError, ValueError, KeyError, zlib.error, nib.filebasedimages.ImageFileError,
-            nrrd.NRRDError) as e:
-        raise DataError(f"{path}: unreadable or corrupt file ({type(e).__name__}: {e}). "
-                        "Re-download or re-export it.") from e
-    raise DataError(f"{path}: unsupported file type; expected .nii, .nii.gz, .nrrd or .nhdr.")
+        if name.endswith((".nii", ".nii.gz")):
+            image = nib.load(path)
+            shape = _volume_shape(path, image.shape)
+            if np.dtype(image.get_data_dtype()).kind == "c":
+                raise DataError(f"{path}: complex-valued image ({image.get_data_dtype()}); expected a real "
+                                "magnitude image. Export the magnitude.")
+            size = _nifti_bytes(image)
+            if not name.endswith(".gz") and (length := os.stat(path).st_size) < size:
+                raise DataError(f"{path}: truncated, the file holds {length} bytes and its header describes "
+                                f"{size} ({shape} voxels of {image.get_data_dtype()}). Re-download or re-export it.")
+            affine = image.affine.copy()
+        elif name.endswith((".nrrd", ".nhdr")):
+            image = nrrd.read_header(str(path))
+            shape = _volume_shape(path, image["sizes"])
+            if (detached := _detached_file(path, image)) is not None:
+                check_file(detached, listed=f"the data file of {path}")
+            affine = _nrrd_affine(image, path)
+        else:
+            raise DataError(f"{path}: unsupported file type; expected .nii, .nii.gz, .nrrd or .nhdr.")
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from e
+    if not np.isfinite(affine).all():
+        raise DataError(f"{path}: its voxel-to-world affine holds NaN or inf ({affine[:3].round(3).tolist()}); "
+                        "fix the header's sform/qform (NRRD: space directions and origin).")
+    singular = np.linalg.svd(affine[:3, :3], compute_uv=False)
+    if not singular[-1] > 1e-6 * singular[0]:
+        raise DataError(f"{path}: its voxel-to-world affine is singular (voxel sizes "
+                        f"{np.round(_spacing_of(affine), 6).tolist()} mm, or axes along one another); fix the "
+                        "header's sform/qform (NRRD: space directions).")
+    return shape, affine, image
+
+
+def _volume_shape(path: Path, shape) -> tuple[int, int, int]:
+    """The (X, Y, Z) of a header's shape, trailing axes of length 1 dropped, or DataError."""
+    shape = tuple(int(n) for n in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) > 3:
+        raise DataError(f"{path}: shape {shape}, expected one 3D volume. "
+                        "Split multi-volume (4D) files into one file per channel.")
+    if len(shape) < 3 or min(shape) < 2:
+        raise DataError(f"{path}: shape {shape}, a 2D image or a single slice; expected a 3D volume of at least "
+                        "2 voxels along each axis.")
+    if math.prod(shape) > MAX_VOXELS:
+        raise DataError(f"{path}: its header describes {shape} voxels, more than a scan may hold "
+                        f"({round(MAX_VOXELS ** (1 / 3))}³, data.MAX_VOXELS); the file is corrupt or not one MR volume.")
+    return shape
+
+
+def _nifti_bytes(image) -> int:
+    """The bytes a NIfTI's header describes: the header and extensions, then the voxels."""
+    return int(image.header.get_data_offset()) + math.prod(image.shape) * image.get_data_dtype().itemsize
+
+
+def _gunzipped(path: Path, image):
+    """The image of a .nii.gz, re-read from its whole gzip stream through Python's gzip
+    module, which checks the CRC-32 and length at the end of every member (nibabel may
+    stop at the last voxel and never read them). The stream must hold the bytes the header
+    describes, and at most 1 MiB more: a small file must not expand into gigabytes."""
+    size = _nifti_bytes(image)
+    buffer = io.BytesIO()
+    with gzip.open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            buffer.write(block)
+            if buffer.tell() > size + (1 << 20):
+                raise DataError(f"{path}: decompresses to more than the {size} bytes its header describes; "
+                                "the file is corrupt or not one NIfTI image.")
+    if buffer.tell() < size:
+        raise DataError(f"{path}: truncated, it decompresses to {buffer.tell()} bytes and its header describes "
+                        f"{size}. Re-download or re-export it.")
+    buffer.seek(0)
+    return type(image).from_file_map(type(image).make_file_map({"image": buffer, "header": buffer}))
 
 
 _SPACE_SIGNS = {"left": -1.0, "right": 1.0, "posterior": -1.0, "anterior": 1.0,
@@ -509,6 +705,12 @@ def _as_spacing(spacing) -> np.ndarray:
     return values.astype(float)
 
 
+def _mm(spacing) -> str:
+    """A spacing for a message: one number when the axes agree, else three."""
+    values = [float(f"{v:.4g}") for v in spacing]
+    return f"{values[0]:g}" if len(set(values)) == 1 else f"({', '.join(f'{v:g}' for v in values)})"
+
+
 @dataclass(frozen=True, eq=False)
 class Geometry:
     """Where a prepared image came from, and how to put a network output back there.
@@ -546,7 +748,9 @@ class Geometry:
     def of(cls, shape, affine=None, header=None, spacing=None) -> "Geometry":
         """The geometry of a file grid ``shape``/``affine`` (identity when None), reoriented
         to RAS+ and resampled to ``spacing`` mm (None: the file's own spacing), with a
-        crop box covering the whole resampled grid (``with_box`` narrows it)."""
+        crop box covering the whole resampled grid (``with_box`` narrows it). A resampled
+        grid of fewer than 2 voxels along an axis, or of more than ``MAX_VOXELS``, raises
+        DataError naming the spacing, before anything is allocated."""
         shape = tuple(int(n) for n in shape)
         affine = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
         ornt = io_orientation(affine)
@@ -556,7 +760,14 @@ class Geometry:
         if np.allclose(target, canonical_spacing, rtol=1e-5, atol=0):
             target, resampled = canonical_spacing, canonical_shape
         else:
-            resampled = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(canonical_shape, canonical_spacing, target))
+            with np.errstate(over="ignore"):  # an absurd spacing: sides of inf voxels, refused just below
+                sides = np.rint(np.asarray(canonical_shape) * canonical_spacing / target)
+            if not (sides.min() >= 2 and math.prod(sides.tolist()) <= MAX_VOXELS):
+                raise DataError(f"spacing {_mm(target)} mm resamples a scan of {canonical_shape} voxels of "
+                                f"{_mm(canonical_spacing)} mm to ({', '.join(f'{n:.4g}' for n in sides)}) voxels; "
+                                f"expected at least 2 per axis and at most {round(MAX_VOXELS ** (1 / 3))}³ in all "
+                                "(data.MAX_VOXELS). Choose a spacing nearer the scan's own.")
+            resampled = tuple(int(n) for n in sides)
         zoom = tuple(float(t / s) for t, s in zip(target, canonical_spacing))
         return cls(shape, affine, header, ornt, canonical_shape, tuple(float(t) for t in target), resampled, zoom,
                    tuple((0, n) for n in resampled))
@@ -665,18 +876,19 @@ NORMS = ("brain", "crop")
 
 
 def _mean_std(values: np.ndarray) -> tuple[float, float]:
-    """Mean and unbiased (N - 1) std, accumulated in float64 over float32 deviations from
-    the mean (one float32 temporary instead of numpy's float64 one; corrected for the
-    rounding of the mean)."""
+    """Mean and unbiased (N - 1) std, computed in float64 throughout (float32 squares
+    overflow beyond 1.8e19), a block of 2^20 voxels at a time so that no float64 copy of a
+    whole scan is made."""
+    values = values.reshape(-1)
     n = values.size
     mean = float(values.mean(dtype=np.float64))
     if n < 2:
         return mean, 0.0
-    d = np.subtract(values, np.float32(mean), dtype=np.float32)
-    shift = float(d.sum(dtype=np.float64))
-    np.square(d, out=d)
-    var = (float(d.sum(dtype=np.float64)) - shift * shift / n) / (n - 1)
-    return mean, float(np.sqrt(max(var, 0.0)))
+    squares = 0.0
+    for start in range(0, n, 1 << 20):
+        d = values[start:start + (1 << 20)].astype(np.float64) - mean
+        squares += float(np.square(d, out=d).sum())
+    return mean, math.sqrt(squares / (n - 1))
 
 
 def _bounding_box(region: np.ndarray) -> tuple[tuple[int, int], ...]:
@@ -738,20 +950,25 @@ def read_scan(paths: Sequence[str | os.PathLike], norm: str = "brain", spacing=N
         else:
             _same_grid(path, array.shape, aff, paths[0], channels[0].shape, affine, "the channels of a scan")
         channels.append(array)
-    geometry = Geometry.of(channels[0].shape, affine, header, spacing)
     source = paths[0]
+    try:
+        geometry = Geometry.of(channels[0].shape, affine, header, spacing)
+    except DataError as e:
+        raise DataError(f"{source}: {e}") from None
+    # a coarse spacing can leave too few voxels to hold the brain: then the messages below say so
+    resampled = f" after resampling to {_mm(geometry.spacing)} mm" if geometry.resampled else ""
     if brainmask is not None:
         brain = _read_binary(Path(brainmask), source, channels[0].shape, affine, "brain mask")
         foreground = geometry.apply(brain, order=0, crop=False) != 0
         if not foreground.any():
-            raise DataError(f"{brainmask}: the brain mask is empty; expected 1 over the brain.")
+            raise DataError(f"{brainmask}: the brain mask is empty{resampled}; expected 1 over the brain.")
         images = [np.where(foreground, geometry.apply(c, order=1, crop=False), 0) for c in channels]
     else:
         images = [geometry.apply(c, order=1, crop=False) for c in channels]
         foreground = reduce(np.logical_or, (im != 0 for im in images))
         if not foreground.any():
-            raise DataError(f"{source}: every voxel is 0; expected a skull-stripped scan with a non-zero brain "
-                            "(or give a brain mask).")
+            raise DataError(f"{source}: every voxel is 0{resampled}; expected a skull-stripped scan with a non-zero "
+                            f"brain (or give a brain mask){', and a finer spacing' if resampled else ''}.")
     geometry = geometry.with_box(_bounding_box(foreground))
     box = geometry.box
     crop = tuple(slice(a, b) for a, b in box)
@@ -763,7 +980,8 @@ def read_scan(paths: Sequence[str | os.PathLike], norm: str = "brain", spacing=N
         mean, std = _mean_std(image[foreground] if norm == "brain" else image)
         if not std > 0:
             raise DataError(f"{path}: the {'foreground' if norm == 'brain' else 'crop'} has one constant intensity "
-                            f"({mean:g}); cannot z-normalise. Check that this is an MR image.")
+                            f"({mean:g}){resampled}; cannot z-normalise. Check that this is an MR image"
+                            f"{', and choose a finer spacing' if resampled else ''}.")
         # float32 arithmetic in place (a 512^3 MICCAI 2008 scan is 0.5 GB per channel)
         mean32, std32 = np.float32(mean), np.float32(std)
         np.subtract(image, mean32, out=out[c])
@@ -921,7 +1139,7 @@ def _dataset_spacing(found: dict[str, Found], key: str, layout: _Layout, path: P
     spacings = []
     for sid in sorted(found):
         file = _file(found[sid], sid, key, "image", layout, path)
-        shape, affine = _read_grid(file)
+        shape, affine, _ = _header(file)
         spacings.append(Geometry.of(shape[:3], affine).spacing)
     spacings = np.asarray(spacings)
     if np.allclose(spacings, spacings[0], rtol=1e-3, atol=0):
@@ -954,12 +1172,11 @@ def _file(entry: Found, sid: str, key: str, what: str, layout: _Layout, path: Pa
         raise DataError(f"scan {sid} is missing its {what} ({key}): expected {where} "
                         f"(near {(near or list(entry.files.values()))[0]}).{hint}")
     file = entry.files[key]
-    if layout is _MANIFEST and not file.is_file():
-        if _dangling(file):
-            raise DataError(f"{file}: dangling symlink (it points to {os.readlink(file)}, which does not exist), "
-                            f"listed for scan {sid} in {path}; fix or remove the link.")
-        raise DataError(f"{file}: no such file, listed for scan {sid} in {path}; "
-                        "relative paths are resolved against the manifest's folder.")
+    if layout is _MANIFEST:
+        if not os.path.lexists(file):
+            raise DataError(f"{file}: no such file, listed for scan {sid} in {path}; "
+                            "relative paths are resolved against the manifest's folder.")
+        check_file(file, listed=f"listed for scan {sid} in {path}")
     return file
 
 

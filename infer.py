@@ -12,11 +12,13 @@ the brain, z-normalised, canonically oriented. ``geometry`` (a ``data.Geometry``
 """
 from __future__ import annotations
 
-import csv
 import itertools
 import math
 import os
+import pickle
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -30,6 +32,22 @@ from model import build_model
 
 class UsageError(Exception):
     """A bad setting, input or output: reported as one line naming the flag or file, exit status 2."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during ``predict``'s writing: ``written`` lists the files completely written before it (each
+    file is written whole or not at all, see ``atomic``), ``done`` the scans finished of ``total``. Its text
+    is the one line to show."""
+
+    def __init__(self, written, done, total):
+        super().__init__(written, done, total)
+        self.written, self.done, self.total = list(written), done, total
+
+    def __str__(self):
+        if not self.written:
+            return f"interrupted after {self.done} of {self.total} scans; nothing was written"
+        return (f"interrupted after {self.done} of {self.total} scans; written: {', '.join(map(str, self.written))};"
+                " the other scans have no mask")
 
 
 def amp_supported(device: torch.device) -> bool:
@@ -131,12 +149,76 @@ OUTSIDE_LOGIT = -100.0
 def atomic(path, write):
     """Write through a temporary sibling and rename, so that a crash never leaves half a file behind."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same suffix: writers pick the format by it
+    tmp = temporary(path)
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporary(path) -> Path:
+    """The temporary sibling ``atomic`` writes ``path`` through: ``.tmp-<pid>-<name>``, with the same suffix
+    (writers pick the format by it) and this process's id, so that leftovers of a killed process are told
+    apart from a live writer's (``remove_leftovers``)."""
+    path = Path(path)
+    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+
+_TEMPORARY = re.compile(r"\.tmp-([1-9][0-9]*)-.+", re.DOTALL)
+
+
+def remove_leftovers(folder) -> list[Path]:
+    """Delete the temporaries that a killed process left in ``folder``: regular files (not links) named as
+    ``temporary`` names them, ``.tmp-<pid>-<name>``, whose process no longer runs. Nothing else, nor the
+    temporaries of a live process (this one's included). Returns the paths removed."""
+    removed = []
+    for path in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else ():
+        match = _TEMPORARY.fullmatch(path.name)
+        if match and path.is_file() and not path.is_symlink() and not _alive(int(match[1])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 asks without sending; another user's process exists too). A
+    number no process can have counts as alive: such a file was not written by ``atomic``."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a number beyond any process id
+        pass
+    return True
+
+
+def inside(path, root) -> Path:
+    """``path`` resolved (symlinks and ``..``, as far as it exists), or UsageError when that is not inside the
+    folder ``root`` (also resolved): every file the project writes into an output folder is checked with this
+    first, so that no name (a scan id, an input's name) nor a link placed there can send a write elsewhere."""
+    resolved, top = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    if resolved == top or not resolved.is_relative_to(top):
+        raise UsageError(f"{path}: resolves to {resolved}, outside the output folder {top}; refusing to write there")
+    return resolved
+
+
+def check_writable(folder) -> None:
+    """Create and remove a file in ``folder`` (or in its nearest existing parent, which will hold it), or
+    UsageError naming the folder and why. A real write, not ``os.access``: root passes that test on a folder
+    it may not write into (a read-only mount, dropped capabilities). The probe is named as ``temporary``
+    names files, so that a kill in between leaves nothing ``remove_leftovers`` does not clear."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    probe = temporary(existing / "write-check")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as e:
+        where = "" if existing == folder else f" (its nearest existing folder {existing})"
+        raise UsageError(f"{folder}: cannot write into it{where}: {(e.strerror or str(e)).lower()}") from None
 
 
 def to_input_grid(logits: torch.Tensor, geometry) -> torch.Tensor:
@@ -153,14 +235,18 @@ def write_nifti(path, array: np.ndarray, geometry):
     atomic(path, lambda tmp: nib.save(image, tmp))
 
 
-def write_prediction(path, logits, geometry, threshold=0.5, probabilities=None) -> int:
+def write_prediction(path, logits, geometry, threshold=0.5, probabilities=None, written=None) -> int:
     """Write the mask of ``logits`` (prepared grid) to ``path`` in the input's grid, and the sigmoid as
-    float32 to ``probabilities`` if given; returns the number of lesion voxels."""
+    float32 to ``probabilities`` if given; returns the number of lesion voxels. Each file written is
+    appended to the list ``written``, if given, as soon as it is complete."""
     full = to_input_grid(logits, geometry)
     mask = segment(full, threshold).numpy().astype(np.uint8)
+    written = [] if written is None else written
     if probabilities is not None:
         write_nifti(probabilities, torch.sigmoid(full).numpy().astype(np.float32), geometry)
+        written.append(probabilities)
     write_nifti(path, mask, geometry)
+    written.append(path)
     return int(mask.sum())
 
 
@@ -168,50 +254,97 @@ def write_prediction(path, logits, geometry, threshold=0.5, probabilities=None) 
 # A trained model, and the predict command
 
 def read_checkpoint(path, device="cpu") -> dict:
-    """A checkpoint written by a training run, or UsageError saying what is wrong with the file."""
+    """A checkpoint written by a training run, or UsageError saying in one line what is wrong with the file.
+
+    Loaded with ``torch.load(weights_only=True)``: only tensors, plain containers, numbers and strings are
+    rebuilt, so that reading a file never runs code from it (a pickle may name any function to call, and
+    ``weights_only`` refuses every one not on torch's allow-list). A regular file only, checked before it is opened (a FIFO would block the read forever)."""
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=False)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a folder, expected a checkpoint file (best.pt)") from None
-    except Exception as e:
-        raise UsageError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}); it is truncated or not "
-                         "written by repro.py") from None
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
-        raise UsageError(f"{path}: not a checkpoint written by repro.py")
+        data.check_file(path)
+    except data.DataError as e:
+        raise UsageError(str(e).rstrip(".")) from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns of a pickle protocol it may not parse: one line only
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except PermissionError:
+        raise UsageError(f"{path}: permission denied, cannot read this checkpoint; make it readable "
+                         "(chmod u+r)") from None
+    except Exception as e:  # anything the file makes torch.load raise
+        named = re.search(r"GLOBAL ([\w.]+)", str(e))
+        why = (f"it names {named[1]}, which a checkpoint never holds" if named else
+               "it holds more than tensors and plain values, or is no torch file"
+               if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: truncated, or no torch file")
+        raise UsageError(f"{path}: not a checkpoint written by repro.py ({why}); it was not unpickled, only "
+                         "read as weights") from None
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("config"), dict)
+            and isinstance(checkpoint.get("model"), dict)):
+        raise UsageError(f"{path}: not a checkpoint written by repro.py (no model weights and run configuration in it)")
     return checkpoint
 
 
 def load_model(path, device):
-    """The network of a checkpoint, in eval mode on ``device``, and its run's recorded configuration."""
+    """The network of a checkpoint, in eval mode on ``device``, and its run's recorded configuration;
+    UsageError (one line) when the file is no checkpoint, its configuration lacks what ``predict`` needs, or
+    its weights do not fit the network it describes. The network is first built on the meta device (no
+    memory) and its weights' names and shapes compared with the file's, so that a configuration describing
+    a huge network allocates nothing."""
     try:
         checkpoint = read_checkpoint(path, device)
     except UsageError as e:
         raise UsageError(f"--checkpoint {e}") from None
-    config = checkpoint["config"]
-    model = build_model(**config["network"]).to(device)
-    model.load_state_dict(checkpoint["model"])
+    config, weights = checkpoint["config"], checkpoint["model"]
+    network, spacing, channels = config.get("network"), config.get("spacing_mm"), config.get("channels")
+    bad = [name for name, ok in (
+        ("network", isinstance(network, dict)),
+        ("channels", isinstance(channels, list) and channels and all(isinstance(c, str) for c in channels)
+         and isinstance(network, dict) and network.get("in_channels", 1) == len(channels)),
+        ("norm", config.get("norm") in data.NORMS),
+        ("spacing_mm", isinstance(spacing, list) and len(spacing) == 3
+         and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in spacing)),
+        ("weights", all(isinstance(v, torch.Tensor) for v in weights.values()))) if not ok]
+    if bad:
+        raise UsageError(f"--checkpoint {path}: not a checkpoint written by repro.py (no valid {', '.join(bad)} in it)")
+    try:
+        with torch.device("meta"):
+            skeleton = build_model(**network)
+    except Exception as e:  # whatever a file's configuration holds: an unknown model, an option or size it cannot take
+        raise UsageError(f"--checkpoint {path}: its configuration describes no network this project builds "
+                         f"({network}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    misfit = _misfit({k: tuple(v.shape) for k, v in skeleton.state_dict().items()},
+                     {k: tuple(v.shape) for k, v in weights.items()})
+    if misfit:
+        raise UsageError(f"--checkpoint {path}: its weights do not fit the network its configuration describes "
+                         f"({network}): {misfit}")
+    model = build_model(**network).to(device)
+    model.load_state_dict(weights)
     return model.eval(), config
 
 
-SCAN_SUFFIXES = (".nii", ".nii.gz", ".nhdr", ".nrrd")
+def _misfit(expected: dict, found: dict) -> str | None:
+    """How weights of names and shapes ``found`` differ from a network's ``expected`` ones, or None."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    other = [f"{k} {found[k]} for {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
+    parts = [f"{len(keys)} {what} (first {keys[0]})" for what, keys in
+             (("missing", missing), ("unexpected", unexpected), ("of another shape", other)) if keys]
+    return "; ".join(parts) or None
 
 
 def is_scan(path: Path) -> bool:
-    return path.name.lower().endswith(SCAN_SUFFIXES) and not path.name.startswith(".")
+    return path.name.lower().endswith(data.IMAGE_SUFFIXES) and not path.name.startswith(".")
 
 
 def scan_stem(path: Path) -> str:
     name = path.name
-    return next(name[: -len(s)] for s in sorted(SCAN_SUFFIXES, key=len, reverse=True) if name.lower().endswith(s))
+    return next(name[: -len(s)] for s in sorted(data.IMAGE_SUFFIXES, key=len, reverse=True) if name.lower().endswith(s))
 
 
 def list_cases(inputs, channels) -> list[list[Path]]:
     """The scans to predict, each a list of one file per channel of the model.
 
     One channel: files, or one folder of NIfTI/NRRD files. Several channels: the channels of one scan as
-    that many files in the model's order, or a CSV manifest with one column per channel name.
+    that many files in the model's order. Any model: a CSV manifest with one column per channel name.
     """
     paths = [Path(p) for p in inputs]
     for path in paths:
@@ -221,10 +354,10 @@ def list_cases(inputs, channels) -> list[list[Path]]:
             raise UsageError(f"--input {path}: no such file or folder")
         if not os.access(path, os.R_OK):
             raise UsageError(f"--input {path}: permission denied")
-    if len(channels) > 1:
-        if len(paths) == 1 and paths[0].suffix.lower() == ".csv":
-            cases = read_case_manifest(paths[0], channels)
-        elif len(paths) == len(channels) and all(p.is_file() for p in paths):
+    if len(paths) == 1 and paths[0].suffix.lower() == ".csv":
+        cases = read_case_manifest(paths[0], channels)
+    elif len(channels) > 1:
+        if len(paths) == len(channels) and all(p.is_file() for p in paths):
             cases = [paths]
         else:
             raise UsageError(f"--input: the model takes {len(channels)} channels ({', '.join(channels)}): give one "
@@ -252,21 +385,33 @@ def list_cases(inputs, channels) -> list[list[Path]]:
 
 
 def read_case_manifest(path: Path, channels) -> list[list[Path]]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
-    header = list(rows[0]) if rows else []
+    """The scans of a CSV with one column per channel of the model (other columns ignored), relative paths
+    resolved against the CSV's folder."""
+    try:
+        rows = data.read_csv(path)
+    except data.DataError as e:
+        raise UsageError(f"--input {e}".rstrip(".")) from None
+    header = rows[0][1] if rows else []
     missing = [c for c in channels if c not in header]
     if missing:
         raise UsageError(f"--input {path}: needs one column per channel of the model ({', '.join(channels)}); "
                          f"missing {', '.join(missing)}")
-    cases = [[(path.parent / row[c]).resolve() if not Path(row[c]).is_absolute() else Path(row[c])
-              for c in channels] for row in rows]
-    for line, case in enumerate(cases, 2):
-        for file in case:
-            if not file.is_file():
-                raise UsageError(f"--input {path}, line {line}: {file}: no such file")
-    if not cases:
-        raise UsageError(f"--input {path}: the manifest lists no scan")
+    if not rows[1:]:
+        raise UsageError(f"--input {path}: the manifest lists no scan (a header and no rows)")
+    cases = []
+    for line, row in rows[1:]:
+        case = []
+        for c in channels:
+            cell = row[header.index(c)] if header.index(c) < len(row) else ""
+            if not cell:
+                raise UsageError(f"--input {path}, line {line}: no file in column {c}")
+            file = path.parent / Path(cell).expanduser()
+            try:
+                data.check_file(file)
+            except data.DataError as e:
+                raise UsageError(f"--input {path}, line {line}: {e}".rstrip(".")) from None
+            case.append(file)
+        cases.append(case)
     return cases
 
 
@@ -305,6 +450,13 @@ def plan_outputs(cases, output, overwrite, save_probabilities) -> list[tuple[Pat
             raise UsageError(f"--output {target}: exists; pass --overwrite to replace it")
         if target.is_dir():
             raise UsageError(f"--output {target}: is a folder")
+    root = output if len(cases) > 1 else output.parent
+    try:
+        for target in targets:
+            inside(target, root)
+        check_writable(root)
+    except UsageError as e:
+        raise UsageError(f"--output {e}") from None
     return plan
 
 
@@ -323,19 +475,24 @@ def predict(model, config, inputs, output, threshold=0.5, window=None, tta=False
             data.read_scan(case, norm=config["norm"], spacing=spacing)
         except data.DataError as e:
             raise UsageError(f"--input {e}") from None
-    failed = []
+    remove_leftovers(plan[0][0].parent)  # of a predict killed while writing there
+    failed, written, done = [], [], 0
     bar = tqdm(list(zip(cases, plan)), desc="scans", disable=len(cases) == 1 or not os.isatty(2))
-    for case, (mask_path, prob_path) in bar:
-        try:
-            image, geometry, background = data.read_scan(case, norm=config["norm"], spacing=spacing)
-            logits = predict_logits(model, image.to(device), window, amp=amp, tta=tta, background=background)
-            mask_path.parent.mkdir(parents=True, exist_ok=True)
-            voxels = write_prediction(mask_path, logits, geometry, threshold, prob_path)
-            print(f"{mask_path}: {voxels} lesion voxels")
-        except Exception as e:  # one bad scan must not cost the others
-            failed.append(case[0])
-            print(f"error: {case[0]}: prediction failed ({type(e).__name__}: {str(e).splitlines()[0]})",
-                  file=sys.stderr)
+    try:
+        for case, (mask_path, prob_path) in bar:
+            try:
+                image, geometry, background = data.read_scan(case, norm=config["norm"], spacing=spacing)
+                logits = predict_logits(model, image.to(device), window, amp=amp, tta=tta, background=background)
+                mask_path.parent.mkdir(parents=True, exist_ok=True)
+                voxels = write_prediction(mask_path, logits, geometry, threshold, prob_path, written)
+                print(f"{mask_path}: {voxels} lesion voxels")
+            except Exception as e:  # one bad scan must not cost the others
+                failed.append(case[0])
+                print(f"error: {case[0]}: prediction failed ({type(e).__name__}: {str(e).splitlines()[0]})",
+                      file=sys.stderr)
+            done += 1
+    except KeyboardInterrupt:
+        raise Interrupted(written, done, len(cases)) from None
     if failed:
         print(f"error: {len(failed)} of {len(cases)} scans failed: {', '.join(map(str, failed))}",
               file=sys.stderr)

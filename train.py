@@ -686,7 +686,7 @@ def run_config(protocol, scans, dataset, fingerprint, split_ids, device, group) 
             "channels": list(scans[0].channels), "spacing_mm": list(scans[0].spacing), "norm": protocol.norm,
             "device_name": describe_device(device), "world_size": group.world,
             "precision": "bf16 autocast" if protocol.amp and infer.amp_supported(device) else "fp32",
-            "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "versions": {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
                          "scipy": scipy.__version__, "nibabel": nibabel.__version__}}
 
 

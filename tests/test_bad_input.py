@@ -1,13 +1,25 @@
 """Every user error is one clear line naming the flag or file, a non-zero exit, no traceback, and nothing
 left behind in --out or beside --output. One case per row; the fixtures build the bad inputs."""
+import contextlib
 import csv
+import gzip
+import json
+import os
+import pickle
 import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import nibabel as nib
+import nrrd
 import numpy as np
 import pytest
 import torch
 
+import data
+import infer
 import repro
 from conftest import TINY
 
@@ -269,3 +281,320 @@ def test_a_full_disk_is_told_apart_and_leaves_no_temporary_file(dataset, tmp_pat
     monkeypatch.setattr(torch, "save", save)
     monkeypatch.setattr(train.os, "statvfs", os.statvfs)
     assert run(["--data", str(dataset), "--out", str(out), *TINY]) == 0  # the failed start is replaced
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input: ids, checkpoints, special files, headers, permissions, leftovers
+
+@contextlib.contextmanager
+def deadline(seconds=30):
+    """Fail instead of hanging (a FIFO opened for reading blocks until a writer comes)."""
+    def expire(signum, frame):
+        raise AssertionError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def phantom_rows(dataset):
+    rows = []
+    for image in sorted((dataset / "training").glob("*/preprocessed/*_flair_pp.nii")):
+        sid = image.name[: -len("_flair_pp.nii")]
+        subject, tp = sid.split("_")
+        rows.append({"subject": subject, "timepoint": tp, "FLAIR": str(image),
+                     "mask": str(image.parent.parent / "masks" / f"{sid}_mask1.nii")})
+    return rows
+
+
+def write_manifest(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize("subject", ["../../../../victim/notes", "site1/sub1", "..", ".", "a\\b", "tab\there",
+                                     "x\u202eevil", "s" * 300],
+                         ids=["parent", "subfolder", "dotdot", "dot", "backslash", "tab", "rtl-override", "long"])
+def test_an_id_that_is_not_one_file_name_is_refused_before_anything_is_read(subject, dataset, tmp_path, capsys):
+    rows = phantom_rows(dataset)
+    rows[2]["subject"] = subject
+    csv_path = write_manifest(tmp_path / "ids.csv", rows)
+    err = check_refused(capsys, ["--data", str(csv_path), "--out", str(tmp_path / "o"), *TINY], "ids.csv, line 4",
+                        [tmp_path])
+    assert repr(subject)[:40] in err
+
+
+def test_predict_never_writes_outside_its_output_folder(finished, scan, tmp_path, capsys):
+    victim = tmp_path / "victim.nii.gz"
+    victim.write_bytes(b"someone's file")
+    out = tmp_path / "masks"
+    out.mkdir()
+    (out / "scan_mask.nii.gz").symlink_to(victim)  # a link placed where the mask goes
+    second = scan.with_name("other.nii.gz")
+    second.write_bytes(scan.read_bytes())
+    check_refused(capsys, ["predict", "--checkpoint", str(finished / "best.pt"), "--device", "cpu", "--input",
+                           str(scan), str(second), "--output", str(out), "--overwrite"], "outside the output folder",
+                  [tmp_path])
+    assert victim.read_bytes() == b"someone's file"
+
+
+class Payload:
+    """A pickle that, when unpickled, creates the file ``marker``: what a hostile checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unread(finished, scan, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps({"model": Payload(marker), "config": {}}))
+    zipped = tmp_path / "zipped.pt"
+    torch.save({"model": Payload(marker), "config": {}}, zipped)
+    for evil in (plain, zipped):
+        err = check_refused(capsys, ["predict", "--checkpoint", str(evil), "--input", str(scan), "--output",
+                                     str(tmp_path / "m.nii.gz")], evil.name, [tmp_path])
+        assert "not a checkpoint written by repro.py" in err and "not unpickled" in err
+    run_copy = tmp_path / "run"
+    shutil.copytree(finished, run_copy)
+    shutil.copy(zipped, run_copy / "last.pt")
+    check_refused(capsys, ["--data", "unused", "--out", str(run_copy), *TINY, "--resume"], "not unpickled", [run_copy])
+    assert not marker.exists()
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_network_is_refused(finished, scan, tmp_path, capsys):
+    checkpoint = infer.read_checkpoint(finished / "best.pt")
+    wider = {**checkpoint, "config": {**checkpoint["config"], "network": {**checkpoint["config"]["network"],
+                                                                       "base_filters": 8}}}
+    torch.save(wider, tmp_path / "wider.pt")
+    first = next(iter(checkpoint["model"]))
+    torch.save({**checkpoint, "model": {k: v for k, v in checkpoint["model"].items() if k != first}},
+               tmp_path / "missing.pt")
+    for name in ("wider.pt", "missing.pt"):
+        err = check_refused(capsys, ["predict", "--checkpoint", str(tmp_path / name), "--input", str(scan),
+                                     "--output", str(tmp_path / "m.nii.gz")], name, [tmp_path])
+        assert "do not fit" in err
+
+
+def test_a_fifo_is_refused_not_read(dataset, finished, scan, tmp_path, capsys):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    manifest = tmp_path / "fifo.csv"
+    os.mkfifo(manifest)
+    rows = phantom_rows(dataset)
+    scan_fifo = tmp_path / "in" / "pipe.nii.gz"
+    os.mkfifo(scan_fifo)
+    in_manifest = write_manifest(tmp_path / "m.csv", [{**rows[0], "mask": str(scan_fifo)}, *rows[1:]])
+    out = str(tmp_path / "out" / "m.nii.gz")
+    with deadline():
+        check_refused(capsys, ["--data", str(manifest), "--out", str(tmp_path / "o"), *TINY], "FIFO", [])
+        check_refused(capsys, ["--data", str(in_manifest), "--out", str(tmp_path / "o"), *TINY], "FIFO", [])
+        check_refused(capsys, ["predict", "--checkpoint", str(fifo), "--input", str(scan), "--output", out], "FIFO",
+                      [])
+        check_refused(capsys, ["predict", "--checkpoint", str(finished / "best.pt"), "--input", str(scan_fifo),
+                               "--output", out], "FIFO", [])
+
+
+def nifti_with_affine(path, array, rows):
+    """A NIfTI whose sform is ``rows`` (3 x 4) as stored, which nibabel would not write itself."""
+    header = nib.Nifti1Image(array, np.eye(4)).header
+    header["srow_x"], header["srow_y"], header["srow_z"] = rows
+    header["sform_code"], header["qform_code"] = 1, 0
+    path.write_bytes(header.binaryblock + b"\0" * 4 + array.astype(np.float32).tobytes(order="F"))
+    return path
+
+
+def claiming(path, shape, gz=False):
+    """A tiny file whose NIfTI header describes ``shape`` float32 voxels."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.float32)
+    content = header.binaryblock + b"\0" * 700
+    path.write_bytes(gzip.compress(content) if gz else content)
+    return path
+
+
+def test_impossible_images_are_refused_in_training_and_predict(dataset, finished, scan, tmp_path, capsys):
+    volume = np.asarray(nib.load(scan).dataobj, dtype=np.float32)
+    folder = tmp_path / "in"
+    bad = {"2d.nii.gz": ("2D image", image_file(folder / "2d.nii.gz", volume[:, :, 20])),
+           "slice.nii.gz": ("single slice", image_file(folder / "slice.nii.gz", volume[:, :, 20:21])),
+           "singular.nii": ("singular", nifti_with_affine(folder / "singular.nii", volume,
+                                                          np.array([[4, 0, 0, 0], [0, 4, 0, 0], [0, 0, 0, 0.]]))),
+           "nan.nii": ("NaN", nifti_with_affine(folder / "nan.nii", volume, np.full((3, 4), np.nan))),
+           "claim.nii": ("more than a scan may hold", claiming(folder / "claim.nii", (2000, 2000, 2000))),
+           "short.nii": ("truncated", claiming(folder / "short.nii", (600, 600, 600))),
+           "short.nii.gz": ("truncated", claiming(folder / "short.nii.gz", (600, 600, 600), gz=True))}
+    nrrd.write(str(folder / "claim.nrrd"), np.zeros((4, 4, 4), np.uint8))
+    text = (folder / "claim.nrrd").read_bytes().replace(b"sizes: 4 4 4", b"sizes: 2000 2000 2000")
+    (folder / "claim.nrrd").write_bytes(text)
+    bad["claim.nrrd"] = ("more than a scan may hold", folder / "claim.nrrd")
+    rows = phantom_rows(dataset)
+    for name, (says, path) in bad.items():
+        manifest = write_manifest(tmp_path / "m.csv", [{**rows[0], "FLAIR": str(path)}, *rows[1:]])
+        err = check_refused(capsys, ["--data", str(manifest), "--out", str(tmp_path / "o"), *TINY], name, [tmp_path])
+        assert says in err, err
+        err = check_refused(capsys, ["predict", "--checkpoint", str(finished / "best.pt"), "--input", str(path),
+                                     "--output", str(tmp_path / "m.nii.gz")], name, [tmp_path])
+        assert says in err, err
+
+
+@pytest.mark.parametrize("spacing", ["0.001", "1e-300", "1e300"])
+def test_an_absurd_spacing_is_refused_by_the_size_of_its_grid(spacing, dataset, tmp_path, capsys):
+    err = check_refused(capsys, ["--data", str(dataset), "--out", str(tmp_path / "o"), *TINY, "--spacing", spacing],
+                        "spacing", [tmp_path])
+    assert "voxels" in err and "constant" not in err
+
+
+def test_predict_manifests_that_cannot_serve(finished, scan, tmp_path, capsys):
+    base = ["predict", "--checkpoint", str(finished / "best.pt"), "--output", str(tmp_path / "o"), "--input"]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(f"FLAIR,notes\n{scan},caf\xe9\n".encode("latin-1"))
+    check_refused(capsys, [*base, str(latin)], "not UTF-8", [tmp_path])
+    empty = tmp_path / "empty.csv"
+    empty.write_text("FLAIR,notes\n")
+    check_refused(capsys, [*base, str(empty)], "lists no scan", [tmp_path])
+    folder = tmp_path / "a-folder.nii.gz"
+    folder.mkdir()
+    listed = tmp_path / "listed.csv"
+    listed.write_text(f"FLAIR\n{folder}\n")
+    check_refused(capsys, [*base, str(listed)], "is a folder, expected a file", [tmp_path])
+
+
+def test_manifest_columns_that_are_not_images_are_not_channels(dataset, tmp_path, capsys):
+    rows = phantom_rows(dataset)
+    with_notes = write_manifest(tmp_path / "notes.csv", [{**r, "notes": "motion in slice 3"} for r in rows])
+    assert data.find_scans(with_notes)[1][f"{rows[0]['subject']}_{int(rows[0]['timepoint']):02d}"].files.keys() == \
+        {"FLAIR", "mask"}
+    check_refused(capsys, ["--data", str(with_notes), "--out", str(tmp_path / "o"), *TINY, "--channel", "notes"],
+                  "no channel 'notes'", [tmp_path])
+    mixed = write_manifest(tmp_path / "mixed.csv", [{**r, "GADO": r["FLAIR"] if i else "n/a"}
+                                                   for i, r in enumerate(rows)])
+    check_refused(capsys, ["--data", str(mixed), "--out", str(tmp_path / "o"), *TINY], "'n/a'", [tmp_path])
+    folder = tmp_path / "mask-folder"
+    folder.mkdir()
+    as_mask = write_manifest(tmp_path / "folder.csv", [{**rows[0], "mask": str(folder)}, *rows[1:]])
+    check_refused(capsys, ["--data", str(as_mask), "--out", str(tmp_path / "o"), *TINY],
+                  "is a folder, expected a file", [tmp_path])
+
+
+def test_absurd_intensities_and_a_broken_gzip_are_refused(dataset, tmp_path, capsys):
+    rows = phantom_rows(dataset)
+    source = nib.load(rows[0]["FLAIR"])
+    volume = np.asarray(source.dataobj, dtype=np.float32)
+    huge = tmp_path / "huge.nii.gz"
+    nib.save(nib.Nifti1Image(np.where(volume > 0, 1e36, 0).astype(np.float32), source.affine), huge)
+    crc = tmp_path / "crc.nii.gz"
+    nib.save(source, crc)
+    damaged = bytearray(crc.read_bytes())
+    damaged[-8] ^= 0xFF  # the gzip trailer's CRC-32: every voxel still decompresses
+    crc.write_bytes(bytes(damaged))
+    for path, says in ((huge, "MAX_INTENSITY"), (crc, "CRC")):
+        manifest = write_manifest(tmp_path / "m.csv", [{**rows[0], "FLAIR": str(path)}, *rows[1:]])
+        err = check_refused(capsys, ["--data", str(manifest), "--out", str(tmp_path / "o"), *TINY], path.name,
+                            [tmp_path])
+        assert says in err
+
+
+def obeying_permissions(tmp_path):
+    """The command prefix under which even root obeys file modes (CAP_DAC_OVERRIDE dropped), or a skip."""
+    prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    if prefix and not shutil.which("setpriv"):
+        pytest.skip("root without setpriv ignores file modes")
+    locked = tmp_path / "locked-probe"
+    locked.mkdir(mode=0o555)
+    probe = subprocess.run([*prefix, sys.executable, "-c", f"open({str(locked / 'x')!r}, 'w')"], capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip("this user writes into read-only folders")
+    return prefix
+
+
+DRIVER = """import contextlib, io, json, sys
+import repro
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        results.append((repro.main(argv), err.getvalue()))
+print(json.dumps(results))
+"""
+
+
+def repro_processes(prefix, argvs):
+    """(exit status, stderr) of each command line, run by repro.main in one process started under ``prefix``."""
+    result = subprocess.run([*prefix, sys.executable, "-c", DRIVER, json.dumps(argvs)], capture_output=True, text=True,
+                            cwd=Path(repro.__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_permission_denied_is_said_and_checked_before_the_model_runs(finished, scan, tmp_path):
+    prefix = obeying_permissions(tmp_path)
+    locked_scan = tmp_path / "locked.nii.gz"
+    shutil.copy(scan, locked_scan)
+    locked_checkpoint = tmp_path / "locked.pt"
+    shutil.copy(finished / "best.pt", locked_checkpoint)
+    for path in (locked_scan, locked_checkpoint):
+        path.chmod(0)
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    second = tmp_path / "second.nii.gz"
+    shutil.copy(scan, second)
+    cases = [(["--checkpoint", str(locked_checkpoint), "--input", str(scan), "--output", str(tmp_path / "m.nii.gz")],
+              "locked.pt"),
+             (["--checkpoint", str(finished / "best.pt"), "--input", str(locked_scan), "--output",
+               str(tmp_path / "m.nii.gz")], "locked.nii.gz"),
+             (["--checkpoint", str(finished / "best.pt"), "--input", str(scan), str(second), "--output",
+               str(read_only)], "read-only")]
+    results = repro_processes(prefix, [["predict", "--device", "cpu", *argv] for argv, _ in cases])
+    for (_, names), (code, err) in zip(cases, results):
+        err = err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert names in err and "permission denied" in err and "corrupt" not in err and "truncated" not in err, err
+    assert not list(read_only.iterdir()) and not (tmp_path / "m.nii.gz").exists()
+
+
+def test_predict_clears_only_the_leftovers_of_a_killed_predict(finished, scan, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "masks"
+    out.mkdir()
+    leftover, live = f".tmp-{dead.pid}-scan_mask.nii.gz", f".tmp-{os.getpid()}-scan_prob.nii.gz"
+    kept = [live, ".tmp-notes.txt", f".tmp-0{dead.pid}-x", "notes.txt"]
+    for name in [leftover, *kept]:
+        (out / name).write_text("x")
+    second = scan.with_name("other.nii.gz")
+    second.write_bytes(scan.read_bytes())
+    assert run(["predict", "--checkpoint", str(finished / "best.pt"), "--device", "cpu", "--input", str(scan),
+                str(second), "--output", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([*kept, "scan_mask.nii.gz", "other_mask.nii.gz"])
+
+
+def test_ctrl_c_during_predict_names_what_was_written(finished, dataset, tmp_path, monkeypatch):
+    sources = sorted((dataset / "training").glob("*/preprocessed/*_flair_pp.nii"))[:4]
+    model, config = infer.load_model(finished / "best.pt", "cpu")
+    predict_logits = infer.predict_logits
+
+    def interrupt_the_third(*args, **kwargs):
+        interrupt_the_third.calls += 1
+        if interrupt_the_third.calls == 3:
+            raise KeyboardInterrupt
+        return predict_logits(*args, **kwargs)
+    interrupt_the_third.calls = 0
+    monkeypatch.setattr(infer, "predict_logits", interrupt_the_third)
+    out = tmp_path / "masks"
+    with pytest.raises(infer.Interrupted) as caught:
+        infer.predict(model, config, sources, out, save_probabilities=True)
+    written = sorted(p.name for p in out.iterdir())
+    assert len(written) == 4 and sorted(p.name for p in caught.value.written) == written
+    assert caught.value.done == 2 and caught.value.total == 4
+    assert "after 2 of 4 scans" in str(caught.value) and all(name in str(caught.value) for name in written)

@@ -873,3 +873,55 @@ def test_dataset_fingerprint(isbi, monkeypatch):
     assert data.dataset_fingerprint(isbi.name) == fp
     save_nii(isbi / PRE / "training01_02_flair_pp.nii", brain(0)[:, :, :-1])  # another size
     assert data.dataset_fingerprint(isbi) != fp
+
+
+def test_dataset_fingerprint_covers_the_voxels(isbi):
+    fp = data.dataset_fingerprint(isbi)
+    flair = isbi / PRE / "training01_02_flair_pp.nii"
+    content = bytearray(flair.read_bytes())
+    content[-1] ^= 1  # one voxel edited in place: same name, same size
+    flair.write_bytes(bytes(content))
+    assert data.dataset_fingerprint(isbi) != fp
+
+
+def test_dataset_fingerprint_covers_the_data_file_of_an_nrrd_header(miccai):
+    fp = data.dataset_fingerprint(miccai)
+    raw = miccai / "CHB_train_Part1/CHB_train_Case01/CHB_train_Case01_T1.raw"  # the data of an .nhdr
+    content = bytearray(raw.read_bytes())
+    content[0] ^= 1
+    raw.write_bytes(bytes(content))
+    assert data.dataset_fingerprint(miccai) != fp
+
+
+def test_only_regular_files_are_opened(tmp_path, miccai):
+    fifo = tmp_path / "pipe.nii.gz"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.nii"
+    folder.mkdir()
+    (tmp_path / "link.nii").symlink_to(tmp_path / "gone.nii")
+    for path, says in [(fifo, "is a FIFO"), (folder, "is a folder, expected a file"),
+                       (tmp_path / "link.nii", "dangling symlink"), (tmp_path / "absent.nii", "no such file")]:
+        with pytest.raises(DataError, match=says) as e:
+            read_image(path)
+        assert str(path) in str(e.value)
+    header = miccai / "CHB_train_Part1/CHB_train_Case01/CHB_train_Case01_FLAIR.nhdr"
+    raw = header.with_suffix(".raw")
+    raw.unlink()
+    os.mkfifo(raw)  # the data file an .nhdr names
+    with pytest.raises(DataError, match="is a FIFO.*the data file of") as e:
+        read_image(header)
+    assert str(raw) in str(e.value)
+
+
+def test_unsafe_names():
+    for name in ["pat01", "sub-01", "Case 7", "über"]:
+        assert data.unsafe_name(name) is None
+    for name, reason in [("", "empty"), ("..", "'..'"), ("a/b", "separator"), ("a\\b", "separator"),
+                         ("a\nb", "control"), ("a\u202eb", "formatting"), ("x" * 201, "longer")]:
+        assert reason in data.unsafe_name(name)
+
+
+def test_statistics_do_not_overflow_float32():
+    values = np.array([3e30, -3e30, 1e30, -1e30], np.float32)  # float32 squares overflow beyond 1.8e19
+    mean, std = data._mean_std(values)
+    assert mean == 0 and np.isclose(std, np.std(values.astype(np.float64), ddof=1), rtol=1e-6)

@@ -1,3 +1,5 @@
+import os
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -185,3 +187,20 @@ def test_any_orientation_of_a_scan_gives_the_same_mask_in_world_space(finished, 
     assert masks["RAS"].any()
     for name, mask in masks.items():
         assert np.array_equal(mask, masks["RAS"]), name
+
+
+def test_inside_resolves_links_and_dots(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "link.nii.gz").symlink_to(tmp_path / "elsewhere.nii.gz")
+    assert infer.inside(out / "a_mask.nii.gz", out) == out.resolve() / "a_mask.nii.gz"
+    for path in (out / ".." / "a_mask.nii.gz", out / "link.nii.gz", out, tmp_path / "outside" / "x.nii.gz"):
+        with pytest.raises(infer.UsageError, match="outside the output folder"):
+            infer.inside(path, out)
+
+
+def test_atomic_names_its_temporary_so_that_leftovers_are_told_apart(tmp_path):
+    seen = []
+    infer.atomic(tmp_path / "a.txt", lambda tmp: (seen.append(tmp.name), tmp.write_text("a")))
+    assert seen == [f".tmp-{os.getpid()}-a.txt"] and (tmp_path / "a.txt").read_text() == "a"
+    assert not infer.remove_leftovers(tmp_path / "absent")
