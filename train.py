@@ -173,6 +173,7 @@ def train_one_epoch(run, net, optimizer, sampler, augmentations, generator) -> f
             loss.backward()
             optimizer.step()
             total += loss.detach()
+            run.log.pace(i, len(sampler), run.device, run.protocol)
             if i % 10 == 0 or i == len(sampler):  # a host sync only every 10 steps
                 if not math.isfinite(mean := total.item() / i):
                     raise Diverged(f"the training loss became {mean} within the last 10 steps")
@@ -643,6 +644,7 @@ class Log:
 
     def __init__(self, path):  # None: a silent log, for ranks > 0 under torchrun
         self.path, self.start, self.epochs = path and Path(path), time.perf_counter(), 0
+        self.first_step, self.paced = None, False
 
     def __call__(self, line):
         if self.path is None:
@@ -660,11 +662,42 @@ class Log:
              f"val DSC {row['val_dsc']:.4f}, {row['seconds']:.0f} s; best epoch {stopper.best_epoch}; "
              f"ETA {duration(least * per_epoch)} to {duration(most * per_epoch)}")
 
+    def pace(self, step, steps, device, protocol):
+        """Called after training step ``step`` (from 1) of an epoch of ``steps``: once per process, when step
+        PACE_STEPS ends, the line of ``pace_line``, so that a slow device shows long before the first epoch ends.
+        Timed from the end of step 1, which pays one-time costs; on CUDA after the queued steps finish."""
+        if self.path is None or self.paced or steps < PACE_STEPS or step not in (1, PACE_STEPS):
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step == 1:
+            self.first_step = time.perf_counter()
+            return
+        self.paced = True
+        per_step = (time.perf_counter() - self.first_step) / (PACE_STEPS - 1)
+        self(pace_line(per_step, steps, protocol.epochs,
+                       suggest_quick=device.type == "cpu" and protocol.patch_size > QUICK.patch_size))
+
     def test(self, results, stopper, out):
         mean = results["mean"]
         self(f"Test ({len(results['scans'])} scans, best epoch {stopper.best_epoch} of {stopper.epoch}): DSC "
              f"{mean['dsc']:.4f}, IoU {mean['iou']:.4f}, lesion TPR {mean['ltpr']:.3f}, lesion FPR {mean['lfpr']:.3f}. "
              f"Results in {out}/")
+
+
+PACE_STEPS = 3
+"""After this many training steps the log projects the run's duration (``Log.pace``)."""
+
+
+def pace_line(per_step, steps, epochs, suggest_quick) -> str:
+    """The measured time per training step, and what it projects for an epoch of ``steps`` steps and for a run
+    of ``epochs`` (validation not counted); ``suggest_quick``: point to the CPU preset."""
+    line = (f"pace: {per_step:.3g} s per training step: about {duration(per_step * steps)} per epoch of {steps} "
+            f"steps, {duration(per_step * steps * epochs)} for {epochs} epochs (validation not counted)")
+    if suggest_quick:
+        line += (f"; on a CPU, try --quick, the preset made for it ({QUICK.spacing:g} mm, {QUICK.patch_size}³ "
+                 f"patches, {QUICK.epochs} epochs)")
+    return line
 
 
 def progress(items, desc, total=None):
