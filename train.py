@@ -663,20 +663,21 @@ class Log:
              f"ETA {duration(least * per_epoch)} to {duration(most * per_epoch)}")
 
     def pace(self, step, steps, device, protocol):
-        """Called after training step ``step`` (from 1) of an epoch of ``steps``: once per process, when step
-        PACE_STEPS ends, the line of ``pace_line``, so that a slow device shows long before the first epoch ends.
-        Timed from the end of step 1, which pays one-time costs; on CUDA after the queued steps finish."""
-        if self.path is None or self.paced or steps < PACE_STEPS or step not in (1, PACE_STEPS):
+        """Called after training step ``step`` (from 1) of an epoch of ``steps``: once per process, the line of
+        ``pace_line`` when step PACE_STEPS ends, or earlier once PACE_SECONDS have passed, so that a slow device
+        shows long before the first epoch ends. Timed from the end of step 1, which pays one-time costs; on CUDA
+        after the queued steps finish."""
+        if self.path is None or self.paced or steps < PACE_STEPS or step > PACE_STEPS:
             return
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        now = time.perf_counter()
         if step == 1:
-            self.first_step = time.perf_counter()
-            return
-        self.paced = True
-        per_step = (time.perf_counter() - self.first_step) / (PACE_STEPS - 1)
-        self(pace_line(per_step, steps, protocol.epochs,
-                       suggest_quick=device.type == "cpu" and protocol.patch_size > QUICK.patch_size))
+            self.first_step = now
+        elif step == PACE_STEPS or now - self.first_step >= PACE_SECONDS:
+            self.paced = True
+            self(pace_line((now - self.first_step) / (step - 1), steps, protocol.epochs,
+                           suggest_quick=device.type == "cpu" and protocol.patch_size > QUICK.patch_size))
 
     def test(self, results, stopper, out):
         mean = results["mean"]
@@ -685,8 +686,9 @@ class Log:
              f"Results in {out}/")
 
 
-PACE_STEPS = 3
-"""After this many training steps the log projects the run's duration (``Log.pace``)."""
+PACE_STEPS, PACE_SECONDS = 3, 30.0
+"""After this many training steps, or this many seconds of steps after the first, the log projects the run's
+duration (``Log.pace``)."""
 
 
 def pace_line(per_step, steps, epochs, suggest_quick) -> str:

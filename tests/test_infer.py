@@ -282,18 +282,22 @@ def test_participant_label_needs_a_bids_dataset(finished, dataset, tmp_path, cap
     assert "--participant-label applies to a BIDS dataset" in capsys.readouterr().err
 
 
-def test_the_pace_line_projects_an_epoch_and_a_run_and_shows_once(tmp_path, capsys):
+def test_the_pace_line_projects_an_epoch_and_a_run_and_shows_once(tmp_path, capsys, monkeypatch):
     line = train.pace_line(2.0, 100, 50, suggest_quick=True)
     assert line.startswith("pace: 2 s per training step: about 3 min per epoch of 100 steps, 2.8 h for 50 epochs")
     assert "--quick" in line and "--quick" not in train.pace_line(0.1, 10, 5, suggest_quick=False)
-    log = train.Log(tmp_path / "train.log")
     cpu = torch.device("cpu")
-    for epoch in range(2):
-        for step in range(1, 11):
-            log.pace(step, 10, cpu, train.PAPER)
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pace: ")]
-    assert len(printed) == 1 and "--quick" in printed[0]  # the paper's 128³ patches on a CPU
-    assert (tmp_path / "train.log").read_text().splitlines() == printed
+    for seconds, shown_after in ((1e9, train.PACE_STEPS), (0.0, 2)):  # slow steps: shown after the second
+        monkeypatch.setattr(train, "PACE_SECONDS", seconds)
+        log = train.Log(tmp_path / f"{seconds}.log")
+        for epoch in range(2):
+            for step in range(1, 11):
+                log.pace(step, 10, cpu, train.PAPER)
+                if epoch == 0 and step == shown_after - 1:
+                    assert "pace: " not in capsys.readouterr().out
+        printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pace: ")]
+        assert len(printed) == 1 and "--quick" in printed[0]  # the paper's 144³ patches on a CPU
+        assert (tmp_path / f"{seconds}.log").read_text().splitlines() == printed
 
 
 def test_the_docs_describe_every_column_as_the_code_does():
