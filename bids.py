@@ -10,7 +10,8 @@ Out (`output_paths`), in the same `sub-*/[ses-*/]anat/` tree, named by the case'
 `_space-orig_label-lesion_lesions.tsv` and `.json` (one row per lesion, the columns described in the sidecar),
 `_space-orig_seg-lesion_dseg.nii.gz` and `.tsv` (the lesions numbered as in the table, and BIDS's lookup table
 for those numbers), and `sub-*/figures/..._qc.png` (the picture that checks the result, where the NiPreps
-pipelines put their figures). `space-orig`: the input's own grid, untransformed, as BIDS names it.
+pipelines put their figures). `space-orig`: the input's own grid, untransformed, as BIDS names it. At the root:
+`dataset_description.json` and `summary.tsv` with its `.json` sidecar (one row per scan, `write_summary`).
 
 The project's name and version are declared here, once (`NAME`, `__version__`). Standard library only: the few
 BIDS rules needed are spelled out in this module rather than taken from pybids.
@@ -182,26 +183,66 @@ def _folder_cases(root, folder, subject, session, suffixes):
     return cases, skipped
 
 
-class Outputs(NamedTuple):
-    """The files of one case in the derivatives dataset (see the module's docstring)."""
-    mask: Path
-    probseg: Path
-    lesions: Path
-    lesions_sidecar: Path
-    labels: Path
-    labels_lookup: Path
-    qc: Path
-
-
-def output_paths(case, out_root) -> Outputs:
-    """Where the outputs of `case` go under the derivatives dataset `out_root`: its source entities, then
-    space-orig (the input's own grid), label-lesion or seg-lesion, and the BIDS suffix."""
+def output_paths(case, out_root):
+    """Where the outputs of `case` go under the derivatives dataset `out_root` (`infer.Outputs`, all of them):
+    its source entities, then space-orig (the input's own grid), label-lesion or seg-lesion, and the BIDS
+    suffix."""
     folder = Path(out_root) / case.folder
     lesion, dseg = f"{case.source}_space-orig_label-lesion", f"{case.source}_space-orig_seg-lesion_dseg"
-    return Outputs(folder / f"{lesion}_mask.nii.gz", folder / f"{lesion}_probseg.nii.gz",
-                   folder / f"{lesion}_lesions.tsv", folder / f"{lesion}_lesions.json",
-                   folder / f"{dseg}.nii.gz", folder / f"{dseg}.tsv",
-                   Path(out_root) / f"sub-{case.subject}" / "figures" / f"{lesion}_qc.png")
+    return infer.Outputs(folder / f"{lesion}_mask.nii.gz", folder / f"{lesion}_probseg.nii.gz",
+                         folder / f"{lesion}_lesions.tsv", folder / f"{lesion}_lesions.json",
+                         folder / f"{dseg}.nii.gz", folder / f"{dseg}.tsv",
+                         Path(out_root) / f"sub-{case.subject}" / "figures" / f"{lesion}_qc.png")
+
+
+SUMMARY = "summary.tsv"
+"""The summary table at the root of a derivatives dataset, one row per scan (`metrics.SUMMARY_COLUMNS`), with
+its JSON sidecar."""
+
+
+def plan_outputs(cases, source_root, out_root, checkpoint_sha256, overwrite, probabilities, labels, qc):
+    """The outputs of `cases` of the BIDS dataset `source_root` in the derivatives dataset `out_root`, refusing,
+    before anything is written, what would lose data (`infer.check_outputs`, `check_dataset_description`).
+
+    Returns (one `infer.Outputs` per case, the unasked ones None; the summary table; the rows of that table an
+    earlier run into the same dataset left, which `write_summary` keeps). The same dataset: one whose
+    dataset_description.json is the one this run writes (same checkpoint, version, source), so that it can be
+    filled participant by participant; the summary of another needs `overwrite` and is replaced.
+    """
+    out_root = Path(out_root)
+    if out_root.name.endswith((".nii", ".nii.gz")) or (out_root.exists() and not out_root.is_dir()):
+        raise infer.UsageError(f"--output {out_root}: a BIDS dataset as --input takes a folder as --output, where "
+                               "its derivatives dataset goes")
+    same = check_dataset_description(out_root, checkpoint_sha256, source_root, overwrite) is None
+    plan = [output_paths(case, out_root).asked(probabilities, labels, qc) for case in cases]
+    summary = out_root / SUMMARY
+    earlier = read_summary(summary) if same else None
+    targets = [t for outputs in plan for t in outputs if t is not None]
+    if earlier is None:
+        targets += [summary, summary.with_suffix(".json")]
+    infer.check_outputs(out_root, targets, [case.files for case in cases], overwrite)
+    return plan, summary, earlier or []
+
+
+def read_summary(path):
+    """The rows of the summary table at `path` as `write_summary` wrote them (strings), or None when there is
+    none or it is not one (another header)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return rows if reader.fieldnames == list(metrics.SUMMARY_COLUMNS) else None
+
+
+def write_summary(path, rows, earlier=()):
+    """The summary table of a derivatives dataset at `path`, TSV with its JSON sidecar: `rows`, and the rows of
+    `earlier` (an earlier run's) whose scan is not among them, ordered by scan."""
+    written = {row["scan"] for row in rows}
+    kept = [row for row in earlier if row["scan"] not in written]
+    write_table(path, sorted([*kept, *rows], key=lambda row: row["scan"]), list(metrics.SUMMARY_COLUMNS))
+    _json(Path(path).with_suffix(".json"), column_descriptions(metrics.SUMMARY_COLUMNS))
 
 
 def _text(path, text):
@@ -281,29 +322,41 @@ def dataset_description(checkpoint_sha256, source_root=None) -> dict:
     return description
 
 
-def write_dataset_description(out_root, checkpoint_sha256, source_root=None, overwrite=False) -> Path:
-    """Create the derivatives dataset `out_root` with its dataset_description.json, or find it there already.
-
-    An identical description (the same checkpoint, version and source) is left as it is, so that one dataset
-    can be filled participant by participant. A different one is replaced only with `overwrite`, and never in
-    the source dataset itself; both are refused (`infer.UsageError`) before anything is written, so call this
-    after the per-scan outputs are checked and before the first scan is predicted.
-    """
+def check_dataset_description(out_root, checkpoint_sha256, source_root=None, overwrite=False):
+    """The dataset_description.json to write at `out_root`, or None when the identical one is there already;
+    `infer.UsageError` for an `out_root` in the source dataset (outside its derivatives/ folder, BIDS's place
+    for derivatives) and for a different description there without `overwrite`. Writes nothing."""
     out_root = Path(out_root)
     path = out_root / "dataset_description.json"
-    if source_root is not None and out_root.resolve() == Path(source_root).resolve():
-        raise infer.UsageError(f"--output {out_root}: is the input BIDS dataset; write the derivatives to a folder "
-                               f"of their own, e.g. {Path(source_root) / 'derivatives' / NAME}")
+    if source_root is not None:
+        source, target = Path(source_root).resolve(), out_root.resolve()
+        if target == source or (target.is_relative_to(source) and not target.is_relative_to(source / "derivatives")):
+            raise infer.UsageError(f"--output {out_root}: would write into the input BIDS dataset; write the "
+                                   f"derivatives to a folder of their own, e.g. "
+                                   f"{Path(source_root) / 'derivatives' / NAME}")
     description = dataset_description(checkpoint_sha256, source_root)
     if path.exists():
         try:
             if json.loads(path.read_text(encoding="utf-8")) == description:
-                return path
+                return None
         except (OSError, ValueError):
             pass  # unreadable: not ours to keep unless --overwrite says so
         if not overwrite:
             raise infer.UsageError(f"--output {path}: exists and describes other outputs (another checkpoint, "
                                    "version or source); pass --overwrite to replace it")
-    out_root.mkdir(parents=True, exist_ok=True)
-    _json(path, description)
+    return description
+
+
+def write_dataset_description(out_root, checkpoint_sha256, source_root=None, overwrite=False) -> Path:
+    """Create the derivatives dataset `out_root` with its dataset_description.json, or find it there already.
+
+    An identical description (the same checkpoint, version and source) is left as it is, so that one dataset
+    can be filled participant by participant. A different one is replaced only with `overwrite`, and never in
+    the source dataset itself (`check_dataset_description`, which refuses before anything is written).
+    """
+    description = check_dataset_description(out_root, checkpoint_sha256, source_root, overwrite)
+    path = Path(out_root) / "dataset_description.json"
+    if description is not None:
+        Path(out_root).mkdir(parents=True, exist_ok=True)
+        _json(path, description)
     return path

@@ -20,13 +20,17 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import bids
 import data
+import figures
+import metrics
 from model import build_model
 
 
@@ -235,19 +239,39 @@ def write_nifti(path, array: np.ndarray, geometry):
     atomic(path, lambda tmp: nib.save(image, tmp))
 
 
-def write_prediction(path, logits, geometry, threshold=0.5, probabilities=None, written=None) -> int:
-    """Write the mask of ``logits`` (prepared grid) to ``path`` in the input's grid, and the sigmoid as
-    float32 to ``probabilities`` if given; returns the number of lesion voxels. Each file written is
-    appended to the list ``written``, if given, as soon as it is complete."""
+def write_prediction(path, logits, geometry, threshold=0.5, probabilities=None, min_lesion_size=0.0,
+                     written=None):
+    """Write the mask of ``logits`` (prepared grid) to ``path`` in the input's grid, its lesions smaller than
+    ``min_lesion_size`` mm³ dropped, and the sigmoid as float32 to ``probabilities`` if given. Each file
+    written is appended to the list ``written``, if given, as soon as it is complete.
+
+    Returns the lesions of the mask as written, ``metrics.lesion_table``'s (labels, rows): measured in the
+    input's own grid with its affine, their probabilities from the same sigmoid.
+    """
     full = to_input_grid(logits, geometry)
-    mask = segment(full, threshold).numpy().astype(np.uint8)
+    sigmoid = torch.sigmoid(full).numpy().astype(np.float32)
+    labels, rows = metrics.lesion_table(segment(full, threshold).numpy(), geometry.affine, sigmoid,
+                                        min_size_mm3=min_lesion_size)
     written = [] if written is None else written
     if probabilities is not None:
-        write_nifti(probabilities, torch.sigmoid(full).numpy().astype(np.float32), geometry)
+        write_nifti(probabilities, sigmoid, geometry)
         written.append(probabilities)
-    write_nifti(path, mask, geometry)
+    write_nifti(path, (labels > 0).astype(np.uint8), geometry)
     written.append(path)
-    return int(mask.sum())
+    return labels, rows
+
+
+def write_lesions(outputs, labels, rows, geometry):
+    """The lesion table of one scan (CSV, or in a BIDS dataset TSV with its JSON sidecar) and, where asked,
+    the labelled lesion mask in the input's grid (in a BIDS dataset with its lookup table)."""
+    if outputs.lesions_sidecar is not None:
+        bids.write_lesion_tsv(outputs.lesions, rows)
+    else:
+        bids.write_table(outputs.lesions, rows, list(metrics.LESION_COLUMNS), delimiter=",")
+    if outputs.labels is not None:
+        write_nifti(outputs.labels, labels, geometry)
+    if outputs.labels_lookup is not None:
+        bids.write_dseg_lookup(outputs.labels_lookup, rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,14 +439,42 @@ def read_case_manifest(path: Path, channels) -> list[list[Path]]:
     return cases
 
 
-def plan_outputs(cases, output, overwrite, save_probabilities) -> list[tuple[Path, Path | None]]:
-    """Where each case's mask (and probability map) goes; refuses anything that would lose data."""
+class Outputs(NamedTuple):
+    """Where one scan's results go; None: not asked for. ``lesions_sidecar`` and ``labels_lookup`` exist in a
+    BIDS derivatives dataset only (``bids.output_paths``), where the table is TSV."""
+    mask: Path
+    probabilities: Path | None
+    lesions: Path
+    lesions_sidecar: Path | None
+    labels: Path | None
+    labels_lookup: Path | None
+    qc: Path | None
+
+    def asked(self, probabilities, labels, qc) -> "Outputs":
+        """These outputs with those not asked for (probabilities, labelled mask, QC picture) set to None."""
+        return self._replace(probabilities=self.probabilities if probabilities else None,
+                             labels=self.labels if labels else None,
+                             labels_lookup=self.labels_lookup if labels else None, qc=self.qc if qc else None)
+
+
+def named_outputs(folder, base, mask=None) -> Outputs:
+    """The outputs of a scan outside BIDS, in ``folder``: ``<base>_prob.nii.gz``, ``<base>_lesions.csv``,
+    ``<base>_lesions.nii.gz`` (the labelled mask), ``<base>_qc.png``, and the mask ``<base>_mask.nii.gz`` unless
+    ``mask`` names it."""
+    folder = Path(folder)
+    return Outputs(mask or folder / f"{base}_mask.nii.gz", folder / f"{base}_prob.nii.gz",
+                   folder / f"{base}_lesions.csv", None, folder / f"{base}_lesions.nii.gz", None, folder / f"{base}_qc.png")
+
+
+def plan_outputs(cases, output, overwrite, save_probabilities, lesion_map=False, qc=False):
+    """Where each case's outputs go (``Outputs``) and the summary table (None for one scan); refuses anything
+    that would lose data.
+
+    One scan: ``output`` is its mask, the other files named after it (``named_outputs`` with the mask's name
+    as base: mask.nii.gz, mask_lesions.csv, ...). Several: ``output`` is a folder, each scan's files named
+    after its input (scan_mask.nii.gz, scan_lesions.csv, ...) and ``summary.csv`` beside them.
+    """
     output = Path(output)
-    parent = output.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"--output {output}: {parent} is a file, not a folder")
     if len(cases) == 1 and output.is_dir():
         raise UsageError(f"--output {output}: is a folder; one scan takes a file name ending in .nii.gz")
     if len(cases) == 1:
@@ -430,16 +482,29 @@ def plan_outputs(cases, output, overwrite, save_probabilities) -> list[tuple[Pat
             raise UsageError(f"--output {output}: expected a NIfTI file name ending in .nii or .nii.gz (or an "
                              "existing folder)")
         stem = output.name[: -len(".nii.gz")] if output.name.endswith(".nii.gz") else output.name[: -len(".nii")]
-        plan = [(output, output.with_name(f"{stem}_prob.nii.gz") if save_probabilities else None)]
+        plan, summary = [named_outputs(output.parent, stem, mask=output)], None
     else:
         if output.exists() and not output.is_dir():
             raise UsageError(f"--output {output}: {len(cases)} scans need a folder, and this is a file")
         if output.name.endswith((".nii", ".nii.gz")):
             raise UsageError(f"--output {output}: {len(cases)} scans need a folder, not a NIfTI file name")
-        plan = [(output / f"{scan_stem(c[0])}_mask.nii.gz",
-                 output / f"{scan_stem(c[0])}_prob.nii.gz" if save_probabilities else None) for c in cases]
+        plan, summary = [named_outputs(output, scan_stem(c[0])) for c in cases], output / "summary.csv"
+    plan = [outputs.asked(save_probabilities, lesion_map, qc) for outputs in plan]
+    targets = [t for outputs in plan for t in outputs if t is not None]
+    check_outputs(output, targets + [summary] if summary else targets, cases, overwrite)
+    return plan, summary
+
+
+def check_outputs(output, targets, cases, overwrite):
+    """Refuse, before anything is written, ``targets`` (the files ``--output`` names) that would lose data:
+    one of the input files of ``cases``, an existing file without ``overwrite``, a folder, or one file twice;
+    and an ``output`` below a file."""
+    parent = Path(output).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--output {output}: {parent} is a file, not a folder")
     inputs = {os.path.realpath(p) for case in cases for p in case}
-    targets = [t for pair in plan for t in pair if t is not None]
     if len({os.path.realpath(t) for t in targets}) < len(targets):
         raise UsageError(f"--output {output}: two inputs would write the same mask (their names agree)")
     for target in targets:
@@ -450,42 +515,79 @@ def plan_outputs(cases, output, overwrite, save_probabilities) -> list[tuple[Pat
             raise UsageError(f"--output {target}: exists; pass --overwrite to replace it")
         if target.is_dir():
             raise UsageError(f"--output {target}: is a folder")
-    root = output if len(cases) > 1 else output.parent
+    root = Path(output)
+    root = root.parent if root.name.endswith((".nii", ".nii.gz")) else root  # one scan's mask, else a folder
     try:
         for target in targets:
             inside(target, root)
         check_writable(root)
     except UsageError as e:
         raise UsageError(f"--output {e}") from None
-    return plan
 
 
 def predict(model, config, inputs, output, threshold=0.5, window=None, tta=False, save_probabilities=False,
-            resample=True, overwrite=False, amp=True, device="cpu") -> int:
+            resample=True, overwrite=False, amp=True, device="cpu", min_lesion_size=0.0, lesion_map=False, qc=False,
+            participants=None, checkpoint=None) -> int:
     """The ``predict`` command: segment scans with a model of ``load_model``, loaded once; returns the exit
-    status (1 if a scan failed during prediction; the others are written)."""
+    status (1 if a scan failed during prediction; the others are written).
+
+    Per scan: the mask, its lesion table, and as asked the probabilities, the labelled lesion mask
+    (``lesion_map``) and the QC picture (``qc``); lesions under ``min_lesion_size`` mm³ dropped from all of
+    them. ``inputs`` one BIDS dataset: its cases (``bids.find_cases``, of the subjects ``participants`` if
+    given) written as a derivatives dataset at ``output`` (``bids.plan_outputs``; ``checkpoint``, the file,
+    names it). Every input and output is checked before the model runs.
+    """
     if not 0 < threshold < 1:
         raise UsageError(f"--threshold must be in (0, 1), got {threshold}")
+    if not (math.isfinite(min_lesion_size) and min_lesion_size >= 0):
+        raise UsageError(f"--min-lesion-size must be a volume in mm³, 0 or more, got {min_lesion_size:g}")
     channels = config["channels"]
-    cases = list_cases(inputs, channels)
-    plan = plan_outputs(cases, output, overwrite, save_probabilities)
+    dataset = Path(inputs[0]) if len(inputs) == 1 and bids.is_dataset(inputs[0]) else None
+    if dataset is None:
+        if participants:
+            raise UsageError("--participant-label applies to a BIDS dataset as --input (a folder with "
+                             "dataset_description.json)")
+        cases = list_cases(inputs, channels)
+        names = [case[0].name for case in cases]
+        plan, summary = plan_outputs(cases, output, overwrite, save_probabilities, lesion_map, qc)
+    else:
+        found, skipped = bids.find_cases(dataset, channels, participants)
+        for reason in skipped:
+            print(f"skipped {reason}", file=sys.stderr)
+        cases, names = [list(case.files) for case in found], [case.source for case in found]
+        sha256 = bids.file_sha256(checkpoint)
+        plan, summary, earlier = bids.plan_outputs(found, dataset, output, sha256, overwrite, save_probabilities,
+                                                   lesion_map, qc)
     spacing = config["spacing_mm"] if resample else None
     for case in cases:  # every input read and checked before the model runs
         try:
             data.read_scan(case, norm=config["norm"], spacing=spacing)
         except data.DataError as e:
             raise UsageError(f"--input {e}") from None
-    remove_leftovers(plan[0][0].parent)  # of a predict killed while writing there
-    failed, written, done = [], [], 0
-    bar = tqdm(list(zip(cases, plan)), desc="scans", disable=len(cases) == 1 or not os.isatty(2))
+    if dataset is not None:
+        bids.write_dataset_description(output, sha256, dataset, overwrite)
+    failed, rows, written, done = [], [], [], 0
+    settings = {"threshold": threshold, "min_lesion_size_mm3": min_lesion_size,
+                "connectivity": metrics.LESION_CONNECTIVITY}
+    for folder in {path.parent for outputs in plan for path in outputs if path is not None}:
+        remove_leftovers(folder)  # of a predict killed while writing there
+    bar = tqdm(list(zip(cases, names, plan)), desc="scans", disable=len(cases) == 1 or not os.isatty(2))
     try:
-        for case, (mask_path, prob_path) in bar:
+        for case, name, outputs in bar:
             try:
                 image, geometry, background = data.read_scan(case, norm=config["norm"], spacing=spacing)
                 logits = predict_logits(model, image.to(device), window, amp=amp, tta=tta, background=background)
-                mask_path.parent.mkdir(parents=True, exist_ok=True)
-                voxels = write_prediction(mask_path, logits, geometry, threshold, prob_path, written)
-                print(f"{mask_path}: {voxels} lesion voxels")
+                for path in outputs:
+                    if path is not None:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                labels, lesions = write_prediction(outputs.mask, logits, geometry, threshold,
+                                                   outputs.probabilities, min_lesion_size, written)
+                write_lesions(outputs, labels, lesions, geometry)
+                if outputs.qc is not None:  # the first channel, as stored
+                    figures.qc(outputs.qc, data.read_image(case[0])[0], labels > 0, geometry.affine, name)
+                written.extend(path for path in outputs[2:] if path is not None)
+                rows.append({"scan": name, **metrics.lesion_summary(labels, geometry.affine), **settings})
+                print(f"{outputs.mask}: {rows[-1]['lesion_count']} lesions, {rows[-1]['lesion_volume_ml']:.3g} mL")
             except Exception as e:  # one bad scan must not cost the others
                 failed.append(case[0])
                 print(f"error: {case[0]}: prediction failed ({type(e).__name__}: {str(e).splitlines()[0]})",
@@ -493,6 +595,12 @@ def predict(model, config, inputs, output, threshold=0.5, window=None, tta=False
             done += 1
     except KeyboardInterrupt:
         raise Interrupted(written, done, len(cases)) from None
+    if summary is not None and rows:
+        if dataset is None:
+            bids.write_table(summary, rows, list(metrics.SUMMARY_COLUMNS), delimiter=",")
+        else:
+            bids.write_summary(summary, rows, earlier)
+        print(f"{summary}: {len(rows)} scan{'s' * (len(rows) != 1)}")
     if failed:
         print(f"error: {len(failed)} of {len(cases)} scans failed: {', '.join(map(str, failed))}",
               file=sys.stderr)

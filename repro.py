@@ -321,22 +321,35 @@ def predict_parser():
         prog="repro.py predict", description="Segment new scans with a trained model. Each scan is read as in "
         "training: reoriented to RAS, resampled to the checkpoint's voxel size (unless --no-resample), cropped to "
         "its non-zero brain and z-normalised; it should be skull-stripped like the training data. The mask comes "
-        "back in the input's own grid, orientation, affine and header.")
+        "back in the input's own grid, orientation, affine and header, with a table of its lesions (connected "
+        "components) beside it; a BIDS dataset as --input gives a BIDS derivatives dataset as --output.")
     p.add_argument("--checkpoint", required=True, help="best.pt (or last.pt) written by a training run")
     p.add_argument("--input", required=True, nargs="+", metavar="SCAN",
-                   help="NIfTI or NRRD files, or one folder of them; a multi-channel model takes one file per "
-                        "channel in its order, or a CSV manifest with one column per channel")
-    p.add_argument("--output", required=True, help="the mask, NIfTI, for one scan; a folder for several (masks "
-                                                   "named <input>_mask.nii.gz)")
+                   help="NIfTI or NRRD files, or one folder of them, or a BIDS dataset (a folder with "
+                        "dataset_description.json); a multi-channel model takes one file per channel in its order, "
+                        "or a CSV manifest with one column per channel")
+    p.add_argument("--output", required=True,
+                   help="the mask, NIfTI, for one scan; a folder for several (masks named <input>_mask.nii.gz, "
+                        "summary.csv) or for a BIDS dataset's derivatives")
+    p.add_argument("--participant-label", "--participant_label", dest="participants", nargs="+", metavar="LABEL",
+                   help="with a BIDS dataset: only these subjects (with or without sub-); the BIDS Apps spelling "
+                        "--participant_label works too")
     p.add_argument("--model", choices=sorted(MODEL_NAMES), help="check that the checkpoint holds this model")
     p.add_argument("--threshold", type=float, default=0.5, help="on the sigmoid, in (0, 1) (default 0.5)")
+    p.add_argument("--min-lesion-size", type=float, default=0.0, metavar="MM3",
+                   help="drop lesions smaller than this many mm³ from the mask and the tables (default 0: keep "
+                        "every lesion)")
     p.add_argument("--window", type=int, help="sliding-window side in voxels (default: whole scan)")
     p.add_argument("--tta", action="store_true", help="average the logits over the 8 mirrorings (nnU-Net's TTA)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write the sigmoid as float32 NIfTI (<mask>_prob.nii.gz)")
+    p.add_argument("--lesion-map", action="store_true",
+                   help="also write the labelled lesion mask, each lesion its number in the table "
+                        "(<input>_lesions.nii.gz)")
+    p.add_argument("--qc", action="store_true", help="also write a picture to check each result (<input>_qc.png)")
     p.add_argument("--no-resample", dest="resample", action="store_false",
                    help="predict at the scan's own voxel size, not the checkpoint's")
-    p.add_argument("--overwrite", action="store_true", help="replace existing masks")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 (default bf16 where supported)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available)")
     return p
@@ -355,7 +368,9 @@ def predict(argv):
         if args.window < smallest:
             raise UsageError(f"--window must be at least {smallest} voxels for this network, got {args.window}")
     return infer.predict(model, config, args.input, args.output, args.threshold, args.window, args.tta,
-                         args.save_probabilities, args.resample, args.overwrite, args.amp, device)
+                         args.save_probabilities, args.resample, args.overwrite, args.amp, device,
+                         min_lesion_size=args.min_lesion_size, lesion_map=args.lesion_map, qc=args.qc,
+                         participants=args.participants, checkpoint=args.checkpoint)
 
 
 # --------------------------------------------------------------------------------------------

@@ -175,6 +175,7 @@ def train_one_epoch(run, net, optimizer, sampler, augmentations, generator) -> f
             loss.backward()
             optimizer.step()
             total += loss.detach()
+            run.log.pace(i, len(sampler), run.device, run.protocol)
             if i % 10 == 0 or i == len(sampler):  # a host sync only every 10 steps
                 if not math.isfinite(mean := total.item() / i):
                     raise Diverged(f"the training loss became {mean} within the last 10 steps")
@@ -714,6 +715,7 @@ class Log:
 
     def __init__(self, path):  # None: a silent log, for ranks > 0 under torchrun
         self.path, self.start, self.epochs = path and Path(path), time.perf_counter(), 0
+        self.first_step, self.paced = None, False
 
     def __call__(self, line):
         if self.path is None:
@@ -731,11 +733,44 @@ class Log:
              f"val DSC {row['val_dsc']:.4f}, {row['seconds']:.0f} s; best epoch {stopper.best_epoch}; "
              f"ETA {duration(least * per_epoch)} to {duration(most * per_epoch)}")
 
+    def pace(self, step, steps, device, protocol):
+        """Called after training step ``step`` (from 1) of an epoch of ``steps``: once per process, the line of
+        ``pace_line`` when step PACE_STEPS ends, or earlier once PACE_SECONDS have passed, so that a slow device
+        shows long before the first epoch ends. Timed from the end of step 1, which pays one-time costs; on CUDA
+        after the queued steps finish."""
+        if self.path is None or self.paced or steps < PACE_STEPS or step > PACE_STEPS:
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        if step == 1:
+            self.first_step = now
+        elif step == PACE_STEPS or now - self.first_step >= PACE_SECONDS:
+            self.paced = True
+            self(pace_line((now - self.first_step) / (step - 1), steps, protocol.epochs,
+                           suggest_quick=device.type == "cpu" and protocol.patch_size > QUICK.patch_size))
+
     def test(self, results, stopper, out):
         mean = results["mean"]
         self(f"Test ({len(results['scans'])} scans, best epoch {stopper.best_epoch} of {stopper.epoch}): DSC "
              f"{mean['dsc']:.4f}, IoU {mean['iou']:.4f}, lesion TPR {mean['ltpr']:.3f}, lesion FPR {mean['lfpr']:.3f}. "
              f"Results in {out}/")
+
+
+PACE_STEPS, PACE_SECONDS = 3, 30.0
+"""After this many training steps, or this many seconds of steps after the first, the log projects the run's
+duration (``Log.pace``)."""
+
+
+def pace_line(per_step, steps, epochs, suggest_quick) -> str:
+    """The measured time per training step, and what it projects for an epoch of ``steps`` steps and for a run
+    of ``epochs`` (validation not counted); ``suggest_quick``: point to the CPU preset."""
+    line = (f"pace: {per_step:.3g} s per training step: about {duration(per_step * steps)} per epoch of {steps} "
+            f"steps, {duration(per_step * steps * epochs)} for {epochs} epochs (validation not counted)")
+    if suggest_quick:
+        line += (f"; on a CPU, try --quick, the preset made for it ({QUICK.spacing:g} mm, {QUICK.patch_size}³ "
+                 f"patches, {QUICK.epochs} epochs)")
+    return line
 
 
 def progress(items, desc, total=None):

@@ -8,6 +8,7 @@ import pytest
 
 import bids
 import metrics
+import repro
 from infer import UsageError
 
 FILES = [
@@ -25,7 +26,7 @@ FILES = [
 
 
 @pytest.fixture
-def dataset(tmp_path):
+def tiny(tmp_path):
     """A tiny BIDS dataset (8^3 images): sessions, subjects lacking a contrast, an ambiguous case."""
     root = tmp_path / "bids"
     for name in FILES:
@@ -40,8 +41,8 @@ def names(cases):
     return [(c.folder.as_posix(), c.source, [p.name for p in c.files]) for c in cases]
 
 
-def test_finds_flair_cases_in_sessions_and_lists_the_skipped(dataset):
-    cases, skipped = bids.find_cases(dataset, ["FLAIR"])
+def test_finds_flair_cases_in_sessions_and_lists_the_skipped(tiny):
+    cases, skipped = bids.find_cases(tiny, ["FLAIR"])
     assert names(cases) == [
         ("sub-01/ses-01/anat", "sub-01_ses-01", ["sub-01_ses-01_FLAIR.nii.gz"]),
         ("sub-01/ses-02/anat", "sub-01_ses-02", ["sub-01_ses-02_FLAIR.nii.gz"]),
@@ -54,8 +55,8 @@ def test_finds_flair_cases_in_sessions_and_lists_the_skipped(dataset):
         "sub-04/ses-02/anat: no anat folder"]
 
 
-def test_matches_contrasts_on_the_same_entities_and_skips_the_rest(dataset):
-    cases, skipped = bids.find_cases(dataset, ["FLAIR", "MPRAGE"])
+def test_matches_contrasts_on_the_same_entities_and_skips_the_rest(tiny):
+    cases, skipped = bids.find_cases(tiny, ["FLAIR", "MPRAGE"])
     assert names(cases) == [
         ("sub-01/ses-01/anat", "sub-01_ses-01", ["sub-01_ses-01_FLAIR.nii.gz", "sub-01_ses-01_T1w.nii.gz"]),
         ("sub-02/anat", "sub-02_acq-3d", ["sub-02_acq-3d_FLAIR.nii", "sub-02_acq-3d_T1w.nii.gz"]),
@@ -67,8 +68,8 @@ def test_matches_contrasts_on_the_same_entities_and_skips_the_rest(dataset):
     assert {s.subject for s in skipped} == {"01", "02", "03", "04"}
 
 
-def test_participant_labels_restrict_with_or_without_prefix(dataset):
-    cases, skipped = bids.find_cases(dataset, ["FLAIR", "MPRAGE"], ["sub-04", "01"])
+def test_participant_labels_restrict_with_or_without_prefix(tiny):
+    cases, skipped = bids.find_cases(tiny, ["FLAIR", "MPRAGE"], ["sub-04", "01"])
     assert [c.subject for c in cases] == ["01", "04"] and {s.subject for s in skipped} == {"01", "04"}
 
 
@@ -77,20 +78,20 @@ def test_participant_labels_restrict_with_or_without_prefix(dataset):
     (["01", "sub-09", "7"], r"^--participant-label 09, 7: no such subject in .*bids \(it has 01, 02, 03, 04\)$"),
     (["sub-0_1"], r"^--participant-label sub-0_1: expected a BIDS label"),
 ])
-def test_participant_label_errors_are_one_line(dataset, labels, message):
+def test_participant_label_errors_are_one_line(tiny, labels, message):
     with pytest.raises(UsageError, match=message) as error:
-        bids.find_cases(dataset, ["FLAIR"], labels)
+        bids.find_cases(tiny, ["FLAIR"], labels)
     assert "\n" not in str(error.value)
 
 
-def test_refuses_channels_without_bids_suffix_and_non_bids_folders(dataset, tmp_path):
+def test_refuses_channels_without_bids_suffix_and_non_bids_folders(tiny, tmp_path):
     with pytest.raises(UsageError, match=r"channel\(s\) T1 have no BIDS suffix"):
-        bids.find_cases(dataset, ["FLAIR", "T1"])
+        bids.find_cases(tiny, ["FLAIR", "T1"])
     with pytest.raises(UsageError, match="not a BIDS dataset"):
-        bids.find_cases(dataset / "sub-01", ["FLAIR"])
+        bids.find_cases(tiny / "sub-01", ["FLAIR"])
     with pytest.raises(UsageError, match=r"no scan with FLAIR and PDw of the same entities .*sub-01/ses-01/anat/sub-01_ses-01: no "
                                          r"sub-01_ses-01_PDw.*; and \d+ more\)$"):
-        bids.find_cases(dataset, ["FLAIR", "PDW"])
+        bids.find_cases(tiny, ["FLAIR", "PDW"])
 
 
 ENTITY = r"[a-zA-Z]+-[a-zA-Z0-9]+"
@@ -99,8 +100,8 @@ NAME = re.compile(rf"(?P<sub>sub-[a-zA-Z0-9]+)(?:_(?P<ses>ses-[a-zA-Z0-9]+))?(?:
 
 
 def check_derivatives(out_root, source_root, sha256):
-    """A structural check of a derivatives dataset: its description, and every file named by BIDS entities in
-    the folder its sub- and ses- entities name (anat/, or the subject's figures/)."""
+    """A structural check of a derivatives dataset: its description and summary at the root, and every other file
+    named by BIDS entities in the folder its sub- and ses- entities name (anat/, or the subject's figures/)."""
     description = json.loads((out_root / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative" and description["BIDSVersion"]
     generated = description["GeneratedBy"][0]
@@ -109,7 +110,7 @@ def check_derivatives(out_root, source_root, sha256):
     assert description["SourceDatasets"][0]["URL"] == source_root.resolve().as_uri()
     files = [p.relative_to(out_root) for p in out_root.rglob("*") if p.is_file()]
     for path in files:
-        if path.name == "dataset_description.json":
+        if path.name in ("dataset_description.json", bids.SUMMARY, Path(bids.SUMMARY).with_suffix(".json").name):
             assert path.parent == Path(".")
             continue
         match = NAME.fullmatch(path.name)
@@ -120,31 +121,31 @@ def check_derivatives(out_root, source_root, sha256):
     return files
 
 
-def test_outputs_mirror_the_input_tree_as_a_bids_derivatives_dataset(dataset, tmp_path):
-    cases, _ = bids.find_cases(dataset, ["FLAIR", "MPRAGE"])
+def test_outputs_mirror_the_input_tree_as_a_bids_derivatives_dataset(tiny, tmp_path):
+    cases, _ = bids.find_cases(tiny, ["FLAIR", "MPRAGE"])
     out = tmp_path / "derivatives" / bids.NAME
     sha = "ab" * 32
-    assert bids.write_dataset_description(out, sha, dataset) == out / "dataset_description.json"
+    assert bids.write_dataset_description(out, sha, tiny) == out / "dataset_description.json"
     rows = [{"lesion_id": 1, "voxels": 3, "volume_ml": 0.003, "centroid_x_mm": -1.5, "centroid_y_mm": 2.0,
              "centroid_z_mm": 30.25, "centroid_i": 1.0, "centroid_j": 2.0, "centroid_k": 3.0,
              "mean_probability": None, "max_probability": None}]
     for case in cases:
         paths = bids.output_paths(case, out)
-        for target in (paths.mask, paths.probseg, paths.labels, paths.qc):
+        for target in (paths.mask, paths.probabilities, paths.labels, paths.qc):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(b"")
         bids.write_lesion_tsv(paths.lesions, rows)
         bids.write_dseg_lookup(paths.labels_lookup, rows)
         assert paths.lesions_sidecar.is_file()
-    files = check_derivatives(out, dataset, sha)
+    files = check_derivatives(out, tiny, sha)
     assert len(files) == 1 + 7 * len(cases)
     first = bids.output_paths(cases[0], out)
     assert first.mask == out / "sub-01/ses-01/anat/sub-01_ses-01_space-orig_label-lesion_mask.nii.gz"
-    assert first.probseg.name == "sub-01_ses-01_space-orig_label-lesion_probseg.nii.gz"
+    assert first.probabilities.name == "sub-01_ses-01_space-orig_label-lesion_probseg.nii.gz"
     assert first.labels.name == "sub-01_ses-01_space-orig_seg-lesion_dseg.nii.gz"
     assert first.qc == out / "sub-01/figures/sub-01_ses-01_space-orig_label-lesion_qc.png"
     for case in cases:  # the tree mirrors the input's
-        assert bids.output_paths(case, out).mask.parent.relative_to(out) == case.files[0].parent.relative_to(dataset)
+        assert bids.output_paths(case, out).mask.parent.relative_to(out) == case.files[0].parent.relative_to(tiny)
 
 
 def test_lesion_tsv_and_sidecar_describe_every_column(tmp_path):
@@ -164,23 +165,66 @@ def test_lesion_tsv_and_sidecar_describe_every_column(tmp_path):
     assert (tmp_path / "x_dseg.tsv").read_text() == "index\tname\tmapping\n1\tlesion 1\t7\n2\tlesion 2\t7\n"
 
 
-def test_dataset_description_is_kept_when_identical_and_never_written_over_the_source(dataset, tmp_path):
+def test_dataset_description_is_kept_when_identical_and_never_written_over_the_source(tiny, tmp_path):
     out = tmp_path / "out"
-    bids.write_dataset_description(out, "a" * 64, dataset)
+    bids.write_dataset_description(out, "a" * 64, tiny)
     description = json.loads((out / "dataset_description.json").read_text())
-    assert description["SourceDatasets"] == [{"URL": dataset.resolve().as_uri(), "DOI": "doi:10.0000/tiny"}]
-    bids.write_dataset_description(out, "a" * 64, dataset)  # another participant, the same run: fine
+    assert description["SourceDatasets"] == [{"URL": tiny.resolve().as_uri(), "DOI": "doi:10.0000/tiny"}]
+    bids.write_dataset_description(out, "a" * 64, tiny)  # another participant, the same run: fine
     with pytest.raises(UsageError, match="exists and describes other outputs"):
-        bids.write_dataset_description(out, "b" * 64, dataset)
-    bids.write_dataset_description(out, "b" * 64, dataset, overwrite=True)
+        bids.write_dataset_description(out, "b" * 64, tiny)
+    bids.write_dataset_description(out, "b" * 64, tiny, overwrite=True)
     assert "b" * 64 in (out / "dataset_description.json").read_text()
-    before = (dataset / "dataset_description.json").read_text()
-    with pytest.raises(UsageError, match="is the input BIDS dataset"):
-        bids.write_dataset_description(dataset, "a" * 64, dataset, overwrite=True)
-    assert (dataset / "dataset_description.json").read_text() == before
+    before = (tiny / "dataset_description.json").read_text()
+    with pytest.raises(UsageError, match="would write into the input BIDS dataset"):
+        bids.write_dataset_description(tiny, "a" * 64, tiny, overwrite=True)
+    assert (tiny / "dataset_description.json").read_text() == before
 
 
 def test_file_sha256(tmp_path):
     (tmp_path / "best.pt").write_bytes(b"abc")
     assert bids.file_sha256(tmp_path / "best.pt") == \
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def phantom_bids(dataset, root):
+    """A BIDS dataset of phantom FLAIRs: sub-01 with two sessions, sub-02 without, sub-03 with a T1w only."""
+    flairs = sorted((dataset / "training").glob("*/preprocessed/*_flair_pp.nii"))
+    layout = {"sub-01/ses-01/anat/sub-01_ses-01_FLAIR.nii.gz": flairs[0],
+              "sub-01/ses-02/anat/sub-01_ses-02_FLAIR.nii.gz": flairs[1],
+              "sub-02/anat/sub-02_FLAIR.nii.gz": flairs[2], "sub-03/anat/sub-03_T1w.nii.gz": flairs[3]}
+    for name, source in layout.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.load(source), root / name)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "phantom", "BIDSVersion": "1.10.0"}))
+    return root
+
+
+def test_predict_a_bids_dataset_writes_a_derivatives_dataset(finished, dataset, tmp_path, capsys):
+    source = phantom_bids(dataset, tmp_path / "bids")
+    before = sorted(source.rglob("*"))
+    out = tmp_path / "derivatives" / bids.NAME
+
+    def predict(*options, output=out):
+        return repro.main(["predict", "--checkpoint", str(finished / "best.pt"), "--input", str(source), "--output",
+                           str(output), "--device", "cpu", *options])
+    assert predict("--participant-label", "03") == 2  # no FLAIR: refused before any work
+    assert predict(output=source / "derivatives-not") == 2
+    assert "would write into the input BIDS dataset" in capsys.readouterr().err and not out.exists()
+    assert predict("--save-probabilities", "--lesion-map", "--qc") == 0
+    assert "skipped sub-03/anat: no *_FLAIR.nii[.gz]" in capsys.readouterr().err.splitlines()
+    files = check_derivatives(out, source, bids.file_sha256(finished / "best.pt"))
+    assert len(files) == 3 + 7 * 3
+    mask = nib.load(out / "sub-01/ses-02/anat/sub-01_ses-02_space-orig_label-lesion_mask.nii.gz")
+    np.testing.assert_allclose(mask.affine, nib.load(source / "sub-01/ses-02/anat/sub-01_ses-02_FLAIR.nii.gz").affine)
+    summary = (out / bids.SUMMARY).read_text().splitlines()
+    assert summary[0].split("\t") == list(metrics.SUMMARY_COLUMNS)
+    assert [line.split("\t")[0] for line in summary[1:]] == ["sub-01_ses-01", "sub-01_ses-02", "sub-02"]
+    for line in summary[1:]:
+        tsv = next(out.rglob(f"{line.split()[0]}_space-orig_label-lesion_lesions.tsv"))
+        assert len(tsv.read_text().splitlines()) - 1 == int(line.split("\t")[1])
+    # one participant again, with a minimum lesion size: its rows replaced, the others' kept
+    assert predict("--participant-label", "sub-02", "--min-lesion-size", "1000", "--overwrite") == 0
+    rows = [line.split("\t") for line in (out / bids.SUMMARY).read_text().splitlines()[1:]]
+    assert [(r[0], r[4]) for r in rows] == [("sub-01_ses-01", "0"), ("sub-01_ses-02", "0"), ("sub-02", "1000")]
+    assert sorted(source.rglob("*")) == before  # nothing written into the input dataset

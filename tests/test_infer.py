@@ -1,12 +1,19 @@
+import csv
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from matplotlib.image import imread
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 import infer
+import metrics
 import repro
+import train
 
 
 class Voxelwise(torch.nn.Module):
@@ -116,7 +123,9 @@ def test_a_scan_that_fails_during_prediction_is_named_and_the_others_written(fin
     err = capsys.readouterr().err
     assert sources[1].name in err and "1 of 3 scans failed" in err
     written = sorted(p.name for p in out.iterdir())
-    assert written == sorted(f"{s.name[:-4]}_mask.nii.gz" for s in (sources[0], sources[2]))
+    stems = [s.name[:-4] for s in (sources[0], sources[2])]
+    assert written == sorted(["summary.csv", *(f"{s}_{o}" for s in stems for o in ("mask.nii.gz", "lesions.csv"))])
+    assert [row["scan"] for row in csv.DictReader(open(out / "summary.csv"))] == [s + ".nii" for s in stems]
 
 
 def test_predict_never_writes_over_its_input(finished, dataset, tmp_path, capsys):
@@ -204,3 +213,113 @@ def test_atomic_names_its_temporary_so_that_leftovers_are_told_apart(tmp_path):
     infer.atomic(tmp_path / "a.txt", lambda tmp: (seen.append(tmp.name), tmp.write_text("a")))
     assert seen == [f".tmp-{os.getpid()}-a.txt"] and (tmp_path / "a.txt").read_text() == "a"
     assert not infer.remove_leftovers(tmp_path / "absent")
+
+
+def oblique_folder(dataset, folder):
+    """A folder of two scans: a phantom scan as it is, and the same voxels under an anisotropic (3 x 4 x 5 mm),
+    rotated affine, so that lesion volumes need the affine's determinant and centroids its rotation."""
+    source = nib.load(scans_of(dataset)[0])
+    affine = np.eye(4)
+    affine[:3, :3] = Rotation.from_euler("zx", [25, 10], degrees=True).as_matrix() @ np.diag([3.0, 4.0, 5.0])
+    affine[:3, 3] = [-70, -100, -60]
+    folder.mkdir()
+    nib.save(nib.Nifti1Image(np.asarray(source.dataobj, dtype=np.float32), affine), folder / "oblique.nii.gz")
+    nib.save(source, folder / "plain.nii.gz")
+    return folder
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_a_folder_writes_lesion_tables_and_a_summary_that_an_independent_count_confirms(
+        finished, dataset, tmp_path):
+    folder, out = oblique_folder(dataset, tmp_path / "in"), tmp_path / "out"
+    assert predict("--checkpoint", finished / "best.pt", "--input", folder, "--output", out) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "oblique_lesions.csv", "oblique_mask.nii.gz", "plain_lesions.csv", "plain_mask.nii.gz", "summary.csv"]
+    summary = {row["scan"]: row for row in read_csv(out / "summary.csv")}
+    assert list(summary) == ["oblique.nii.gz", "plain.nii.gz"]
+    for name in ("oblique", "plain"):
+        written = nib.load(out / f"{name}_mask.nii.gz")
+        mask = np.asarray(written.dataobj)
+        labels, count = ndimage.label(mask, ndimage.generate_binary_structure(3, 2))  # 18-connectivity
+        voxel_mm3 = abs(np.linalg.det(written.affine[:3, :3]))
+        assert count > 1
+        row = summary[f"{name}.nii.gz"]
+        assert int(row["lesion_count"]) == count and float(row["threshold"]) == 0.5
+        assert float(row["lesion_volume_ml"]) == pytest.approx(mask.sum() * voxel_mm3 / 1000, rel=1e-5)
+        lesions = read_csv(out / f"{name}_lesions.csv")
+        assert len(lesions) == count and list(lesions[0]) == list(metrics.LESION_COLUMNS)
+        sizes = sorted(np.bincount(labels.ravel())[1:].tolist(), reverse=True)
+        assert [int(r["voxels"]) for r in lesions] == sizes  # numbered by decreasing size
+        largest = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+        centroid = np.argwhere(largest).mean(0)
+        world = written.affine @ [*centroid, 1]
+        got = lesions[0]
+        assert float(got["volume_ml"]) == pytest.approx(largest.sum() * voxel_mm3 / 1000, rel=1e-5)
+        np.testing.assert_allclose([float(got[f"centroid_{a}"]) for a in "ijk"], centroid, atol=1e-3)
+        np.testing.assert_allclose([float(got[f"centroid_{a}_mm"]) for a in "xyz"], world[:3], atol=1e-3)
+        assert 0.5 < float(got["mean_probability"]) <= float(got["max_probability"]) <= 1
+
+
+def test_min_lesion_size_drops_small_lesions_from_the_mask_the_tables_and_the_lesion_map(finished, dataset, tmp_path):
+    folder = oblique_folder(dataset, tmp_path / "in")
+    for name, size in (("all", 0), ("large", 300)):
+        assert predict("--checkpoint", finished / "best.pt", "--input", folder, "--output", tmp_path / name,
+                       "--min-lesion-size", size, "--lesion-map") == 0
+    every = np.asarray(nib.load(tmp_path / "all" / "oblique_mask.nii.gz").dataobj)
+    large = nib.load(tmp_path / "large" / "oblique_mask.nii.gz")
+    labels, count = ndimage.label(every, ndimage.generate_binary_structure(3, 2))
+    volumes = np.bincount(labels.ravel())[1:] * abs(np.linalg.det(large.affine[:3, :3]))
+    kept = np.flatnonzero(volumes >= 300) + 1
+    assert 0 < len(kept) < count
+    assert np.array_equal(np.asarray(large.dataobj) == 1, np.isin(labels, kept))
+    lesions = read_csv(tmp_path / "large" / "oblique_lesions.csv")
+    assert len(lesions) == len(kept) and min(float(r["volume_ml"]) for r in lesions) >= 0.3
+    assert read_csv(tmp_path / "large" / "summary.csv")[0]["min_lesion_size_mm3"] == "300"
+    lesion_map = np.asarray(nib.load(tmp_path / "large" / "oblique_lesions.nii.gz").dataobj)
+    assert [int((lesion_map == int(r["lesion_id"])).sum()) for r in lesions] == [int(r["voxels"]) for r in lesions]
+    assert np.array_equal(lesion_map > 0, np.asarray(large.dataobj) == 1)
+    assert predict("--checkpoint", finished / "best.pt", "--input", folder, "--output", tmp_path / "x",
+                   "--min-lesion-size", "-1") == 2 and not (tmp_path / "x").exists()
+
+
+def test_qc_writes_a_picture_per_scan_beside_its_mask(finished, dataset, tmp_path):
+    source, output = scans_of(dataset)[0], tmp_path / "sub" / "mask.nii.gz"
+    assert predict("--checkpoint", finished / "best.pt", "--input", source, "--output", output, "--qc") == 0
+    assert sorted(p.name for p in output.parent.iterdir()) == ["mask.nii.gz", "mask_lesions.csv", "mask_qc.png"]
+    height, width = imread(output.parent / "mask_qc.png").shape[:2]
+    assert width > 800 and height > 600
+
+
+def test_participant_label_needs_a_bids_dataset(finished, dataset, tmp_path, capsys):
+    assert predict("--checkpoint", finished / "best.pt", "--input", scans_of(dataset)[0], "--output",
+                   tmp_path / "m.nii.gz", "--participant-label", "01") == 2
+    assert "--participant-label applies to a BIDS dataset" in capsys.readouterr().err
+
+
+def test_the_pace_line_projects_an_epoch_and_a_run_and_shows_once(tmp_path, capsys, monkeypatch):
+    line = train.pace_line(2.0, 100, 50, suggest_quick=True)
+    assert line.startswith("pace: 2 s per training step: about 3 min per epoch of 100 steps, 2.8 h for 50 epochs")
+    assert "--quick" in line and "--quick" not in train.pace_line(0.1, 10, 5, suggest_quick=False)
+    cpu = torch.device("cpu")
+    for seconds, shown_after in ((1e9, train.PACE_STEPS), (0.0, 2)):  # slow steps: shown after the second
+        monkeypatch.setattr(train, "PACE_SECONDS", seconds)
+        log = train.Log(tmp_path / f"{seconds}.log")
+        for epoch in range(2):
+            for step in range(1, 11):
+                log.pace(step, 10, cpu, train.PAPER)
+                if epoch == 0 and step == shown_after - 1:
+                    assert "pace: " not in capsys.readouterr().out
+        printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pace: ")]
+        assert len(printed) == 1 and "--quick" in printed[0]  # the paper's 144³ patches on a CPU
+        assert (tmp_path / f"{seconds}.log").read_text().splitlines() == printed
+
+
+def test_the_docs_describe_every_column_as_the_code_does():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "predict.md").read_text()
+    for columns in (metrics.LESION_COLUMNS, metrics.SUMMARY_COLUMNS):
+        for name, (description, units) in columns.items():
+            assert f"| `{name}` | {units or ''} | {description} |" in text, name
