@@ -576,7 +576,8 @@ def test_predict_clears_only_the_leftovers_of_a_killed_predict(finished, scan, t
     second.write_bytes(scan.read_bytes())
     assert run(["predict", "--checkpoint", str(finished / "best.pt"), "--device", "cpu", "--input", str(scan),
                 str(second), "--output", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted([*kept, "scan_mask.nii.gz", "other_mask.nii.gz"])
+    written = [f"{stem}_{kind}" for stem in ("scan", "other") for kind in ("mask.nii.gz", "lesions.csv")]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*kept, *written, "summary.csv"])
 
 
 def test_ctrl_c_during_predict_names_what_was_written(finished, dataset, tmp_path, monkeypatch):
@@ -595,6 +596,6 @@ def test_ctrl_c_during_predict_names_what_was_written(finished, dataset, tmp_pat
     with pytest.raises(infer.Interrupted) as caught:
         infer.predict(model, config, sources, out, save_probabilities=True)
     written = sorted(p.name for p in out.iterdir())
-    assert len(written) == 4 and sorted(p.name for p in caught.value.written) == written
+    assert len(written) == 6 and sorted(p.name for p in caught.value.written) == written  # mask, probabilities, table
     assert caught.value.done == 2 and caught.value.total == 4
     assert "after 2 of 4 scans" in str(caught.value) and all(name in str(caught.value) for name in written)
