@@ -214,7 +214,7 @@ def table2(base, run, explicit_channels):
         protocol = replace(base, model=model, channels=stack, seed=seed)
         cell = out / f"seed{seed}" / f"{model}-{'+'.join(stack)}"
         plan.append((protocol, cell, plan_cell(protocol, cell, run["overwrite"], group)))
-    check_data([protocol for protocol, _, action in plan if action != "reuse"], group)
+    check_data(plan, group)
     train.ACTIVE["table"] = out
     with train.lock_folder(out, "--out") if group.lead else nullcontext():
         train.check_folder(out, "--out", table_files, probe=group.lead)  # again, now that no one else writes
@@ -285,16 +285,22 @@ def plan_cell(protocol, cell, overwrite, group) -> str:
     return action
 
 
-def check_data(protocols, group):
-    """The data of every cell that will train, read and checked before the first cell: its channels, its
-    scans, the split and the sizes each network needs. Each set of channels is read once."""
+def check_data(plan, group):
+    """The data of every cell that will train or resume, read and checked before the first cell: its
+    channels, its scans, the split, the sizes each network needs, and for a resumed cell that its split
+    and data files are those it was run with. Each set of channels is read once."""
     by_channels = {}
-    for protocol in protocols:
-        by_channels.setdefault(protocol.channels, []).append(protocol)
+    for protocol, cell, action in plan:
+        if action != "reuse":
+            by_channels.setdefault(protocol.channels, []).append((protocol, cell, action))
     for same in by_channels.values():
-        scans = train.load_scans(same[0])[0]
-        for protocol in same:
-            train.split_and_check(protocol, scans, group)
+        scans, dataset, fingerprint = train.load_scans(same[0][0])
+        for protocol, cell, action in same:
+            split_ids, _ = train.split_and_check(protocol, scans, group)
+            if action == "resume":
+                device = train.check_protocol(protocol, group)
+                train.check_resume(cell, train.run_config(protocol, scans, dataset, fingerprint, split_ids, device,
+                                                          group))
 
 
 def draw_fig7(root, base, channels):

@@ -802,14 +802,7 @@ def open_run(out, protocol, config, resume, overwrite, group):
     first. A run that fails or stops before its first saved epoch removes what it wrote (a folder it made
     goes too), so the folder is as before; with a saved epoch everything stays, for --resume."""
     if resume:
-        saved, old = saved_protocol(out), read_marker(out / "config.json", RUN_SCHEMA)
-        changed = [k for k in SAME_ON_RESUME if saved.get(k) != config["protocol"][k]]
-        changed += [k for k in ("split_ids", "data_fingerprint") if old.get(k) != config[k]]
-        changed += ["world_size"] * (old.get("world_size", 1) != config["world_size"])
-        if changed:
-            raise UsageError(f"--resume: {out} was run with other settings or data: " + ", ".join(
-                f"{k}={saved.get(k, old.get(k))!r} (now {config['protocol'].get(k, config.get(k))!r})"
-                for k in changed))
+        check_resume(out, config)
     if not group.lead:
         yield Log(None)
         return
@@ -833,6 +826,19 @@ def open_run(out, protocol, config, resume, overwrite, group):
                 remove_outputs(out)
             raise
         ACTIVE.pop("out")
+
+
+def check_resume(out: Path, config: dict):
+    """Refuse to resume the run in ``out`` with ``config`` (run_config's) if its settings, split, data
+    files or process count differ from those it was run with."""
+    saved, old = saved_protocol(out), read_marker(out / "config.json", RUN_SCHEMA)
+    changed = [k for k in SAME_ON_RESUME if saved.get(k) != config["protocol"][k]]
+    changed += [k for k in ("split_ids", "data_fingerprint") if old.get(k) != config[k]]
+    changed += ["world_size"] * (old.get("world_size", 1) != config["world_size"])
+    if changed:
+        raise UsageError(f"--resume: {out} was run with other settings or data: " + ", ".join(
+            f"{k}={saved.get(k, old.get(k))!r} (now {config['protocol'].get(k, config.get(k))!r})"
+            for k in changed))
 
 
 def remove_outputs(out: Path):

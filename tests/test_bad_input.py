@@ -330,6 +330,29 @@ def test_table2_checks_every_cells_data_before_the_first_cell_trains(dataset, tm
     assert not out.exists()
 
 
+def test_table2_checks_an_interrupted_cells_data_before_the_first_cell_trains(dataset, tmp_path, monkeypatch,
+                                                                              capsys):
+    copy = tmp_path / "data"
+    shutil.copytree(dataset, copy)
+    validate, calls = train.validate, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C in the first cell's second epoch
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return validate(*args, **kwargs)
+    monkeypatch.setattr(train, "validate", interrupted)
+    out = tmp_path / "table"
+    argv = ["--table2", "--channel", "FLAIR", "--data", str(copy), "--out", str(out), *TINY]
+    assert run(argv) == 130
+    assert "the same --table2 command continues" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert (out / "seed0" / "unet-FLAIR" / "last.pt").is_file()
+    for image in (copy / "training" / "training01" / "preprocessed").iterdir():  # the data change in place
+        image.write_bytes(image.read_bytes() + b"\0")
+    check_refused(capsys, argv, "data_fingerprint", [tmp_path])
+
+
 def test_an_out_holding_files_repro_did_not_write_is_refused_even_with_overwrite(finished, dataset, tmp_path,
                                                                                  capsys):
     stranger = tmp_path / "stranger"  # issue 21's reproducer: a folder that only looks like a run
