@@ -185,7 +185,7 @@ def parse(argv):
     for name, model in NETWORK_OPTIONS.items():
         if name in args and not run["table2"] and protocol.model != model:
             raise UsageError(f"--{name.replace('_', '-')} applies to the {MODEL_NAMES[model]} (--model {model}) "
-                             f"only; this run trains the {MODEL_NAMES[protocol.model]}")
+                             f"only; this run trains the {MODEL_NAMES.get(protocol.model, protocol.model)}")
     return protocol, run
 
 
