@@ -15,23 +15,48 @@ import ctypes
 import json
 import math
 import os
+import re
+import signal
 import statistics
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-import torch
-from scipy import stats
+NOTHING_STARTED = "interrupted before a run started; nothing was written"
 
-import data
-import figures
-import infer
-import train
-from infer import UsageError
-from model import NORMS as UNET_NORMS
-from train import MODEL_NAMES, PAPER, QUICK, Protocol
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what a cluster scheduler sends before its kill: handled as Ctrl-C, with exit status 143."""
+
+
+def terminate(signum, frame):
+    raise Terminated
+
+
+def exit_status(stop: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process that the signal ended: 143 SIGTERM, 130 SIGINT."""
+    return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+
+
+if __name__ == "__main__":  # before the heavy imports, so that SIGTERM during them ends as Ctrl-C does
+    signal.signal(signal.SIGTERM, terminate)
+try:
+    import nibabel as nib
+    import numpy as np
+    import torch
+    from scipy import stats
+
+    import data
+    import figures
+    import infer
+    import train
+    from infer import UsageError
+    from model import NORMS as UNET_NORMS
+    from train import MODEL_NAMES, PAPER, QUICK, Protocol
+except KeyboardInterrupt as stop:
+    print(NOTHING_STARTED, file=sys.stderr)
+    sys.exit(exit_status(stop))
 
 # Table 2 of the paper (test set): DSC and mean IoU.
 PAPER_TABLE2 = {
@@ -40,6 +65,10 @@ PAPER_TABLE2 = {
     ("residual", "FLAIR"): (0.7068, 0.5279), ("residual", "MPRAGE"): (0.5234, 0.3390),
     ("residual", "T2W"): (0.5177, 0.3360), ("residual", "PDW"): (0.4476, 0.2767),
 }
+TABLE_MARKER = "table2.json"  # written first into a --table2 folder: the folder is a table of repro.py
+TABLE_SCHEMA = {"schema": "resunet3d-ms table2", "version": 1}
+# The network each option shapes: given for the other network, it would be ignored, so it is refused.
+NETWORK_OPTIONS = {"dropout": "residual", "shared_context": "residual", "unet_norm": "unet"}
 USAGE = ("python repro.py [--model M] [--channel C] [--data PATH] [--quick] [--table2] [options]\n"
          "       python repro.py predict --checkpoint best.pt --input SCAN... --output MASK_OR_FOLDER [options]")
 
@@ -52,8 +81,8 @@ def seeds_list(text):
         seeds = [int(s) for s in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected seeds such as 0,1,2, got {text!r}") from None
-    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
+    if any(not 0 <= s <= train.SEED_MAX for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds in [0, 2**63 - 1], got {text!r}")
     return seeds
 
 
@@ -93,7 +122,7 @@ def parser():
     run.add_argument("--dropout", type=float, help=f"residual net's dropout (default {d.dropout}; pykao 0.6)")
     run.add_argument("--shared-context", action="store_true", help="pykao's shared context convolution")
     run.add_argument("--unet-norm", choices=tuple(UNET_NORMS), help="the 3D U-Net's norm (default batch)")
-    run.add_argument("--lr", type=float, help=f"Adam learning rate (paper {d.lr:g})")
+    run.add_argument("--lr", type=float, help=f"Adam learning rate, in (0, {train.LR_MAX:g}] (paper {d.lr:g})")
     run.add_argument("--weight-decay", type=float, help=f"Adam L2 weight decay (paper {d.weight_decay:g})")
     run.add_argument("--no-amp", dest="amp", action="store_false",
                      help="fp32 throughout (default: bf16 autocast where the CPU or GPU has bf16)")
@@ -102,7 +131,7 @@ def parser():
     how.add_argument("--patience", type=int, help=f"early-stopping patience in epochs (paper {d.patience})")
     how.add_argument("--window", type=int, help="sliding-window side for inference (default: whole scans)")
     how.add_argument("--tta", action="store_true", help="test-time mirroring over 8 flips (default off)")
-    how.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available)")
+    how.add_argument("--device", help="cpu, cuda or cuda:N (default cuda when available; '' is refused)")
     out = p.add_argument_group("the run")
     out.add_argument("--quick", action="store_true", help="the CPU preset: " + ", ".join(
         f"{f.name}={getattr(QUICK, f.name)}" for f in fields(Protocol) if getattr(QUICK, f.name) != getattr(PAPER, f.name)))
@@ -134,17 +163,32 @@ def parse(argv):
         raise UsageError("--seeds applies to --table2; a single run takes --seed")
     if run["seeds"] and "seed" in args:
         raise UsageError("--seeds replaces --seed; give one of them")
-    if "data" in args:  # DIR/ and DIR are the same data, for --resume and for reused --table2 cells
-        args["data"] = os.path.normpath(os.path.expanduser(args["data"]))
+    if run["resume"] and run["overwrite"]:
+        raise UsageError("--resume continues a run and --overwrite replaces it; give one of them")
+    if run["table2"] and run["resume"]:
+        raise UsageError("--resume: --table2 resumes its interrupted cells by itself; rerun the --table2 command")
+    if run["table2"] and "model" in args:
+        raise UsageError("--model: --table2 trains both networks; leave --model out")
+    if "data" in args and not args["data"].strip():
+        raise UsageError("--data is empty: expected a dataset folder or a CSV manifest (leave --data out for the "
+                         "built-in data)")
+    if "data" in args:  # DIR/, DIR, ./DIR and /abs/DIR are the same data, for --resume and reused --table2 cells
+        args["data"] = train.data_path(args["data"])
     base = QUICK if run["quick"] else PAPER
     config = Path(run["out"] or "") / "config.json"
     if run["resume"] and not run["table2"] and run["out"] and config.is_file():
-        try:  # a resumed run continues with its own settings; those given again must match them
-            saved = json.loads(config.read_text())["protocol"]
+        # a resumed run continues with its own settings; those given again must match them
+        saved = train.saved_protocol(Path(run["out"]))
+        try:
             base = Protocol(**{**saved, "channels": tuple(saved["channels"])})
-        except (ValueError, KeyError, TypeError):
-            raise UsageError(f"--resume: {config} was not written by repro.py; start again with --overwrite") from None
-    return replace(base, **args), run
+        except TypeError:  # settings this version does not know
+            raise UsageError(f"--resume: {config} records settings this repro.py does not know") from None
+    protocol = replace(base, **args)
+    for name, model in NETWORK_OPTIONS.items():
+        if name in args and not run["table2"] and protocol.model != model:
+            raise UsageError(f"--{name.replace('_', '-')} applies to the {MODEL_NAMES[model]} (--model {model}) "
+                             f"only; this run trains the {MODEL_NAMES.get(protocol.model, protocol.model)}")
+    return protocol, run
 
 
 def default_out(protocol, quick):
@@ -157,31 +201,108 @@ def default_out(protocol, quick):
 def table2(base, run, explicit_channels):
     """Train and test every cell (2 networks x 4 channels, x seeds) into <out>/seed<k>/<model>-<channel>/,
     then write table2.md and table2.csv. A cell with metrics.json is reused, one with last.pt resumed, so
-    an interrupted --table2 continues where it stopped."""
+    an interrupted --table2 continues where it stopped. Every cell's settings, folder and data are checked
+    before the first cell trains; the table's folder is held (train.lock_folder) until the table is written."""
     out = Path(run["out"] or f"runs/table2{'-quick' if run['quick'] else ''}")
     seeds = run["seeds"] or [base.seed]
     channels = base.channels if explicit_channels else data.CHANNELS
     cells = [(s, m, (c,)) for s in seeds for m in ("unet", "residual") for c in channels]
     if run["all_channels_row"]:  # the paper's future work (§5): every channel at once, the residual net
         cells += [(s, "residual", data.CHANNELS if not base.data else ("all",)) for s in seeds]
-    for seed, model, stack in cells:  # all settings checked before the first cell trains
-        train.check_protocol(replace(base, model=model, channels=stack, seed=seed), train.Group.current())
-    rows = []
+    group = train.Group.current()
+    train.check_folder(out, "--out", table_files, probe=group.lead)
+    plan = []
     for seed, model, stack in cells:
         protocol = replace(base, model=model, channels=stack, seed=seed)
-        name = f"{model}-{'+'.join(stack)}"
-        results = run_cell(protocol, out / f"seed{seed}" / name, run["overwrite"])
-        rows.append({"seed": seed, "model": model, "channel": "+".join(results["channels"]),
-                     "dsc": results["mean"]["dsc"], "iou": results["mean"]["iou"],
-                     "test_scans": len(results["scans"]), "dataset": results["dataset"],
-                     "report": f"seed{seed}/{name}/report.md"})
-    # The whole table is table2.md; a subset of channels or several seeds is named after itself, so that the
-    # headline pair with three seeds and the eight cells can share their cells in one folder.
-    stem = "table2" + ("" if tuple(channels) == data.CHANNELS else "-" + "+".join(channels)) + \
-        ("" if seeds == [0] else "-seeds" + "-".join(map(str, seeds)))
-    write_table2(out, stem, rows, seeds, channels)
-    draw_fig7(out / f"seed{seeds[0]}", base, channels)
+        cell = out / f"seed{seed}" / f"{model}-{'+'.join(stack)}"
+        plan.append((protocol, cell, plan_cell(protocol, cell, run["overwrite"], group)))
+    check_data(plan, group)
+    train.ACTIVE["table"] = out
+    with train.lock_folder(out, "--out") if group.lead else nullcontext():
+        train.check_folder(out, "--out", table_files, probe=group.lead)  # again, now that no one else writes
+        marked = (out / TABLE_MARKER).exists()
+        try:
+            if group.lead and not marked:
+                train.write_json(out / TABLE_MARKER, TABLE_SCHEMA)
+            rows = []
+            for protocol, cell, action in plan:
+                results = run_cell(protocol, cell, action, run["overwrite"])
+                rows.append({"seed": protocol.seed, "model": protocol.model, "channel": "+".join(results["channels"]),
+                             "dsc": results["mean"]["dsc"], "iou": results["mean"]["iou"],
+                             "test_scans": len(results["scans"]), "dataset": results["dataset"],
+                             "report": f"{cell.relative_to(out)}/report.md"})
+            # The whole table is table2.md; a subset of channels or several seeds is named after itself, so that
+            # the headline pair with three seeds and the eight cells can share their cells in one folder.
+            stem = "table2" + ("" if tuple(channels) == data.CHANNELS else "-" + "+".join(channels)) + \
+                ("" if seeds == [0] else "-seeds" + "-".join(map(str, seeds)))
+            write_table2(out, stem, rows, seeds, channels)
+            draw_fig7(out / f"seed{seeds[0]}", base, channels)
+        except BaseException:  # a table that kept no cell leaves its folder as it was
+            if group.lead and not marked and {p.name for p in out.iterdir()} <= {TABLE_MARKER, train.LOCK}:
+                (out / TABLE_MARKER).unlink()
+            raise
     print(f"Table 2 written to {out}/{stem}.md and {stem}.csv")
+
+
+def table_files(root: Path) -> str | None:
+    """What in the --table2 folder ``root`` repro.py did not write there (None: nothing), as
+    ``train.run_files`` says it of a run folder: table2.json marks it; its own are the tables
+    (table2*.md, table2*.csv), fig7.png, the lock, their temporaries, and the folders seed<k>/<model>-<channels>
+    (each checked as a run folder when its cell runs)."""
+    marker = train.read_marker(root / TABLE_MARKER, TABLE_SCHEMA)
+    if marker is None and os.path.lexists(root / TABLE_MARKER):
+        return f"its {TABLE_MARKER} was not written by repro.py"
+    def known(name):
+        return name in (TABLE_MARKER, train.LOCK) or marker is not None and (
+            name == "fig7.png" or re.fullmatch(r"table2(-.+)?\.(md|csv)", name) is not None)
+    cell = re.compile(f"({'|'.join(train.MODELS)})-.+")
+    for entry in sorted(root.iterdir()):
+        if marker is not None and re.fullmatch(r"seed\d+", entry.name) and entry.is_dir() and not entry.is_symlink():
+            inner = next((p for p in sorted(entry.iterdir())
+                          if not (cell.fullmatch(p.name) and p.is_dir() and not p.is_symlink())), None)
+            if inner is not None:
+                return f"{entry.name}/{inner.name} was not written by repro.py"
+        elif not train.own_file(entry, known):
+            return (f"{entry.name} was not written by repro.py" if marker is not None else
+                    f"it holds {entry.name} and no {TABLE_MARKER} of a --table2 run of repro.py")
+    return None
+
+
+def plan_cell(protocol, cell, overwrite, group) -> str:
+    """How one cell will run, checked before any cell trains: "reuse" (finished, same settings), "resume"
+    (interrupted, same settings) or "train"; a cell run with other settings is refused."""
+    train.check_protocol(protocol, group)
+    if (cell / "metrics.json").exists() and not overwrite:
+        action = "reuse"
+        train.check_folder(cell, "--out", train.run_files, probe=group.lead)
+    else:
+        action = "resume" if (cell / "last.pt").exists() and not overwrite else "train"
+        train.check_out(cell, action == "resume", overwrite, group)
+    if action != "train":
+        old = train.saved_protocol(cell)
+        changed = [k for k in train.SAME_ON_RESUME if old.get(k) != asdict(protocol)[k] and k != "channels"]
+        if changed or tuple(old["channels"]) != protocol.channels:
+            raise UsageError(f"{cell} holds a cell run with other settings ({', '.join(changed) or 'channels'}); "
+                             "pass --overwrite to rerun it, or choose another --out")
+    return action
+
+
+def check_data(plan, group):
+    """The data of every cell that will train or resume, read and checked before the first cell: its
+    channels, its scans, the split, the sizes each network needs, and for a resumed cell that its split
+    and data files are those it was run with. Each set of channels is read once."""
+    by_channels = {}
+    for protocol, cell, action in plan:
+        if action != "reuse":
+            by_channels.setdefault(protocol.channels, []).append((protocol, cell, action))
+    for same in by_channels.values():
+        scans, dataset, fingerprint = train.load_scans(same[0][0])
+        for protocol, cell, action in same:
+            split_ids, _ = train.split_and_check(protocol, scans, group)
+            if action == "resume":
+                device = train.check_protocol(protocol, group)
+                train.check_resume(cell, train.run_config(protocol, scans, dataset, fingerprint, split_ids, device,
+                                                          group))
 
 
 def draw_fig7(root, base, channels):
@@ -199,17 +320,11 @@ def draw_fig7(root, base, channels):
     figures.slices(root.parent / "fig7.png", scans, masks, "FLAIR")
 
 
-def run_cell(protocol, cell, overwrite):
-    """One cell: reused when finished with the same settings, resumed when interrupted, else trained."""
-    if (cell / "metrics.json").exists() and not overwrite:
-        old = json.loads((cell / "config.json").read_text())["protocol"]
-        changed = [k for k in train.SAME_ON_RESUME if old.get(k) != asdict(protocol)[k] and k != "channels"]
-        if changed or tuple(old["channels"]) != protocol.channels:
-            raise UsageError(f"{cell} holds a cell run with other settings ({', '.join(changed) or 'channels'}); "
-                             "pass --overwrite to rerun it, or choose another --out")
+def run_cell(protocol, cell, action, overwrite):
+    """One cell, as ``plan_cell`` planned it: its metrics read back, or the cell trained (or resumed)."""
+    if action == "reuse":
         return json.loads((cell / "metrics.json").read_text())
-    resume = (cell / "last.pt").exists() and not overwrite
-    return train.train(protocol, cell, resume=resume, overwrite=overwrite)
+    return train.train(protocol, cell, resume=action == "resume", overwrite=overwrite)
 
 
 def mean_sd(values):
@@ -356,8 +471,14 @@ def predict_parser():
 
 
 def predict(argv):
+    """The predict command. Its output folder (the folder of --output for one scan) is held with
+    train.lock_folder while masks are written: one writer per folder."""
     args = predict_parser().parse_args(argv)
     device = train.resolve_device(args.device)
+    output = Path(args.output)
+    folder = output.parent if output.name.endswith((".nii", ".nii.gz")) else output
+    if folder.is_dir():
+        train.check_unlocked(folder, "--output")
     model, config = infer.load_model(args.checkpoint, device)
     if args.model:
         if config["network"]["name"] != args.model:
@@ -367,10 +488,12 @@ def predict(argv):
         smallest = train.MODELS[config["network"]["name"]].min_side
         if args.window < smallest:
             raise UsageError(f"--window must be at least {smallest} voxels for this network, got {args.window}")
-    return infer.predict(model, config, args.input, args.output, args.threshold, args.window, args.tta,
-                         args.save_probabilities, args.resample, args.overwrite, args.amp, device,
-                         min_lesion_size=args.min_lesion_size, lesion_map=args.lesion_map, qc=args.qc,
-                         participants=args.participants, checkpoint=args.checkpoint)
+    train.ACTIVE["predict"] = folder
+    with train.lock_folder(folder, "--output"):
+        return infer.predict(model, config, args.input, args.output, args.threshold, args.window, args.tta,
+                             args.save_probabilities, args.resample, args.overwrite, args.amp, device,
+                             min_lesion_size=args.min_lesion_size, lesion_map=args.lesion_map, qc=args.qc,
+                             participants=args.participants, checkpoint=args.checkpoint)
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,6 +523,8 @@ def keep_freed_memory():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    train.ACTIVE.clear()
+    previous = signal.signal(signal.SIGTERM, terminate)  # SIGTERM ends the command as Ctrl-C does
     make_deterministic()
     keep_freed_memory()
     protocol, group = None, train.Group()
@@ -414,13 +539,17 @@ def main(argv=None):
             out = run["out"] or default_out(protocol, run["quick"])
             train.train(protocol, out, resume=run["resume"], overwrite=run["overwrite"])
     except (UsageError, data.DataError) as e:
-        return fail(group, f"error: {e}", 2)
+        run = train.ACTIVE.get("out")  # set while a run writes its folder: say what it left
+        return fail(group, f"error: {e}" + (f"; {stopped(run)}" if run else ""), 2)
     except train.Diverged as e:
-        return fail(group, f"error: {train.ACTIVE.get('out')}: {e}; the last good checkpoint and history.csv are "
-                           f"kept. Try a lower --lr (this run: {protocol.lr:g}).", 1)
-    except KeyboardInterrupt:
-        return fail(group, interrupted_message(), 130)
+        run = train.ACTIVE.get("out")
+        return fail(group, f"error: {run}: {e}" + (f"; {stopped(run, resume=False)}" if run else "") +
+                    f". Try a lower --lr (this run: {protocol.lr:g}).", 1)
+    except KeyboardInterrupt as stop:
+        return fail(group, interrupted_message(), exit_status(stop))
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if group.world > 1:
             torch.distributed.destroy_process_group()
     return 0
@@ -433,15 +562,37 @@ def fail(group, message, status):
     return status
 
 
-def interrupted_message():
-    run = train.ACTIVE.get("out")
-    if run is None:
-        return "interrupted before a run started; nothing was written"
-    history = Path(run) / "history.csv"
-    epochs = max(len(history.read_text().splitlines()) - 1, 0) if history.exists() else 0
+def saved_epochs(run) -> int:
+    """How many epochs the run folder ``run`` holds: none without last.pt, else history.csv's rows."""
+    run = Path(run)
+    if not (run / "last.pt").exists():
+        return 0
+    history = run / "history.csv"
+    return max(len(history.read_text().splitlines()) - 1 if history.exists() else 0, 1)
+
+
+def stopped(run, resume=True) -> str:
+    """What a run that stopped left in its folder (train.open_run keeps it only from the first saved epoch),
+    and the command that continues it."""
+    epochs = saved_epochs(run)
     if not epochs:
-        return f"interrupted: {run} has no finished epoch; start the run again (a plain rerun replaces it)"
-    return f"interrupted: {run} was last saved after epoch {epochs}; continue with: python repro.py --out {run} --resume"
+        return f"no epoch of {run} had been saved, so the files the run had written there were removed"
+    if not resume:
+        return f"{run} was last saved after epoch {epochs} (best.pt, last.pt and history.csv are kept)"
+    return f"{run} was last saved after epoch {epochs}; continue with: python repro.py --out {run} --resume"
+
+
+def interrupted_message():
+    """What an interrupted command (Ctrl-C or SIGTERM) leaves behind, truthfully, and how to go on."""
+    output = train.ACTIVE.get("predict")
+    if output is not None:
+        return (f"interrupted: predict writes each mask whole or not at all: those in {output} are complete, "
+                "the others were not written")
+    run, table = train.ACTIVE.get("out"), train.ACTIVE.get("table")
+    again = f"; the same --table2 command continues {table} (its finished cells are reused)" if table else ""
+    if run is None:
+        return f"interrupted{again}" if table else NOTHING_STARTED
+    return f"interrupted: {stopped(run)}{again}"
 
 
 if __name__ == "__main__":

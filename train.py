@@ -14,10 +14,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import fcntl
 import json
 import math
 import os
 import platform
+import re
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -44,7 +47,7 @@ from model import MODELS, build_model
 
 
 class Diverged(Exception):
-    """A non-finite loss: the run stops, its last good checkpoint and history.csv stay."""
+    """A non-finite loss: the run stops; its saved epochs stay (without one, what it wrote is removed)."""
 
 
 def _same(default):
@@ -86,13 +89,22 @@ PAPER = Protocol()
 # lr 1e-3: with 12 epochs of 2 patches per scan, 1e-4 does not converge; both networks get the same settings.
 QUICK = replace(PAPER, spacing=2.0, patch_size=48, patches_per_scan=2, epochs=12, patience=4, lr=1e-3)
 
-ACTIVE = {}  # the run folder this process is writing, for the entry point's message on Ctrl-C
+# What this process is writing, for the entry point's messages when it stops: "out", the run folder (from its
+# config.json until the run ends), and repro.py's "table" (a --table2 root) and "predict" (an output folder).
+ACTIVE = {}
 SAME_ON_RESUME = tuple(f.name for f in fields(Protocol) if f.metadata.get("same_on_resume"))
 MODEL_NAMES = {"residual": "Residual 3D U-Net", "unet": "3D U-Net"}
 
 # Everything a run writes into its folder: cleanup, --overwrite and the tests use this one list.
 OUTPUTS = ("config.json", "history.csv", "train.log", "metrics.json", "report.md", "best.pt", "last.pt",
            "fig6.png", "fig7.png", "predictions")
+# config.json opens with these keys: they mark a folder as a run folder of repro.py (config.json is the first
+# file a run writes), and only such a folder is ever cleared. The version changes with the folder's layout.
+RUN_SCHEMA = {"schema": "resunet3d-ms run", "version": 1}
+LOCK = ".repro.lock"  # the lock file of a folder being written (lock_folder), one of the project's own files
+TEMPORARY = re.compile(r"\.tmp-(\d+)-(.+)")  # infer.atomic's temporary sibling: .tmp-<process id>-<name>
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; torchrun adds an offset per process
+LR_MAX = 1.0  # Adam moves each weight by about the learning rate a step: past 1, more than the weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,45 +114,45 @@ def train(protocol: Protocol, out, resume: bool = False, overwrite: bool = False
     """Train and test one cell of Table 2 into the folder ``out``; returns its metrics (None on ranks > 0)."""
     group = Group.current()
     device = check_protocol(protocol, group)
+    if protocol.data:
+        protocol = replace(protocol, data=data_path(protocol.data))
     out = Path(out)
-    check_out(out, resume, overwrite)
+    check_out(out, resume, overwrite, group)
     scans, dataset, fingerprint = load_scans(protocol)
-    split_ids = data.split_scans(scans, by=protocol.split, seed=protocol.seed)
-    train_scans, val_scans, test_scans = ([s for s in scans if s.id in split_ids[k]] for k in data.SPLITS)
-    check_sizes(protocol, scans, len(train_scans), group)
+    split_ids, (train_scans, val_scans, test_scans) = split_and_check(protocol, scans, group)
     config = run_config(protocol, scans, dataset, fingerprint, split_ids, device, group)
-    log = open_run(out, protocol, config, resume, overwrite, group)
-    run = Run(out, protocol, config, device, group, log)
+    with open_run(out, protocol, config, resume, overwrite, group) as log:
+        run = Run(out, protocol, config, device, group, log)
 
-    torch.manual_seed(protocol.seed)  # the initial weights and dropout
-    model = build_model(**config["network"]).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=protocol.lr, weight_decay=protocol.weight_decay)  # Table 1
-    generators = group.generators(protocol.seed)  # drawn on the host
-    sampler = data.PatchSampler(train_scans, protocol.patch_size, protocol.patches_per_scan, device,
-                                generators.patches, group.rank, group.world)
-    augmentations = make_augmentations(protocol, train_scans)
-    stopper, history = EarlyStopping(protocol.patience), []
-    if resume:
-        stopper, history = load_checkpoint(out / "last.pt", model, device, optimizer, generators, group)
-        log(f"Resuming {out} after epoch {stopper.epoch}.")
-    log(describe_run(protocol, dataset, split_ids, device, sampler, group))
-    net = group.wrap(model, device)  # DistributedDataParallel under torchrun, else the model itself
+        torch.manual_seed(protocol.seed)  # the initial weights and dropout
+        model = build_model(**config["network"]).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=protocol.lr, weight_decay=protocol.weight_decay)  # Table 1
+        generators = group.generators(protocol.seed)  # drawn on the host
+        sampler = data.PatchSampler(train_scans, protocol.patch_size, protocol.patches_per_scan, device,
+                                    generators.patches, group.rank, group.world)
+        augmentations = make_augmentations(protocol, train_scans)
+        stopper, history = EarlyStopping(protocol.patience), []
+        if resume:
+            stopper, history = load_checkpoint(out / "last.pt", model, device, optimizer, generators, group)
+            log(f"Resuming {out} after epoch {stopper.epoch}.")
+        log(describe_run(protocol, dataset, split_ids, device, sampler, group))
+        net = group.wrap(model, device)  # DistributedDataParallel under torchrun, else the model itself
 
-    for epoch in range(stopper.epoch, protocol.epochs):
-        if stopper.stop:
-            break
-        start = time.perf_counter()
-        train_loss = train_one_epoch(run, net, optimizer, sampler, augmentations, generators.augmentation)
-        val_loss, val_dsc = group.from_lead(validate, model, val_scans, protocol, device)  # all follow rank 0
-        improved = stopper.record(val_loss)
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_dsc": val_dsc,
-                        "seconds": round(time.perf_counter() - start, 2)})
-        save_epoch(run, model, improved, optimizer, generators, stopper, history)
-        log.epoch(history[-1], stopper, protocol.epochs)
-    if not group.lead:
-        return None
-    load_checkpoint(out / "best.pt", model, device)
-    return test_and_report(run, model, test_scans, stopper, history)
+        for epoch in range(stopper.epoch, protocol.epochs):
+            if stopper.stop:
+                break
+            start = time.perf_counter()
+            train_loss = train_one_epoch(run, net, optimizer, sampler, augmentations, generators.augmentation)
+            val_loss, val_dsc = group.from_lead(validate, model, val_scans, protocol, device)  # all follow rank 0
+            improved = stopper.record(val_loss)
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_dsc": val_dsc,
+                            "seconds": round(time.perf_counter() - start, 2)})
+            save_epoch(run, model, improved, optimizer, generators, stopper, history)
+            log.epoch(history[-1], stopper, protocol.epochs)
+        if not group.lead:
+            return None
+        load_checkpoint(out / "best.pt", model, device)
+        return test_and_report(run, model, test_scans, stopper, history)
 
 
 @dataclass(frozen=True)
@@ -522,12 +534,12 @@ def check_protocol(protocol, group) -> torch.device:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(protocol, name)}")
     if protocol.base_filters is not None and protocol.base_filters < 1:
         raise UsageError(f"--base-filters must be at least 1, got {protocol.base_filters}")
-    if not (math.isfinite(protocol.lr) and protocol.lr > 0):
-        raise UsageError(f"--lr must be a finite number > 0, got {protocol.lr}")
+    if not (math.isfinite(protocol.lr) and 0 < protocol.lr <= LR_MAX):
+        raise UsageError(f"--lr must be a number in (0, {LR_MAX:g}], got {protocol.lr:g}")
     if not (math.isfinite(protocol.weight_decay) and protocol.weight_decay >= 0):
         raise UsageError(f"--weight-decay must be a finite number >= 0, got {protocol.weight_decay}")
-    if protocol.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {protocol.seed}")
+    if not 0 <= protocol.seed <= SEED_MAX:
+        raise UsageError(f"--seed must be in [0, 2**63 - 1], got {protocol.seed}")
     if protocol.mixup is not None and not (math.isfinite(protocol.mixup) and protocol.mixup > 0):
         raise UsageError(f"--mixup must be a finite number > 0 (leave it out for no mix-up), got {protocol.mixup}")
     if not 0 <= protocol.dropout < 1:
@@ -549,20 +561,28 @@ def check_protocol(protocol, group) -> torch.device:
 
 
 def resolve_device(name) -> torch.device:
-    """cpu, cuda or cuda:N (None: cuda when present); anything else is refused by name."""
-    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
+    """Exactly cpu, cuda or cuda:N (None: cuda when present, else cpu); anything else, the empty name and
+    cpu:N included, is refused by name before anything is created."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:(0|[1-9][0-9]{0,3}))?", name):
+        raise UsageError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def split_and_check(protocol, scans, group):
+    """The protocol's split of ``scans``: the split's ids and the (train, val, test) scans; refuses what
+    ``check_sizes`` refuses."""
+    split_ids = data.split_scans(scans, by=protocol.split, seed=protocol.seed)
+    parts = tuple([s for s in scans if s.id in split_ids[k]] for k in data.SPLITS)
+    check_sizes(protocol, scans, len(parts[0]), group)
+    return split_ids, parts
 
 
 def check_sizes(protocol, scans, n_train, group):
@@ -575,6 +595,12 @@ def check_sizes(protocol, scans, n_train, group):
     if group.world > n_train * protocol.patches_per_scan:
         raise UsageError(f"torchrun: {group.world} processes but an epoch has only {n_train * protocol.patches_per_scan} "
                          "patches; use fewer processes (--nproc-per-node) or more --patches-per-scan")
+
+
+def data_path(text) -> str:
+    """--data as it is stored and compared: absolute, links resolved, so that a resume from another working
+    directory, or the same data given another way, finds the same data."""
+    return str(Path(text).expanduser().resolve())
 
 
 def load_scans(protocol):
@@ -610,79 +636,300 @@ def find_data(protocol):
 # --------------------------------------------------------------------------------------------
 # The run folder
 
-def check_out(out: Path, resume: bool, overwrite: bool):
-    """Refuse an unusable output folder before anything is read or written."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UsageError(f"--out {out}: cannot write into {parent}")
+def check_out(out: Path, resume: bool, overwrite: bool, group):
+    """Refuse an unusable output folder before anything is read or written: see ``check_folder`` (rank 0
+    alone asks about the lock, which it takes itself later), then ``check_run_state``, and a resume's
+    last.pt must be a checkpoint."""
+    check_folder(out, "--out", run_files, probe=group.lead)
+    check_run_state(out, resume, overwrite)
+    if resume:
+        try:
+            infer.read_checkpoint(out / "last.pt")
+        except UsageError as e:
+            raise UsageError(f"--resume: {e}; start again with --overwrite (without --resume)") from None
+
+
+def check_run_state(out: Path, resume: bool, overwrite: bool):
+    """A resume needs a saved epoch; a run that has one is replaced only with --overwrite."""
     if resume:
         if not (out / "last.pt").exists():
             raise UsageError(f"--resume: {out / 'last.pt'} does not exist (no epoch finished); start the run "
                              "without --resume")
-        if not (out / "config.json").exists():
-            raise UsageError(f"--resume: {out / 'config.json'} is missing; start again with --overwrite")
-        try:
-            infer.read_checkpoint(out / "last.pt")
-        except UsageError as e:
-            raise UsageError(f"--resume: {e}; start again with --overwrite") from None
     elif started(out) and not overwrite:
         raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to "
                          "replace it, or choose another --out")
 
 
 def started(out: Path) -> bool:
-    """A run counts once its first epoch is saved; a failed start (config.json, no last.pt) is replaced."""
+    """A run counts once its first epoch is saved; one that stopped before (config.json, no last.pt) is replaced."""
     return (out / "last.pt").exists() or (out / "metrics.json").exists()
 
 
+def check_folder(folder: Path, flag: str, foreign, probe: bool = True):
+    """Refuse, naming ``flag``, a folder that repro.py must not write into: a file, a place it cannot
+    write, a folder holding anything repro.py did not write there (``foreign(folder)`` says what, or None),
+    and (``probe``) one that another process is writing. An absent or empty folder is fine."""
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise UsageError(f"{flag} {folder}: exists and is not a folder")
+    parent = folder
+    while not os.path.lexists(parent):
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"{flag} {folder}: cannot write into {parent}")
+    if parent != folder:
+        return
+    try:
+        unknown = foreign(folder)
+    except OSError as e:
+        raise UsageError(f"{flag} {folder}: cannot be read ({e.strerror})") from None
+    if unknown is not None:
+        raise UsageError(f"{flag} {folder}: {unknown}, and repro.py deletes only its own files: move that away "
+                         f"or choose a new or empty {flag}")
+    if probe:
+        check_unlocked(folder, flag)
+
+
+def run_files(out: Path) -> str | None:
+    """What in the run folder ``out`` repro.py did not write there (None: nothing). A run folder is marked
+    by its config.json (``RUN_SCHEMA``), the first file a run writes; its own files are then OUTPUTS, the
+    masks predictions/<scan>_pred.nii.gz of the test scans that config.json names, the lock, and the
+    temporaries .tmp-<pid>-<name> of those. Without config.json only the lock and its temporary are ours."""
+    config = read_marker(out / "config.json", RUN_SCHEMA)
+    if config is None and os.path.lexists(out / "config.json"):
+        return "its config.json was not written by repro.py"
+    names = {LOCK, *OUTPUTS} - {"predictions"} if config is not None else {LOCK, "config.json"}
+    masks = own_masks(config)
+    for entry in sorted(out.iterdir()):
+        if entry.name == "predictions" and config is not None and entry.is_dir() and not entry.is_symlink():
+            inner = next((p for p in sorted(entry.iterdir()) if not own_file(p, masks.__contains__)), None)
+            if inner is not None:
+                return f"predictions/{inner.name} was not written by repro.py"
+        elif not own_file(entry, names.__contains__):
+            return (f"{entry.name} was not written by repro.py" if config is not None else
+                    f"it holds {entry.name} and no config.json of a run of repro.py")
+    return None
+
+
+def saved_protocol(out: Path) -> dict:
+    """The protocol that the run folder ``out`` records in its config.json, or UsageError naming the file."""
+    config = read_marker(out / "config.json", RUN_SCHEMA) or {}
+    protocol = config.get("protocol")
+    if not isinstance(protocol, dict) or not isinstance(protocol.get("channels"), list):
+        raise UsageError(f"{out / 'config.json'}: not the configuration of a run of repro.py")
+    return protocol
+
+
+def own_masks(config) -> set:
+    """The names of the masks a run of ``config`` writes into predictions/ (the test scans')."""
+    try:
+        return {f"{sid}_pred.nii.gz" for sid in config["split_ids"]["test"]}
+    except (KeyError, TypeError):
+        return set()
+
+
+def own_file(path: Path, known) -> bool:
+    """A regular file (not a link) whose name, or whose temporary's (.tmp-<pid>-<name>), ``known`` accepts."""
+    match = TEMPORARY.fullmatch(path.name)
+    return known(match[2] if match else path.name) and path.is_file() and not path.is_symlink()
+
+
+def read_marker(path: Path, schema: dict) -> dict | None:
+    """The JSON object at ``path`` if it carries ``schema`` (written by repro.py), else None."""
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size > 1 << 24:
+            return None
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) and all(obj.get(k) == v for k, v in schema.items()) else None
+
+
+def check_unlocked(folder: Path, flag: str):
+    """Refuse a folder whose lock another live process holds, naming that process."""
+    holder = lock_holder(folder)
+    if holder is not None and holder != os.getpid():
+        raise UsageError(busy(folder, flag, holder))
+
+
+def busy(folder, flag, pid) -> str:
+    who = f"another process (pid {pid})" if pid else "another process"
+    return f"{flag} {folder}: {who} is writing into it; wait for it to end, or choose another {flag}"
+
+
+def lock_holder(folder: Path) -> int | None:
+    """The process id that holds ``folder``'s lock (0 before it has written it), or None when no process
+    does: the kernel drops a dead process's lock, so a lock file left behind does not count."""
+    try:
+        fd = os.open(folder / LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UsageError(f"{folder / LOCK}: cannot be read ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken for a moment only; closing drops it
+        return None
+    except BlockingIOError:
+        return lock_pid(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_pid(fd) -> int:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return 0
+
+
+@contextlib.contextmanager
+def lock_folder(folder: Path, flag: str):
+    """Hold ``folder``'s exclusive lock while the block runs: one writer per folder. The folder is made if
+    absent. The lock is ``fcntl.flock`` on the file LOCK in it, which holds this process's id for the
+    message a second writer gets (UsageError naming the folder and that id); the kernel releases it when
+    its process dies, so a lock file left by a killed process never blocks. On leaving, the lock file goes,
+    and so do the folders this call made, if they are empty."""
+    made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {folder}: cannot be made ({e.strerror})") from None
+    try:
+        fd = take_lock(folder, flag)
+    except BaseException:
+        remove_empty(made)
+        raise
+    try:
+        yield
+    finally:
+        path = folder / LOCK
+        with contextlib.suppress(OSError):  # removed while still held; a process waiting on it takes a new file
+            if os.path.samestat(os.fstat(fd), os.lstat(path)):
+                path.unlink()
+        os.close(fd)
+        remove_empty(made)
+
+
+def take_lock(folder: Path, flag: str) -> int:
+    """``lock_folder``'s lock: the open lock file, locked, with this process's id written in it."""
+    path, holder = folder / LOCK, 0
+    for _ in range(20):  # a probe (lock_holder) or a holder on its way out may have it for a moment
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            raise UsageError(f"{flag} {folder}: cannot write its lock file {LOCK} ({e.strerror})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UsageError(f"{flag} {folder}: {LOCK} is not a lock file of repro.py; choose another {flag}")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_pid(fd)
+            os.close(fd)
+            time.sleep(0.05)
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.lstat(path)):  # else its holder removed it as we opened it
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return fd
+        os.close(fd)
+    raise UsageError(busy(folder, flag, holder))
+
+
+def remove_empty(folders):
+    """Remove each of ``folders`` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def remove_temporaries(folder: Path):
+    """Delete the temporaries .tmp-<pid>-<name> in ``folder`` whose process is gone (or is this one: a
+    temporary of a process id reused by this process): left by a process killed while writing."""
+    for path in folder.glob(".tmp-*"):
+        match = TEMPORARY.fullmatch(path.name)
+        if match and path.is_file() and not path.is_symlink() and not other_process_alive(int(match[1])):
+            path.unlink()
+
+
+def other_process_alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
 def open_run(out, protocol, config, resume, overwrite, group):
-    """Create or reopen the run folder: refuse a resume whose settings, data or process count differ,
-    clear what a replaced run or a killed process left, write config.json (rank 0 only); returns the
-    run's log, silent on the other ranks."""
+    """Hold the run folder for the run and yield its log (silent on ranks > 0; rank 0 alone touches the
+    folder). Refuses a resume whose settings, data or process count differ; takes the folder's lock and
+    checks the folder again under it; clears what a replaced run or a dead process left; writes config.json
+    first. A run that fails or stops before its first saved epoch removes what it wrote (a folder it made
+    goes too), so the folder is as before; with a saved epoch everything stays, for --resume."""
     if resume:
-        old = json.loads((out / "config.json").read_text())
-        changed = [k for k in SAME_ON_RESUME if old["protocol"].get(k) != config["protocol"][k]]
-        changed += [k for k in ("split_ids", "data_fingerprint") if old.get(k) != config[k]]
-        changed += ["world_size"] * (old.get("world_size", 1) != config["world_size"])
-        if changed:
-            raise UsageError(f"--resume: {out} was run with other settings or data: " + ", ".join(
-                f"{k}={old['protocol'].get(k, old.get(k))!r} (now {config['protocol'].get(k, config.get(k))!r})"
-                for k in changed))
+        check_resume(out, config)
     if not group.lead:
-        return Log(None)
-    out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(".tmp-*"):  # left by a process killed while writing
-        tmp.unlink()
-    if not resume:
-        replaced = [name for name in OUTPUTS if (out / name).exists()]
-        if replaced and not overwrite:
-            print(f"{out}: replacing a run that stopped before its first epoch ({', '.join(replaced)})")
-        remove_outputs(out)
-    write_json(out / "config.json", config)
-    ACTIVE["out"] = out
-    return Log(out / "train.log")
+        yield Log(None)
+        return
+    with lock_folder(out, "--out"):
+        check_folder(out, "--out", run_files)  # again: another process may have written before the lock
+        check_run_state(out, resume, overwrite)
+        try:
+            ACTIVE["out"] = out
+            for folder in (out, out / "predictions"):
+                if folder.is_dir():
+                    remove_temporaries(folder)
+            if not resume:
+                replaced = [name for name in OUTPUTS if (out / name).exists()]
+                if replaced and not overwrite:
+                    print(f"{out}: replacing a run that stopped before its first epoch ({', '.join(replaced)})")
+                remove_outputs(out)
+            write_json(out / "config.json", config)
+            yield Log(out / "train.log")
+        except BaseException:
+            if not (out / "last.pt").exists():
+                remove_outputs(out)
+            raise
+        ACTIVE.pop("out")
+
+
+def check_resume(out: Path, config: dict):
+    """Refuse to resume the run in ``out`` with ``config`` (run_config's) if its settings, split, data
+    files or process count differ from those it was run with."""
+    saved, old = saved_protocol(out), read_marker(out / "config.json", RUN_SCHEMA)
+    changed = [k for k in SAME_ON_RESUME if saved.get(k) != config["protocol"][k]]
+    changed += [k for k in ("split_ids", "data_fingerprint") if old.get(k) != config[k]]
+    changed += ["world_size"] * (old.get("world_size", 1) != config["world_size"])
+    if changed:
+        raise UsageError(f"--resume: {out} was run with other settings or data: " + ", ".join(
+            f"{k}={saved.get(k, old.get(k))!r} (now {config['protocol'].get(k, config.get(k))!r})"
+            for k in changed))
 
 
 def remove_outputs(out: Path):
-    """Delete every file of OUTPUTS in ``out`` (predictions included); nothing else."""
+    """Delete what a run wrote in ``out``: the files of OUTPUTS and the masks that its config.json names in
+    predictions/ (the folder too, once empty); nothing else."""
+    predictions = out / "predictions"
+    if predictions.is_dir() and not predictions.is_symlink():
+        for name in own_masks(read_marker(out / "config.json", RUN_SCHEMA)):
+            (predictions / name).unlink(missing_ok=True)
+        remove_empty([predictions])
     for name in OUTPUTS:
-        path = out / name
-        if path.is_dir():
-            for file in path.iterdir():
-                file.unlink()
-            path.rmdir()
-        else:
-            path.unlink(missing_ok=True)
+        if (out / name).is_file():
+            (out / name).unlink()
 
 
 def run_config(protocol, scans, dataset, fingerprint, split_ids, device, group) -> dict:
     """The run's recorded configuration, config.json: the protocol that ran, the data, the network and
     the machine."""
-    return {"protocol": json.loads(json.dumps(asdict(protocol))), "dataset": dataset, "split_ids": split_ids,
+    return {**RUN_SCHEMA, "protocol": json.loads(json.dumps(asdict(protocol))), "dataset": dataset, "split_ids": split_ids,
             "data_fingerprint": fingerprint, "network": network(protocol, len(scans[0].channels)),
             "channels": list(scans[0].channels), "spacing_mm": list(scans[0].spacing), "norm": protocol.norm,
             "device_name": describe_device(device), "world_size": group.world,

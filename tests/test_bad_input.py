@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -21,7 +22,11 @@ import torch
 import data
 import infer
 import repro
+import train
 from conftest import TINY
+from infer import UsageError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(argv):
@@ -277,10 +282,10 @@ def test_a_full_disk_is_told_apart_and_leaves_no_temporary_file(dataset, tmp_pat
     assert run(["--data", str(dataset), "--out", str(out), *TINY]) == 2
     err = capsys.readouterr().err
     assert "no space left on device while writing" in err and "best.pt" in err and "Traceback" not in err
-    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+    assert "were removed" in err and not out.exists()  # no epoch was saved: the run took away what it wrote
     monkeypatch.setattr(torch, "save", save)
     monkeypatch.setattr(train.os, "statvfs", os.statvfs)
-    assert run(["--data", str(dataset), "--out", str(out), *TINY]) == 0  # the failed start is replaced
+    assert run(["--data", str(dataset), "--out", str(out), *TINY]) == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,3 +604,242 @@ def test_ctrl_c_during_predict_names_what_was_written(finished, dataset, tmp_pat
     assert len(written) == 6 and sorted(p.name for p in caught.value.written) == written  # mask, probabilities, table
     assert caught.value.done == 2 and caught.value.total == 4
     assert "after 2 of 4 scans" in str(caught.value) and all(name in str(caught.value) for name in written)
+
+
+# --------------------------------------------------------------------------------------------
+# Run folders and processes: flags that cannot apply, whose folder it is, one writer per folder, what a
+# failed or stopped run leaves, resume from elsewhere, signals
+
+SETTING_CASES = [
+    (["--device", "cpu:0"], "--device"), (["--device", "cpu:1"], "--device"), (["--device", ""], "--device"),
+    (["--device", " cpu"], "--device"), (["--device", "cuda:x"], "--device"), (["--device", "cuda:-1"], "--device"),
+    (["--seed", str(2**64)], "--seed"), (["--seed", str(2**63)], "--seed"), (["--lr", "1e38"], "--lr"),
+    (["--lr", "1.5"], "--lr"), (["--table2", "--seeds", f"0,{2**64}"], "--seeds"),
+    (["--model", "unet", "--dropout", "0.5"], "--dropout"), (["--model", "unet", "--shared-context"], "--shared-context"),
+    (["--unet-norm", "instance"], "--unet-norm"), (["--model", "residual", "--unet-norm", "group"], "--unet-norm"),
+    (["--resume", "--overwrite"], "--overwrite"), (["--table2", "--resume"], "--resume"),
+    (["--table2", "--model", "unet"], "--model"),
+]
+
+
+@pytest.mark.parametrize("flags,names", SETTING_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_a_flag_out_of_range_or_that_cannot_apply_is_refused_before_anything_is_created(flags, names, dataset,
+                                                                                        tmp_path, capsys):
+    out = tmp_path / "out"
+    check_refused(capsys, ["--data", str(dataset), "--out", str(out), *TINY, *flags], names, [tmp_path])
+    assert not out.exists()
+
+
+def test_predict_refuses_a_device_that_is_not_exactly_cpu_or_cuda(finished, scan, tmp_path, capsys):
+    for device in ("cpu:1", "", "cuda:x"):
+        check_refused(capsys, ["predict", "--checkpoint", str(finished / "best.pt"), "--input", str(scan),
+                               "--output", str(tmp_path / "o" / "m.nii.gz"), "--device", device], "--device",
+                      [tmp_path])
+
+
+def test_table2_checks_every_cells_data_before_the_first_cell_trains(dataset, tmp_path, capsys):
+    out = tmp_path / "table"
+    # at 5 mm the scans fit the 3D U-Net (the first cell) but not the residual net
+    check_refused(capsys, ["--table2", "--channel", "FLAIR", "--data", str(dataset), "--spacing", "5", "--out",
+                           str(out), *TINY], "smaller than the network's minimum", [tmp_path])
+    rows = [{"subject": p.name.split("_")[0], "timepoint": int(p.name.split("_")[1]), "FLAIR": str(p),
+             "mask": str(p.parent.parent / "masks" / p.name.replace("flair_pp", "mask1"))}
+            for p in sorted((dataset / "training").glob("*/preprocessed/*_flair_pp.nii"))]
+    manifest = tmp_path / "flair-only.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    check_refused(capsys, ["--table2", "--data", str(manifest), "--out", str(out), *TINY], "MPRAGE", [tmp_path])
+    assert not out.exists()
+
+
+def test_table2_checks_an_interrupted_cells_data_before_the_first_cell_trains(dataset, tmp_path, monkeypatch,
+                                                                              capsys):
+    copy = tmp_path / "data"
+    shutil.copytree(dataset, copy)
+    validate, calls = train.validate, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C in the first cell's second epoch
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return validate(*args, **kwargs)
+    monkeypatch.setattr(train, "validate", interrupted)
+    out = tmp_path / "table"
+    argv = ["--table2", "--channel", "FLAIR", "--data", str(copy), "--out", str(out), *TINY]
+    assert run(argv) == 130
+    assert "the same --table2 command continues" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert (out / "seed0" / "unet-FLAIR" / "last.pt").is_file()
+    for image in (copy / "training" / "training01" / "preprocessed").iterdir():  # the data change in place
+        image.write_bytes(image.read_bytes() + b"\0")
+    check_refused(capsys, argv, "data_fingerprint", [tmp_path])
+
+
+def test_an_out_holding_files_repro_did_not_write_is_refused_even_with_overwrite(finished, dataset, tmp_path,
+                                                                                 capsys):
+    stranger = tmp_path / "stranger"  # issue 21's reproducer: a folder that only looks like a run
+    (stranger / "predictions").mkdir(parents=True)
+    (stranger / "predictions" / "seg.nii.gz").write_text("x")
+    (stranger / "config.json").write_text("{}")
+    argv = ["--data", str(dataset), *TINY]
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        check_refused(capsys, [*argv, "--out", str(stranger), *extra], "config.json", [tmp_path])
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    check_refused(capsys, [*argv, "--out", str(other), "--overwrite"], "notes.txt", [tmp_path])
+    ours = tmp_path / "ours"
+    shutil.copytree(finished, ours)
+    for intruder in ("notes.txt", "predictions/someone_pred.nii.gz", "predictions/sub/"):
+        path = ours / intruder
+        path.mkdir() if intruder.endswith("/") else path.write_text("x")
+        err = check_refused(capsys, [*argv, "--out", str(ours), "--overwrite"], intruder.rstrip("/"), [tmp_path])
+        assert "--overwrite" not in err  # no flag makes it delete what it did not write
+        path.rmdir() if intruder.endswith("/") else path.unlink()
+    table = tmp_path / "table"
+    table.mkdir()
+    (table / "notes.txt").write_text("x")
+    check_refused(capsys, ["--table2", "--channel", "FLAIR", *argv, "--out", str(table)], "notes.txt", [tmp_path])
+
+
+def test_overwrite_replaces_only_its_own_files_and_clears_dead_processes_temporaries(finished, dataset, tmp_path):
+    out = tmp_path / "ours"
+    shutil.copytree(finished, out)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    test_id = json.loads((finished / "config.json").read_text())["split_ids"]["test"][0]
+    dead = [out / f".tmp-{gone.pid}-best.pt", out / "predictions" / f".tmp-{gone.pid}-{test_id}_pred.nii.gz"]
+    live = out / f".tmp-{os.getppid()}-last.pt"  # a live process's temporary is its own business
+    for path in (*dead, live):
+        path.write_text("partial")
+    assert run(["--data", str(dataset), "--out", str(out), *TINY, "--epochs", "1", "--overwrite"]) == 0
+    assert not any(path.exists() for path in dead) and live.exists()
+    assert len(list(csv.DictReader(open(out / "history.csv")))) == 1 and not (out / train.LOCK).exists()
+
+
+LOCK_HOLDER = """
+import sys
+from pathlib import Path
+import train
+with train.lock_folder(Path(sys.argv[1]), "--out"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_one_writer_per_folder_and_a_dead_writers_lock_does_not_block(finished, dataset, scan, tmp_path, capsys):
+    out = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        argv = ["--data", str(dataset), *TINY, "--epochs", "1"]
+        for command in ([*argv, "--out", str(out)], [*argv, "--out", str(out), "--overwrite"],
+                        ["--table2", "--channel", "FLAIR", *argv, "--out", str(out)],
+                        ["predict", "--checkpoint", str(finished / "best.pt"), "--input", str(scan),
+                         "--output", str(out / "mask.nii.gz")]):
+            err = check_refused(capsys, command, f"(pid {holder.pid})", [tmp_path])
+            assert str(out) in err
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays behind, the kernel drops the lock
+        holder.wait()
+    assert (out / train.LOCK).is_file()
+    assert run([*argv, "--out", str(out)]) == 0
+    assert not (out / train.LOCK).exists()
+
+
+def test_a_run_that_fails_keeps_the_folder_as_it_was_until_an_epoch_is_saved(dataset, tmp_path, monkeypatch,
+                                                                             capsys):
+    save_epoch, saved = train.save_epoch, []
+
+    def full_disk_in(epoch):
+        def save(run, *args, **kwargs):
+            if len(saved) + 1 == epoch:
+                raise UsageError(f"no space left on device while writing {run.out / 'last.pt'}")
+            saved.append(1)
+            save_epoch(run, *args, **kwargs)
+        return save
+
+    def diverge(*args, **kwargs):
+        raise train.Diverged("the validation loss is nan")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["--data", str(dataset), *TINY]
+    monkeypatch.setattr(train, "validate", diverge)
+    for out in (tmp_path / "new", empty):
+        assert run([*argv, "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert "no epoch of" in err and "removed" in err and "kept" not in err and "Traceback" not in err
+        assert listing(out) == (None if out.name == "new" else [])
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "save_epoch", full_disk_in(1))
+    assert run([*argv, "--out", str(tmp_path / "new")]) == 2 and not (tmp_path / "new").exists()
+    capsys.readouterr()
+    monkeypatch.setattr(train, "save_epoch", full_disk_in(2))
+    saved.clear()
+    out = tmp_path / "half"
+    assert run([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "was last saved after epoch 1" in err and f"python repro.py --out {out} --resume" in err
+    monkeypatch.undo()
+    assert run(["--out", str(out), "--resume"]) == 0  # what the message says works
+
+
+def test_data_is_stored_resolved_so_a_resume_finds_it_from_anywhere(dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(dataset.parent)
+    out = tmp_path / "run"
+    assert run(["--data", f"./{dataset.name}/", "--out", str(out), *TINY, "--epochs", "1"]) == 0
+    assert json.loads((out / "config.json").read_text())["protocol"]["data"] == str(dataset.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert run(["--data", str(dataset), "--out", "run", *TINY, "--resume"]) == 0  # the same data, spelled otherwise
+    assert len(list(csv.DictReader(open(out / "history.csv")))) == 2
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(dataset, tmp_path):
+    out = tmp_path / "run"
+    job = subprocess.Popen([sys.executable, "repro.py", "--data", str(dataset), "--out", str(out), *TINY,
+                            "--epochs", "100", "--patience", "100"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 300
+    while not (out / "history.csv").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(120) == 143
+    err = job.stderr.read().strip()
+    assert len(err.splitlines()) == 1 and "was last saved after epoch" in err and "--resume" in err, err
+    assert (out / "last.pt").is_file() and not [p for p in out.rglob(".*")]  # no temporary, no lock
+
+
+@pytest.mark.parametrize("stop,status", [("raise KeyboardInterrupt", 130),
+                                         ("import os, signal, time; os.kill(os.getpid(), signal.SIGTERM); "
+                                          "time.sleep(60)", 143)])
+def test_a_stop_during_the_imports_is_one_line(stop, status, tmp_path):
+    (tmp_path / "nibabel.py").write_text(stop + "\n")  # repro.py's first heavy import, stopped in the middle
+    done = subprocess.run([sys.executable, str(ROOT / "repro.py"), "--help"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert done.returncode == status and done.stderr.strip().splitlines() == [repro.NOTHING_STARTED]
+
+
+def test_ctrl_c_during_predict_says_where_the_finished_masks_are(finished, dataset, tmp_path, monkeypatch, capsys):
+    import infer
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    for source in sorted((dataset / "training").glob("*/preprocessed/*_flair_pp.nii"))[:2]:
+        shutil.copy(source, inputs)
+    write, calls = infer.write_prediction, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return write(*args, **kwargs)
+    monkeypatch.setattr(infer, "write_prediction", interrupted)
+    masks = tmp_path / "masks"
+    assert run(["predict", "--checkpoint", str(finished / "best.pt"), "--input", str(inputs), "--output",
+                str(masks), "--device", "cpu"]) == 130
+    err = capsys.readouterr().err
+    assert "nothing was written" not in err and str(masks) in err
+    assert listing(masks) == [sorted(inputs.iterdir())[0].name.replace(".nii", "_mask.nii.gz")]  # lock gone

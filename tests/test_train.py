@@ -1,6 +1,7 @@
 import csv
 import json
 import re
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -98,7 +99,8 @@ def test_same_seed_same_weights(finished, dataset, tmp_path):
     assert again["history"][0]["train_loss"] == first["history"][0]["train_loss"]
 
 
-def test_a_failed_start_is_replaced_by_a_plain_rerun(dataset, tmp_path, monkeypatch, capsys):
+def test_a_run_stopped_before_its_first_epoch_leaves_nothing_and_a_killed_one_is_replaced(
+        finished, dataset, tmp_path, monkeypatch, capsys):
     out = tmp_path / "failed"
 
     def die(*args, **kwargs):
@@ -106,10 +108,13 @@ def test_a_failed_start_is_replaced_by_a_plain_rerun(dataset, tmp_path, monkeypa
 
     monkeypatch.setattr(train, "train_one_epoch", die)
     assert repro.main(["--data", str(dataset), "--out", str(out), *TINY]) == 130
-    assert "no finished epoch" in capsys.readouterr().err
+    assert "no epoch of" in capsys.readouterr().err and not out.exists()  # what it wrote went, and the folder
     assert repro.main(["--data", str(dataset), "--out", str(out), *TINY, "--resume"]) == 2
     assert "start the run without --resume" in capsys.readouterr().err
     monkeypatch.undo()
+    out.mkdir()  # a run killed (SIGKILL) before its first epoch leaves its config.json and train.log
+    for name in ("config.json", "train.log"):
+        shutil.copy(finished / name, out)
     assert repro.main(["--data", str(dataset), "--out", str(out), *TINY, "--epochs", "1"]) == 0
     assert "replacing a run that stopped before its first epoch" in capsys.readouterr().out
 
