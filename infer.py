@@ -39,13 +39,13 @@ class UsageError(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during ``predict``'s writing: ``written`` lists the files completely written before it (each
-    file is written whole or not at all, see ``atomic``), ``done`` the scans finished of ``total``. Its text
-    is the one line to show."""
+    """Ctrl-C (or another stop, ``cause``) during ``predict``'s writing: ``written`` lists the files completely
+    written before it (each file is written whole or not at all, see ``atomic``), ``done`` the scans finished
+    of ``total``. Its text is the one line to show."""
 
-    def __init__(self, written, done, total):
+    def __init__(self, written, done, total, cause=None):
         super().__init__(written, done, total)
-        self.written, self.done, self.total = list(written), done, total
+        self.written, self.done, self.total, self.cause = list(written), done, total, cause
 
     def __str__(self):
         if not self.written:
@@ -593,8 +593,8 @@ def predict(model, config, inputs, output, threshold=0.5, window=None, tta=False
                 print(f"error: {case[0]}: prediction failed ({type(e).__name__}: {str(e).splitlines()[0]})",
                       file=sys.stderr)
             done += 1
-    except KeyboardInterrupt:
-        raise Interrupted(written, done, len(cases)) from None
+    except KeyboardInterrupt as stop:
+        raise Interrupted(written, done, len(cases), stop) from None
     if summary is not None and rows:
         if dataset is None:
             bids.write_table(summary, rows, list(metrics.SUMMARY_COLUMNS), delimiter=",")

@@ -36,6 +36,7 @@ def terminate(signum, frame):
 
 def exit_status(stop: KeyboardInterrupt) -> int:
     """128 + the signal's number, as a shell reports a process that the signal ended: 143 SIGTERM, 130 SIGINT."""
+    stop = getattr(stop, "cause", None) or stop  # infer.Interrupted carries the stop that ended predict
     return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
 
 
@@ -546,7 +547,7 @@ def main(argv=None):
         return fail(group, f"error: {run}: {e}" + (f"; {stopped(run, resume=False)}" if run else "") +
                     f". Try a lower --lr (this run: {protocol.lr:g}).", 1)
     except KeyboardInterrupt as stop:
-        return fail(group, interrupted_message(), exit_status(stop))
+        return fail(group, interrupted_message(stop), exit_status(stop))
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -582,12 +583,13 @@ def stopped(run, resume=True) -> str:
     return f"{run} was last saved after epoch {epochs}; continue with: python repro.py --out {run} --resume"
 
 
-def interrupted_message():
+def interrupted_message(stop):
     """What an interrupted command (Ctrl-C or SIGTERM) leaves behind, truthfully, and how to go on."""
+    if isinstance(stop, infer.Interrupted):  # predict names every file it wrote whole
+        return f"{stop} (in {train.ACTIVE['predict']})"
     output = train.ACTIVE.get("predict")
     if output is not None:
-        return (f"interrupted: predict writes each mask whole or not at all: those in {output} are complete, "
-                "the others were not written")
+        return f"interrupted before predict wrote anything into {output}"
     run, table = train.ACTIVE.get("out"), train.ACTIVE.get("table")
     again = f"; the same --table2 command continues {table} (its finished cells are reused)" if table else ""
     if run is None:

@@ -816,7 +816,7 @@ def take_lock(folder: Path, flag: str) -> int:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as e:
-            raise UsageError(f"{flag} {folder}: cannot write its lock file {LOCK} ({e.strerror})") from None
+            raise UsageError(f"{flag} {folder}: cannot write its lock file {LOCK}: {e.strerror.lower()}") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise UsageError(f"{flag} {folder}: {LOCK} is not a lock file of repro.py; choose another {flag}")

@@ -842,4 +842,5 @@ def test_ctrl_c_during_predict_says_where_the_finished_masks_are(finished, datas
                 str(masks), "--device", "cpu"]) == 130
     err = capsys.readouterr().err
     assert "nothing was written" not in err and str(masks) in err
-    assert listing(masks) == [sorted(inputs.iterdir())[0].name.replace(".nii", "_mask.nii.gz")]  # lock gone
+    first = sorted(inputs.iterdir())[0].name.replace(".nii", "")
+    assert listing(masks) == [f"{first}_lesions.csv", f"{first}_mask.nii.gz"]  # the lock is gone
