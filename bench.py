@@ -2,7 +2,7 @@
 
     python bench.py augment [--device cpu|cuda] [--repeats N] [--quick] [--threads N] [--counts | --profile | --compile]
     python bench.py model [--size 144]
-    python bench.py train [--size 48] [--device cpu|cuda] [--threads N] [--repeats N] [--compile] [--fp32] [--quick]
+    python bench.py train [--size 48] [--device cpu|cuda] [--threads N] [--repeats N] [--compile | --profile] [--fp32] [--quick]
     python bench.py gpu [--report gpu-report.md] [--quick] [--no-compile]
 
 ``augment`` first counts, for each of the paper's six augmentations and the whole pipeline
@@ -40,6 +40,7 @@ torch.compile, whose compile time is shown apart), in one process, interleaved: 
 seconds per step, the speed-up of each, FLOP and achieved TFLOP/s, the first step's loss of each
 form (same weights, patch and dropout draws), the machine, threads and load average. The CPU
 seconds count only the time the process ran, which a shared machine does not take away.
+``--profile`` shows instead where one step of ours goes, op by op.
 
 ``gpu`` measures everything on one GPU and writes one markdown report (``--report``, never
 overwritten): the tests that need CUDA; our augmentation (B = 1 and 8, 144^3 and 256^3; eager,
@@ -90,7 +91,8 @@ def machine() -> list[str]:
         pass
     lines = [f'CPU: {cpu}, {os.cpu_count()} logical cores, load average {load()}',
              f'GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}',
-             f'torch {torch.__version__}, torch threads {torch.get_num_threads()}']
+             f'torch {torch.__version__}, torch threads {torch.get_num_threads()}, '
+             f'OMP_WAIT_POLICY {os.environ.get("OMP_WAIT_POLICY", "unset")}']
     try:
         import SimpleITK
         import torchio
@@ -594,24 +596,24 @@ def race(name: str, forms, size: int, device, repeats: int, amp: bool = True, ba
 
 def train_rows(name: str, size: int, device, repeats: int, forms, amp: bool = True, base_filters=None) -> list[str]:
     """``race``'s figures as markdown rows: step time (wall and CPU), speed-up over plain by each, FLOP,
-    achieved TFLOP/s, first-step loss, compile time (the first step's excess over a step) and peak memory."""
+    achieved TFLOP/s, the first step's loss and wall time (a compiled form's includes compiling it, or
+    loading it from inductor's cache) and peak memory."""
     flops = step_flops(name, size, base_filters)
     results = race(name, forms, size, device, repeats, amp, base_filters)
     plain = results.get('plain')
     rows = []
     for form, r in results.items():
-        compile_s = f'{r["first"] - r["wall"]:.1f}' if 'compiled' in form else '-'
         peak = f'{r["peak"] / 2**30:.2f}' if r['peak'] is not None else 'n/a'
         cpu = device.type == 'cpu'
         rows.append(f'| {name} | {form} | {r["wall"]:.3f} | {r["cpu"]:.3f} | '
                     f'{plain["wall"] / r["wall"]:.2f}x | ' + (f'{plain["cpu"] / r["cpu"]:.2f}x' if cpu else 'n/a') +
-                    f' | {flops / 1e9:,.1f} | {flops / r["wall"] / 1e12:.3g} | {r["loss"]:.5f} | {compile_s} | '
+                    f' | {flops / 1e9:,.1f} | {flops / r["wall"] / 1e12:.3g} | {r["loss"]:.5f} | {r["first"]:.1f} | '
                     f'{peak} |')
     return rows
 
 
 TRAIN_HEADER = ['| network | form | step s (wall) | step s (CPU) | speed-up (wall) | speed-up (CPU) | GFLOP '
-                '(fwd + bwd) | TFLOP/s | loss, first step | compile s | peak GPU GiB |',
+                '(fwd + bwd) | TFLOP/s | loss, first step | first step s | peak GPU GiB |',
                 '|---|---|---|---|---|---|---|---|---|---|---|']
 
 
@@ -629,15 +631,43 @@ def bench_train(args) -> None:
     repeats = args.repeats or (2 if args.quick else 5)
     forms = FORMS if args.compile else FORMS[:2]
     print('\n'.join(machine()[:3]))
-    print(f'\ntraining step at {size}^3, batch 1, {"bf16 autocast" if args.amp else "fp32"}, on {device}: '
-          f'median of {repeats} steps per form, interleaved, after one first step'
-          f'{" (tiny networks: base filters 4)" if args.quick else ""}\n')
+    setting = (f'training step at {size}^3, batch 1, {"bf16 autocast" if args.amp else "fp32"}, on {device}'
+               f'{" (tiny networks: base filters 4)" if args.quick else ""}')
+    if args.profile:
+        print(f'\n{setting}')
+        for name in NETWORKS:
+            profile_step(name, size, device, args.amp, base_filters)
+        return
+    print(f'\n{setting}: median of {repeats} steps per form, interleaved, after one first step\n')
     print('\n'.join(TRAIN_HEADER))
     for name in NETWORKS:
         for row in train_rows(name, size, device, repeats, forms, args.amp, base_filters):
             print(row, flush=True)
     print(f'\nload average after the table: {load()}')
-    print('step s (CPU) is the process\'s CPU time: on a shared machine it counts only the time this process ran.')
+    print('step s (CPU) is the process\'s CPU time: on a shared machine it counts only the time this process ran. '
+          'A compiled form\'s first step includes compiling it, or loading it from inductor\'s cache.')
+
+
+def profile_step(name: str, size: int, device, amp: bool, base_filters=None) -> None:
+    """Where one training step of ours goes (after two warm-up steps): torch.profiler's self time per op,
+    the largest first, and the convolutions' share (forward and backward) of the whole."""
+    step = make_step(name, 'ours', size, device, amp, base_filters)
+    step(), step()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                          if device.type == 'cuda' else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        timed(step, device.type == 'cuda')
+    self_time = (lambda e: e.self_device_time_total) if device.type == 'cuda' else (lambda e: e.self_cpu_time_total)
+    events = sorted(profiler.key_averages(), key=lambda e: -self_time(e))
+    total = sum(self_time(e) for e in events)
+    convolutions = sum(self_time(e) for e in events if 'convolution' in e.key)
+    print(f'\n{name}, ours, {size}^3: one step under the profiler, {total / 1e3:.0f} ms of self time, '
+          f'{convolutions / total:.0%} of it in convolutions (forward and backward)\n')
+    print('| op | calls | self ms | share |')
+    print('|---|---|---|---|')
+    for event in events[:12]:
+        print(f'| {event.key} | {event.count} | {self_time(event) / 1e3:.1f} | {self_time(event) / total:.1%} |')
+    print(f'\nload average: {load()}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -994,6 +1024,8 @@ def parser() -> argparse.ArgumentParser:
                               help='timed steps per form (default 5, 2 with --quick)')
     train_parser.add_argument('--compile', action='store_true',
                               help='also race our form through torch.compile (its compile time shown apart)')
+    train_parser.add_argument('--profile', action='store_true',
+                              help='instead, where one step of ours goes: torch.profiler, self time per op')
     train_parser.add_argument('--fp32', dest='amp', action='store_false',
                               help='no autocast (default: bf16 autocast, as training)')
     train_parser.add_argument('--quick', action='store_true',
