@@ -600,7 +600,7 @@ def train_rows(name: str, size: int, device, repeats: int, forms, amp: bool = Tr
     loading it from inductor's cache) and peak memory."""
     flops = step_flops(name, size, base_filters)
     results = race(name, forms, size, device, repeats, amp, base_filters)
-    plain = results.get('plain')
+    plain = results['plain']
     rows = []
     for form, r in results.items():
         peak = f'{r["peak"] / 2**30:.2f}' if r['peak'] is not None else 'n/a'
