@@ -18,6 +18,11 @@ logits, and a sigmoid thresholded at 0.5 gives the mask at inference.
 UNet3D is Çiçek et al. 2016 with padded convolutions so that the output has the input's size, and batch
 norm by default (Çiçek's); `norm="instance"` or `"group"` swaps the normalisation for the ablation.
 
+Speed: `fast_form` puts a network in the form every training step, validation and prediction runs it in
+(channels-last 3-D memory order, optionally `torch.compile`d), and `training_step` is the one training step
+(forward, loss, backward, Adam) of the command line and of `bench.py train`. The layers below keep a
+channels-last input channels-last, so no step copies activations between memory orders.
+
 Names: "encoder block", "bottleneck" and "decoder block" are the paper's boxes; "context", "localisation"
 and "upsampling" modules are Isensee's parts of them; a "head" is a 1x1x1 segmentation layer to logits.
 The factories `conv3x3x3` and `conv1x1x1` name kernel sizes, and only they do.
@@ -31,6 +36,7 @@ batch size 1: the coarsest level must keep more than one voxel for its instance 
 """
 import inspect
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -62,8 +68,20 @@ def conv1x1x1(cin, cout):
     return nn.Conv3d(cin, cout, 1, bias=False)
 
 
+class InstanceNorm3d(nn.InstanceNorm3d):
+    """Instance norm that keeps its input's memory format. torch's instance norm copies a channels-last
+    input to contiguous order; with one volume in the batch (the paper's batch size) it is batch norm over
+    that volume with no running statistics, whose kernels read and write either order. Larger batches go
+    through torch's own."""
+
+    def forward(self, x):
+        if len(x) > 1 or self.track_running_stats:
+            return super().forward(x)
+        return F.batch_norm(x, None, None, self.weight, self.bias, training=True, eps=self.eps)
+
+
 def instance_norm(c):
-    return nn.InstanceNorm3d(c, affine=False)  # pykao: no affine, no running statistics
+    return InstanceNorm3d(c, affine=False)  # pykao: no affine, no running statistics
 
 
 def act(x):
@@ -85,9 +103,21 @@ def pad_to_multiple(x, multiple, value=0.0):
     if not any(extra):
         return x, size
     fill = torch.as_tensor(value, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1, 1)
-    padded = fill.expand(*x.shape[:2], *(s + e for s, e in zip(size, extra))).clone()
+    padded = torch.empty(*x.shape[:2], *(s + e for s, e in zip(size, extra)), dtype=x.dtype, device=x.device,
+                         memory_format=memory_format(x))
+    padded.copy_(fill.expand_as(padded))
     padded[(..., *(slice(0, s) for s in size))] = x
     return padded, size
+
+
+def channels_last(x):
+    """Whether a 5-D tensor is laid out channels-last (N, D, H, W, C in memory) rather than contiguous. A
+    tensor that is both (one channel) counts as contiguous, as torch's convolutions count it."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def memory_format(x):
+    return torch.channels_last_3d if channels_last(x) else torch.contiguous_format
 
 
 class EncoderBlock1(nn.Module):
@@ -240,8 +270,13 @@ class ResidualUNet3D(nn.Module):
 
 def max_pool2(x):
     """2x2x2 max pooling. Written as a reshape because F.max_pool3d's CUDA backward uses atomic adds, which
-    would make seeded GPU runs differ; the forward is identical. Sides are even (padded to a multiple of 8)."""
+    would make seeded GPU runs differ; the forward is identical. Sides are even (padded to a multiple of 8).
+    The reduction runs in the input's memory order (channels last: N, D, H, W, C), so that its result keeps
+    that layout; either order gives the same values."""
     n, c, d, h, w = x.shape
+    if channels_last(x):
+        y = x.permute(0, 2, 3, 4, 1).reshape(n, d // 2, 2, h // 2, 2, w // 2, 2, c).amax(dim=(2, 4, 6))
+        return y.permute(0, 4, 1, 2, 3)
     return x.reshape(n, c, d // 2, 2, h // 2, 2, w // 2, 2).amax(dim=(3, 5, 7))
 
 
@@ -346,3 +381,77 @@ def build_model(name, in_channels=1, base_filters=None, **model_options):
     if base_filters is not None:
         model_options["base_filters"] = base_filters
     return MODELS[name](in_channels=in_channels, **model_options)
+
+
+# --------------------------------------------------------------------------------------------
+# The form the networks run in
+
+def compile_errors():
+    """What a failed torch.compile raises, at the first forward or, for the backward it compiles lazily, at
+    the first backward: inductor's errors (no working C++ compiler, an unsupported op) come wrapped in
+    these. Looked up on use: torch._dynamo takes seconds to import."""
+    import torch._dynamo.exc
+    return (torch._dynamo.exc.TorchDynamoException,)
+
+
+def fast_form(net, compile=False):
+    """Put ``net`` in the form in which training, validation and prediction run it; returns what to call.
+
+    The weights go to channels-last 3-D memory order (N, D, H, W, C), in place as ``Module.to`` converts
+    them: the parameters stay the same objects, so an optimizer made before or after, ``state_dict`` and
+    ``load_state_dict`` work on ``net`` as before. Inputs need no conversion: a convolution with
+    channels-last weights gives a channels-last output whatever its input's order, and every layer here
+    keeps that order. With ``compile``, the returned module runs ``net`` through ``torch.compile``
+    (inductor), falling back to eager with one warning if compilation fails (``Compiled``); keep ``net``
+    itself for its parameters and checkpoints.
+    """
+    net.to(memory_format=torch.channels_last_3d)
+    return Compiled(net) if compile else net
+
+
+class Compiled(nn.Module):
+    """``net`` through ``torch.compile``, or eagerly once compilation has failed (one warning). Its only
+    submodule is ``net``: ``train()``/``eval()`` reach it, and it holds no parameters of its own."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.__dict__["compiled"] = torch.compile(net)  # not a submodule: its parameters are net's
+
+    def forward(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except compile_errors() as error:
+                self.fall_back(error)
+        return self.net(*args, **kwargs)
+
+    def fall_back(self, error):
+        """Run eagerly from now on, saying why once."""
+        reason = (str(error).strip().splitlines() or [""])[0]
+        warnings.warn(f"torch.compile failed ({type(error).__name__}: {reason}); the network runs eagerly",
+                      RuntimeWarning, stacklevel=3)
+        self.__dict__["compiled"] = None
+
+
+def training_step(net, optimizer, loss_fn, image, label, autocast):
+    """One training step on one batch: forward and loss under the ``autocast`` context, backward, one
+    optimizer step; returns the loss, detached (no host sync). When ``net`` is ``Compiled`` and
+    compilation fails, in the forward or in the backward (compiled lazily at the first backward), the
+    step runs again eagerly: nothing of the failed try reaches the weights."""
+    if not (isinstance(net, Compiled) and net.compiled is not None):
+        return _step(net, optimizer, loss_fn, image, label, autocast)
+    try:
+        return _step(net, optimizer, loss_fn, image, label, autocast)
+    except compile_errors() as error:
+        net.fall_back(error)
+        return _step(net, optimizer, loss_fn, image, label, autocast)
+
+
+def _step(net, optimizer, loss_fn, image, label, autocast):
+    with autocast:
+        loss = loss_fn(net(image), label)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
