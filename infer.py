@@ -31,7 +31,7 @@ import bids
 import data
 import figures
 import metrics
-from model import build_model
+from model import build_model, fast_form
 
 
 class UsageError(Exception):
@@ -342,7 +342,7 @@ def load_model(path, device):
                          f"({network}): {misfit}")
     model = build_model(**network).to(device)
     model.load_state_dict(weights)
-    return model.eval(), config
+    return fast_form(model).eval(), config
 
 
 def _misfit(expected: dict, found: dict) -> str | None:

@@ -127,6 +127,8 @@ def parser():
     run.add_argument("--weight-decay", type=float, help=f"Adam L2 weight decay (paper {d.weight_decay:g})")
     run.add_argument("--no-amp", dest="amp", action="store_false",
                      help="fp32 throughout (default: bf16 autocast where the CPU or GPU has bf16)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the training step (default off: it barely pays on CPUs)")
     how = p.add_argument_group("how long, and how it is evaluated")
     how.add_argument("--epochs", type=int, help=f"most epochs (paper {d.epochs})")
     how.add_argument("--patience", type=int, help=f"early-stopping patience in epochs (paper {d.patience})")
@@ -217,7 +219,7 @@ def table2(base, run, explicit_channels):
         protocol = replace(base, model=model, channels=stack, seed=seed)
         cell = out / f"seed{seed}" / f"{model}-{'+'.join(stack)}"
         plan.append((protocol, cell, plan_cell(protocol, cell, run["overwrite"], group)))
-    check_data(plan, group)
+    loaded = check_data(plan, group)
     train.ACTIVE["table"] = out
     with train.lock_folder(out, "--out") if group.lead else nullcontext():
         train.check_folder(out, "--out", table_files, probe=group.lead)  # again, now that no one else writes
@@ -227,7 +229,7 @@ def table2(base, run, explicit_channels):
                 train.write_json(out / TABLE_MARKER, TABLE_SCHEMA)
             rows = []
             for protocol, cell, action in plan:
-                results = run_cell(protocol, cell, action, run["overwrite"])
+                results = run_cell(protocol, cell, action, run["overwrite"], loaded.get(protocol.channels))
                 rows.append({"seed": protocol.seed, "model": protocol.model, "channel": "+".join(results["channels"]),
                              "dsc": results["mean"]["dsc"], "iou": results["mean"]["iou"],
                              "test_scans": len(results["scans"]), "dataset": results["dataset"],
@@ -237,7 +239,7 @@ def table2(base, run, explicit_channels):
             stem = "table2" + ("" if tuple(channels) == data.CHANNELS else "-" + "+".join(channels)) + \
                 ("" if seeds == [0] else "-seeds" + "-".join(map(str, seeds)))
             write_table2(out, stem, rows, seeds, channels)
-            draw_fig7(out / f"seed{seeds[0]}", base, channels)
+            draw_fig7(out / f"seed{seeds[0]}", base, channels, loaded.get(("FLAIR",)))
         except BaseException:  # a table that kept no cell leaves its folder as it was
             if group.lead and not marked and {p.name for p in out.iterdir()} <= {TABLE_MARKER, train.LOCK}:
                 (out / TABLE_MARKER).unlink()
@@ -291,41 +293,46 @@ def plan_cell(protocol, cell, overwrite, group) -> str:
 def check_data(plan, group):
     """The data of every cell that will train or resume, read and checked before the first cell: its
     channels, its scans, the split, the sizes each network needs, and for a resumed cell that its split
-    and data files are those it was run with. Each set of channels is read once."""
+    and data files are those it was run with. Each set of channels is read once; returns them by channels
+    (``train.load_scans``'s results), so that the cells train on what was read here."""
     by_channels = {}
     for protocol, cell, action in plan:
         if action != "reuse":
             by_channels.setdefault(protocol.channels, []).append((protocol, cell, action))
-    for same in by_channels.values():
-        scans, dataset, fingerprint = train.load_scans(same[0][0])
+    loaded = {}
+    for channels, same in by_channels.items():
+        scans, dataset, fingerprint = loaded[channels] = train.load_scans(same[0][0])
         for protocol, cell, action in same:
             split_ids, _ = train.split_and_check(protocol, scans, group)
             if action == "resume":
                 device = train.check_protocol(protocol, group)
                 train.check_resume(cell, train.run_config(protocol, scans, dataset, fingerprint, split_ids, device,
                                                           group))
+    return loaded
 
 
-def draw_fig7(root, base, channels):
+def draw_fig7(root, base, channels, loaded=None):
     """Fig. 7 as the paper draws it: both networks' test predictions on FLAIR, side by side. The cells
-    may come from an earlier run, so their masks are read back from predictions/ into the scans' grid."""
+    may come from an earlier run, so their masks are read back from predictions/ into the scans' grid;
+    the scans are ``loaded`` (``train.load_scans``'s results) when the table read them already."""
     cells = {MODEL_NAMES[m]: root / f"{m}-FLAIR" for m in ("residual", "unet")}
     if "FLAIR" not in channels or not all((c / "metrics.json").exists() for c in cells.values()):
         return
     protocol = replace(base, channels=("FLAIR",))
     test_ids = json.loads((cells[MODEL_NAMES["residual"]] / "metrics.json").read_text())["split_ids"]["test"]
-    scans = [s for s in train.load_scans(protocol)[0] if s.id in test_ids]
+    scans = [s for s in (loaded or train.load_scans(protocol))[0] if s.id in test_ids]
     masks = {name: {s.id: s.geometry.apply(np.asarray(nib.load(cell / "predictions" / f"{s.id}_pred.nii.gz")
                                                       .dataobj), order=0) for s in scans}
              for name, cell in cells.items()}
     figures.slices(root.parent / "fig7.png", scans, masks, "FLAIR")
 
 
-def run_cell(protocol, cell, action, overwrite):
-    """One cell, as ``plan_cell`` planned it: its metrics read back, or the cell trained (or resumed)."""
+def run_cell(protocol, cell, action, overwrite, loaded=None):
+    """One cell, as ``plan_cell`` planned it: its metrics read back, or the cell trained (or resumed) on the
+    scans ``check_data`` ``loaded``."""
     if action == "reuse":
         return json.loads((cell / "metrics.json").read_text())
-    return train.train(protocol, cell, resume=action == "resume", overwrite=overwrite)
+    return train.train(protocol, cell, resume=action == "resume", overwrite=overwrite, loaded=loaded)
 
 
 def mean_sd(values):

@@ -43,7 +43,7 @@ import infer
 import metrics
 import phantom
 from infer import UsageError
-from model import MODELS, build_model
+from model import MODELS, build_model, fast_form, training_step
 
 
 class Diverged(Exception):
@@ -77,6 +77,7 @@ class Protocol:
     lr: float = _same(1e-4)                # Table 1: Adam with learning rate 1e-4
     weight_decay: float = _same(1e-10)     # Table 1: weight decay 1e-10
     amp: bool = _same(True)                # not the paper's (fp32): bf16 autocast where the device has bf16
+    compile: bool = _same(False)           # torch.compile the training step: off, it barely pays on CPUs (docs)
     epochs: int = 100                      # Table 1: at most 100 epochs
     patience: int = 5                      # Table 1: stop after 5 epochs without a lower validation loss
     window: int | None = None              # inference tile side in voxels; None: whole scans, as the paper
@@ -110,15 +111,16 @@ LR_MAX = 1.0  # Adam moves each weight by about the learning rate a step: past 1
 # --------------------------------------------------------------------------------------------
 # One run, top to bottom
 
-def train(protocol: Protocol, out, resume: bool = False, overwrite: bool = False) -> dict | None:
-    """Train and test one cell of Table 2 into the folder ``out``; returns its metrics (None on ranks > 0)."""
+def train(protocol: Protocol, out, resume: bool = False, overwrite: bool = False, loaded=None) -> dict | None:
+    """Train and test one cell of Table 2 into the folder ``out``; returns its metrics (None on ranks > 0).
+    ``loaded``: ``load_scans``'s result for this protocol, when the caller has read the scans already."""
     group = Group.current()
     device = check_protocol(protocol, group)
     if protocol.data:
         protocol = replace(protocol, data=data_path(protocol.data))
     out = Path(out)
     check_out(out, resume, overwrite, group)
-    scans, dataset, fingerprint = load_scans(protocol)
+    scans, dataset, fingerprint = loaded or load_scans(protocol)
     split_ids, (train_scans, val_scans, test_scans) = split_and_check(protocol, scans, group)
     config = run_config(protocol, scans, dataset, fingerprint, split_ids, device, group)
     with open_run(out, protocol, config, resume, overwrite, group) as log:
@@ -136,7 +138,9 @@ def train(protocol: Protocol, out, resume: bool = False, overwrite: bool = False
             stopper, history = load_checkpoint(out / "last.pt", model, device, optimizer, generators, group)
             log(f"Resuming {out} after epoch {stopper.epoch}.")
         log(describe_run(protocol, dataset, split_ids, device, sampler, group))
-        net = group.wrap(model, device)  # DistributedDataParallel under torchrun, else the model itself
+        # channels-last 3-D (compiled if asked), then DistributedDataParallel under torchrun; the same
+        # parameters as ``model``, which validation, the test and the checkpoints use
+        net = group.wrap(fast_form(model, compile=protocol.compile), device)
 
         for epoch in range(stopper.epoch, protocol.epochs):
             if stopper.stop:
@@ -181,12 +185,7 @@ def train_one_epoch(run, net, optimizer, sampler, augmentations, generator) -> f
         patches = mix_up(patches, augmented(sampler, augmentations, generator), run.protocol.mixup, generator)
     with run.group.join(net):  # shares of an epoch may differ by one patch between processes
         for i, (image, label) in enumerate(progress(patches, "patches", len(sampler)), 1):
-            with infer.autocast(run.device, run.protocol.amp):
-                loss = loss_fn(net(image), label)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
+            total += training_step(net, optimizer, loss_fn, image, label, infer.autocast(run.device, run.protocol.amp))
             run.log.pace(i, len(sampler), run.device, run.protocol)
             if i % 10 == 0 or i == len(sampler):  # a host sync only every 10 steps
                 if not math.isfinite(mean := total.item() / i):
