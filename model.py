@@ -56,7 +56,10 @@ class Conv3d(nn.Conv3d):
     def forward(self, x):
         if x.device.type == "cpu" and x.shape[2] == 2 and torch.is_autocast_enabled("cpu"):
             with torch.autocast("cpu", enabled=False):
-                return super().forward(x.float())
+                y = super().forward(x.float())
+            # float32 kernels give contiguous outputs; keep the channels-last order of fast_form's weights
+            last = self.weight.is_contiguous(memory_format=torch.channels_last_3d)
+            return y.contiguous(memory_format=torch.channels_last_3d if last else torch.contiguous_format)
         return super().forward(x)
 
 

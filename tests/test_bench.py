@@ -9,6 +9,14 @@ import torch
 import bench
 
 
+@pytest.fixture(autouse=True)
+def threads():
+    """bench.py sets the process's thread count, as a benchmark must; the tests after these run as before."""
+    count = torch.get_num_threads()
+    yield
+    torch.set_num_threads(count)
+
+
 def test_augment_counts_and_profile_print_their_tables(capsys):
     bench.main(['augment', '--quick', '--counts'])
     counts = capsys.readouterr().out
