@@ -1262,7 +1262,7 @@ class AffineElasticDeformation(Transform):
     twice, and pad twice (Affine's pad outside the affine's result, then Elastic's), so the
     results differ where the second interpolation blurs, the second nearest lookup rounds, or
     the elastic step reaches the affine result's edge: little on a smooth image, much on a rough
-    one, and in labels along their boundaries (docs/augment.md gives the measured differences).
+    one, and in labels along their boundaries.
     On a linear image, which interpolation reproduces, the two agree to float32 rounding away
     from the edges (tested). Newer TorchIO's ``AffineElasticDeformation`` (``affine_first=True``)
     adds the displacement in the input's frame, ``T_affine(v) + d(v)``, which differs again by
