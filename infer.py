@@ -169,7 +169,7 @@ def temporary(path) -> Path:
     return path.with_name(f".tmp-{os.getpid()}-{path.name}")
 
 
-_TEMPORARY = re.compile(r"\.tmp-([1-9][0-9]*)-.+", re.DOTALL)
+TEMPORARY = re.compile(r"\.tmp-([1-9][0-9]*)-(.+)", re.DOTALL)  # ``temporary``'s name: process id, file name
 
 
 def remove_leftovers(folder) -> list[Path]:
@@ -178,7 +178,7 @@ def remove_leftovers(folder) -> list[Path]:
     temporaries of a live process (this one's included). Returns the paths removed."""
     removed = []
     for path in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else ():
-        match = _TEMPORARY.fullmatch(path.name)
+        match = TEMPORARY.fullmatch(path.name)
         if match and path.is_file() and not path.is_symlink() and not _alive(int(match[1])):
             path.unlink(missing_ok=True)
             removed.append(path)

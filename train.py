@@ -103,7 +103,6 @@ OUTPUTS = ("config.json", "history.csv", "train.log", "metrics.json", "report.md
 # file a run writes), and only such a folder is ever cleared. The version changes with the folder's layout.
 RUN_SCHEMA = {"schema": "resunet3d-ms run", "version": 1}
 LOCK = ".repro.lock"  # the lock file of a folder being written (lock_folder), one of the project's own files
-TEMPORARY = re.compile(r"\.tmp-(\d+)-(.+)")  # infer.atomic's temporary sibling: .tmp-<process id>-<name>
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; torchrun adds an offset per process
 LR_MAX = 1.0  # Adam moves each weight by about the learning rate a step: past 1, more than the weights
 
@@ -728,7 +727,7 @@ def own_masks(config) -> set:
 
 def own_file(path: Path, known) -> bool:
     """A regular file (not a link) whose name, or whose temporary's (.tmp-<pid>-<name>), ``known`` accepts."""
-    match = TEMPORARY.fullmatch(path.name)
+    match = infer.TEMPORARY.fullmatch(path.name)
     return known(match[2] if match else path.name) and path.is_file() and not path.is_symlink()
 
 
@@ -844,27 +843,6 @@ def remove_empty(folders):
             return
 
 
-def remove_temporaries(folder: Path):
-    """Delete the temporaries .tmp-<pid>-<name> in ``folder`` whose process is gone (or is this one: a
-    temporary of a process id reused by this process): left by a process killed while writing."""
-    for path in folder.glob(".tmp-*"):
-        match = TEMPORARY.fullmatch(path.name)
-        if match and path.is_file() and not path.is_symlink() and not other_process_alive(int(match[1])):
-            path.unlink()
-
-
-def other_process_alive(pid: int) -> bool:
-    if pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def open_run(out, protocol, config, resume, overwrite, group):
     """Hold the run folder for the run and yield its log (silent on ranks > 0; rank 0 alone touches the
@@ -884,7 +862,7 @@ def open_run(out, protocol, config, resume, overwrite, group):
             ACTIVE["out"] = out
             for folder in (out, out / "predictions"):
                 if folder.is_dir():
-                    remove_temporaries(folder)
+                    infer.remove_leftovers(folder)
             if not resume:
                 replaced = [name for name in OUTPUTS if (out / name).exists()]
                 if replaced and not overwrite:
