@@ -544,6 +544,10 @@ def check_protocol(protocol, group) -> torch.device:
         raise UsageError(f"--dropout must be in [0, 1), got {protocol.dropout}")
     if protocol.spacing is not None and not (math.isfinite(protocol.spacing) and protocol.spacing > 0):
         raise UsageError(f"--spacing must be a number of mm > 0, got {protocol.spacing}")
+    lo, hi = phantom.SPACING_RANGE_MM
+    if protocol.data is None and protocol.spacing is not None and not lo <= protocol.spacing <= hi:
+        raise UsageError(f"--spacing {protocol.spacing:g}: the built-in data are generated at {lo:g} to {hi:g} mm; "
+                         "give --data to resample data of your own")
     net = MODELS[protocol.model]
     multiple, smallest = net.size_multiple, net.min_side
     if protocol.patch_size % multiple or protocol.patch_size < smallest:

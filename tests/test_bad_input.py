@@ -460,6 +460,12 @@ def test_an_absurd_spacing_is_refused_by_the_size_of_its_grid(spacing, dataset, 
     assert "voxels" in err and "constant" not in err
 
 
+def test_a_spacing_the_built_in_data_cannot_be_generated_at_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RESUNET_CACHE", str(tmp_path / "cache"))
+    for spacing in ("0.001", "50"):
+        check_refused(capsys, ["--out", str(tmp_path / "o"), *TINY, "--spacing", spacing], "--spacing", [tmp_path])
+
+
 def test_predict_manifests_that_cannot_serve(finished, scan, tmp_path, capsys):
     base = ["predict", "--checkpoint", str(finished / "best.pt"), "--output", str(tmp_path / "o"), "--input"]
     latin = tmp_path / "latin.csv"
