@@ -1147,6 +1147,21 @@ def _dataset_spacing(found: dict[str, Found], key: str, layout: _Layout, path: P
     return tuple(float(s) for s in np.median(spacings, axis=0))
 
 
+def mask_files(path: str | os.PathLike, label: str = "mask1") -> dict:
+    """Per scan id of the dataset at ``path``, its original mask files as ``load_dataset`` reads them for
+    ``label``: (the label's files, the rule combining them, ``np.maximum`` for union and ``np.minimum``
+    for intersection, and both raters' files, or None where the layout has one), so that a prediction
+    written in a scan's own grid can be scored against the files themselves."""
+    path = Path(path).expanduser()
+    _, layout, found = _find(path)
+    keys, combine = _label_raters(label, layout, path)
+    files = {}
+    for sid, entry in found.items():
+        raters = [entry.files[key] for key in layout.raters if key in entry.files]
+        files[sid] = ([entry.files[key] for key in keys], combine, raters if len(raters) == 2 else None)
+    return files
+
+
 def _label_raters(label: str, layout: _Layout, path: Path):
     if label not in LABEL_CHOICES:
         raise DataError(f"{path}: unknown label {label!r}; choose one of {', '.join(LABEL_CHOICES)}.")

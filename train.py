@@ -447,20 +447,11 @@ picks the best epoch, stays in the prepared grid."""
 
 
 def original_mask_files(protocol, ids) -> dict:
-    """Per scan id, what its test scores are measured against, as ``data.load_dataset`` found the files for
-    the protocol's data and --label: (the label's mask files, the rule combining them (``np.maximum`` for
-    union, ``np.minimum`` for intersection; one file is itself), both raters' files or None where the scan
-    has fewer, for the ISBI 2015 score). load_dataset has already checked that each is a binary mask on its
-    image's grid."""
-    root = Path(find_data(protocol)[0]).expanduser()
-    _, layout, found = data._find(root)
-    label_keys, combine = data._label_raters(protocol.label, layout, root)
-    files = {}
-    for sid in ids:
-        entry = found[sid].files
-        raters = [entry[key] for key in layout.raters if key in entry]
-        files[sid] = ([entry[key] for key in label_keys], combine, raters if len(raters) == 2 else None)
-    return files
+    """Per scan id, what its test scores are measured against (``data.mask_files``: the label's original
+    files, the rule combining them, both raters' files); load_dataset has already checked that each is a
+    binary mask on its image's grid."""
+    files = data.mask_files(find_data(protocol)[0], protocol.label)
+    return {sid: files[sid] for sid in ids}
 
 
 def score_written(prediction, label_files, combine, rater_files, device) -> dict:
