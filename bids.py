@@ -307,7 +307,7 @@ def dataset_description(checkpoint_sha256, source_root=None) -> dict:
     description = {
         "Name": f"{NAME} MS lesion segmentations", "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
         "GeneratedBy": [{"Name": NAME, "Version": __version__,
-                         "Description": f"MS lesion segmentation by a residual 3D U-Net; checkpoint SHA-256 "
+                         "Description": f"MS lesion segmentation (Choi et al. 2021, reproduced); checkpoint SHA-256 "
                                         f"{checkpoint_sha256}"}],
     }
     if source_root is not None:
