@@ -40,6 +40,18 @@ def listing(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else None
 
 
+def interrupt_call(monkeypatch, module, name, n):
+    """Ctrl-C at the ``n``-th call of ``module.name`` (the calls before it run as usual)."""
+    original, calls = getattr(module, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, interrupted)
+
+
 def check_refused(capsys, argv, names, watch, code=2):
     before = {w: listing(w) for w in watch}
     assert run(argv) == code
@@ -594,15 +606,7 @@ def test_predict_clears_only_the_leftovers_of_a_killed_predict(finished, scan, t
 def test_ctrl_c_during_predict_names_what_was_written(finished, dataset, tmp_path, monkeypatch):
     sources = sorted((dataset / "training").glob("*/preprocessed/*_flair_pp.nii"))[:4]
     model, config = infer.load_model(finished / "best.pt", "cpu")
-    predict_logits = infer.predict_logits
-
-    def interrupt_the_third(*args, **kwargs):
-        interrupt_the_third.calls += 1
-        if interrupt_the_third.calls == 3:
-            raise KeyboardInterrupt
-        return predict_logits(*args, **kwargs)
-    interrupt_the_third.calls = 0
-    monkeypatch.setattr(infer, "predict_logits", interrupt_the_third)
+    interrupt_call(monkeypatch, infer, "predict_logits", 3)
     out = tmp_path / "masks"
     with pytest.raises(infer.Interrupted) as caught:
         infer.predict(model, config, sources, out, save_probabilities=True)
@@ -664,14 +668,7 @@ def test_table2_checks_an_interrupted_cells_data_before_the_first_cell_trains(da
                                                                               capsys):
     copy = tmp_path / "data"
     shutil.copytree(dataset, copy)
-    validate, calls = train.validate, []
-
-    def interrupted(*args, **kwargs):  # Ctrl-C in the first cell's second epoch
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return validate(*args, **kwargs)
-    monkeypatch.setattr(train, "validate", interrupted)
+    interrupt_call(monkeypatch, train, "validate", 2)  # Ctrl-C in the first cell's second epoch
     out = tmp_path / "table"
     argv = ["--table2", "--channel", "FLAIR", "--data", str(copy), "--out", str(out), *TINY]
     assert run(argv) == 130
@@ -835,14 +832,7 @@ def test_ctrl_c_during_predict_says_where_the_finished_masks_are(finished, datas
     inputs.mkdir()
     for source in sorted((dataset / "training").glob("*/preprocessed/*_flair_pp.nii"))[:2]:
         shutil.copy(source, inputs)
-    write, calls = infer.write_prediction, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return write(*args, **kwargs)
-    monkeypatch.setattr(infer, "write_prediction", interrupted)
+    interrupt_call(monkeypatch, infer, "write_prediction", 2)
     masks = tmp_path / "masks"
     assert run(["predict", "--checkpoint", str(finished / "best.pt"), "--input", str(inputs), "--output",
                 str(masks), "--device", "cpu"]) == 130
